@@ -1,0 +1,65 @@
+"""Shared builders for the trainer tests: a small built-in model and variable-length data."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # DDP tests talk over loopback only
+
+VOCAB = 61
+
+
+def small_model(seed: int = 0, **overrides):
+    """The built-in Llama, small enough for many CPU steps per second."""
+    from models import LlamaForCausalLM, get_preset
+
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=64)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(get_preset("tiny", **cfg))
+
+
+class SequenceDataset(Dataset):
+    """Seeded sequences of varying length; the first `prompt_len` tokens carry no loss."""
+
+    def __init__(self, n: int, min_len: int = 4, max_len: int = 20, prompt_len: int = 2, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+        self.items = []
+        for length in lengths:
+            ids = torch.randint(3, VOCAB, (length,), generator=g)
+            labels = ids.clone()
+            labels[:prompt_len] = -100
+            self.items.append((ids, labels))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def collate(items, pad_id: int = 0) -> dict:
+    """Right-pad to the longest sequence of the batch; padding gets mask 0 and label −100."""
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(items):
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(ids)] = lab
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def loader(dataset, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate)
+
+
+@pytest.fixture
+def tmp_save_dir(tmp_path):
+    return tmp_path / "run"

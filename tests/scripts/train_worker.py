@@ -1,0 +1,71 @@
+"""A training run in its own process, for tests that need torchrun or SIGKILL.
+
+Single process or under `torchrun`; writes the final weights to --out (rank 0)."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data.distributed import DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import SequenceDataset, loader, small_model  # noqa: E402
+
+from trainers import SFTTrainer, configure_optimizer, create_scheduler  # noqa: E402
+
+
+class KilledTrainer(SFTTrainer):
+    """Dies by SIGKILL when it is about to run step `kill_at` (no cleanup, like an OOM kill)."""
+    kill_at: int | None = None
+
+    def training_step(self, micro):
+        if self.kill_at is not None and self.global_step + 1 == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().training_step(micro)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--save-dir")
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--num-seqs", type=int, default=24)
+    ap.add_argument("--shuffle", action="store_true")
+    ap.add_argument("--save-interval", type=int)
+    ap.add_argument("--kill-at", type=int)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--optimizer", default="adamw")
+    args = ap.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    model = small_model(seed=0)
+    data = SequenceDataset(args.num_seqs, seed=1)
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+    train_loader = loader(data, args.global_batch // world, shuffle=args.shuffle and sampler is None,
+                          sampler=sampler)
+    optimizer = configure_optimizer(model, args.optimizer, lr=3e-3, weight_decay=0.1)
+    trainer = KilledTrainer(model=model, optimizer=optimizer, train_loader=train_loader,
+                            device="cpu", max_epochs=args.epochs, max_steps=args.max_steps,
+                            grad_accum_steps=args.accum, max_grad_norm=1.0, log_interval=1,
+                            save_dir=args.save_dir, save_interval=args.save_interval,
+                            seed=1234, progress_bar=False)
+    total = trainer.estimated_total_steps()
+    trainer.scheduler = create_scheduler(optimizer, "cosine", warmup_steps=2, total_steps=total)
+    trainer.kill_at = args.kill_at
+    trainer.train(resume_from="latest" if args.resume else None)
+    if rank == 0:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""A run killed with SIGKILL and resumed ends bitwise where an uninterrupted run ends."""
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).parent / "scripts" / "train_worker.py"
+# 24 sequences, batch 4: 6 steps an epoch, 3 epochs. Checkpoints every 4 steps, so the one the
+# resumed run starts from (step 8) sits in the middle of a shuffled epoch.
+ARGS = ["--global-batch", "4", "--epochs", "3", "--num-seqs", "24", "--shuffle", "--save-interval", "4"]
+
+
+def worker(*extra, expect_kill=False):
+    proc = subprocess.run([sys.executable, str(WORKER), *ARGS, *extra],
+                          capture_output=True, text=True, timeout=240)
+    if expect_kill:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    worker("--out", str(tmp_path / "straight.safetensors"), "--save-dir", str(tmp_path / "a"))
+    run_dir = tmp_path / "b"
+    worker("--out", str(tmp_path / "never.safetensors"), "--save-dir", str(run_dir), "--kill-at", "10",
+           expect_kill=True)
+    assert not (tmp_path / "never.safetensors").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+    worker("--out", str(tmp_path / "resumed.safetensors"), "--save-dir", str(run_dir), "--resume")
+
+    straight = load_file(tmp_path / "straight.safetensors")
+    resumed = load_file(tmp_path / "resumed.safetensors")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+    # metrics.jsonl reads as one run: steps 1..18 once each, the dead run's step 9 replaced.
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 19))
+    straight_log = [json.loads(l)["loss"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert straight_log == resumed_log

@@ -1,0 +1,193 @@
+"""Training checkpoints: weights as safetensors, everything else as tensors/JSON, never pickle.
+
+    <save_dir>/checkpoints/step-00000120/
+        model.safetensors       weights of the unwrapped model (its own parameter names)
+        training_state.pt       optimizer, scheduler, scaler (torch.save of tensors and
+                                plain containers only: loadable with weights_only=True)
+        rng-rank<r>.pt          each rank's RNG states, now and at the start of its epoch
+        trainer_state.json      step, epoch, data position, early stopping, sha256 of the above
+
+A checkpoint is written into `step-N.tmp/` and renamed when complete, so a crash leaves
+either a whole checkpoint or a `.tmp` directory that nothing reads. `trainer_state.json`
+is written last and records every other file's sha256, which `load` verifies."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or altered; the message names the file."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# --- weights ---
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """safetensors cannot hold two names for one storage; `save_model` drops duplicates
+    of tied weights and `load_weights` re-ties them."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(model, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def load_weights(model: torch.nn.Module, path: Path, expected_sha256: str | None = None) -> None:
+    if expected_sha256 is not None:
+        verify_sha256(path, expected_sha256)
+    try:
+        load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load weights from {path}: {e}") from e
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt: sha256 {actual} does not match the recorded {expected}"
+        )
+
+
+# --- RNG ---
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors/ints (weights_only-loadable)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- checkpoint directories ---
+
+def checkpoint_root(save_dir: str | os.PathLike) -> Path:
+    return Path(save_dir) / CHECKPOINT_DIR
+
+
+def step_dir(save_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_root(save_dir) / f"step-{step:08d}"
+
+
+def list_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first. `.tmp` directories are never complete."""
+    root = checkpoint_root(save_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(save_dir)
+    return found[-1] if found else None
+
+
+def begin(save_dir: str | os.PathLike, step: int) -> Path:
+    """Fresh temporary directory for the checkpoint of `step` (rank 0 only)."""
+    tmp = step_dir(save_dir, step).with_suffix(".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_rng(tmp: Path, rank: int, current: dict, epoch_start: dict | None) -> None:
+    torch.save({"current": current, "epoch_start": epoch_start}, tmp / f"rng-rank{rank}.pt")
+
+
+def save_state(tmp: Path, model: torch.nn.Module, training_state: dict) -> None:
+    save_weights(model, tmp / "model.safetensors")
+    torch.save(training_state, tmp / "training_state.pt")
+
+
+def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:
+    """Hash every file, write trainer_state.json last, rename into place, prune old ones."""
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    meta = dict(meta, sha256={name: sha256_file(tmp / name) for name in files})
+    write_json_atomic(tmp / "trainer_state.json", meta)
+    final = tmp.with_suffix("")
+    if final.exists():  # a re-save of the same step (e.g. after resume) replaces it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last:
+        for old in list_checkpoints(final.parent.parent)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_meta(path: Path) -> dict:
+    meta_path = path / "trainer_state.json"
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {meta_path}: {e}") from e
+
+
+def load(path: Path, model: torch.nn.Module, rank: int) -> tuple[dict, dict, dict]:
+    """Verify every recorded sha256, load the weights into `model`, and return
+    (meta, training_state, rng) for the trainer to restore."""
+    meta = read_meta(path)
+    for name, digest in meta["sha256"].items():
+        verify_sha256(path / name, digest)
+    load_weights(model, path / "model.safetensors")
+    device = next(model.parameters()).device
+    state_path = path / "training_state.pt"
+    rng_path = path / f"rng-rank{rank}.pt"
+    if not rng_path.exists():  # resumed with more ranks than saved: share rank 0's states
+        rng_path = path / "rng-rank0.pt"
+    try:
+        training_state = torch.load(state_path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot load {state_path}: {e}") from e
+    try:
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot load {rng_path}: {e}") from e
+    return meta, training_state, rng

@@ -1,0 +1,42 @@
+"""Causal-LM cross entropy: SFT on masked labels, pretraining on packed text."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import BaseTrainer, logits_of
+
+IGNORE_INDEX = -100
+
+
+def next_token_labels(batch: dict) -> torch.Tensor:
+    """Labels aligned with the logits: position t predicts token t+1.
+
+    Batches carry `labels` in the input's own positions (Hugging Face convention, −100 on
+    prompt and padding). Without labels, every real token is a target (pretraining)."""
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+class SFTTrainer(BaseTrainer):
+    """Batches: `input_ids`, optional `attention_mask`, optional `labels` (−100 = no loss)."""
+
+    def count_items(self, batch: dict) -> int:
+        return int((next_token_labels(batch) != IGNORE_INDEX).sum())
+
+    def compute_loss(self, model, batch):
+        logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
+        targets = next_token_labels(batch)
+        # fp32 for the softmax: bf16 logits lose too much precision in log-sum-exp.
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, {}
+
+
+class PretrainTrainer(SFTTrainer):
+    """The same loss on packed text blocks: batches usually carry only `input_ids`."""
