@@ -1,0 +1,99 @@
+"""Autoregressive sampling for left-padded prompt batches, with or without a KV cache."""
+
+import torch
+
+from .llama import KVCache, LlamaForCausalLM
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set everything below the k-th largest logit of each row to -inf."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p; the top
+    # token has nothing above it, so it always survives.
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One token id per row from logits [B, V]; temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: LlamaForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue left-padded prompts [B, P]; returns [B, P + T] with T <= max_new_tokens.
+
+    Stops once every row has emitted eos_token_id; a row's positions after its EOS
+    hold pad_token_id (eos_token_id if pad is None). use_cache=False recomputes the
+    whole prefix each step: slow, but the reference the cached path must match.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    B, P = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    fill = pad_token_id if pad_token_id is not None else eos_token_id
+    cache = KVCache(model.config, P + max_new_tokens) if use_cache else None
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    tokens, mask, new = input_ids, attention_mask, input_ids
+
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = model(new, attention_mask=mask, kv_cache=cache)
+            else:
+                logits = model(tokens, attention_mask=mask)
+            next_token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, fill, next_token)
+                finished |= next_token == eos_token_id
+            new = next_token[:, None]
+            tokens = torch.cat([tokens, new], dim=1)
+            mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
+            # .all() syncs with the device; only pay for it when stopping is possible.
+            if eos_token_id is not None and finished.all():
+                break
+    finally:
+        model.train(was_training)
+    return tokens

@@ -1,0 +1,150 @@
+import math
+
+import pytest
+import torch
+
+from models import LlamaForCausalLM, ModelConfig, generate
+from models.generate import top_k_filter, top_p_filter
+
+VOCAB = 97
+
+
+def make_model() -> LlamaForCausalLM:
+    # A wide init spreads the logits so greedy choices are never near-ties, which would
+    # make cached-vs-uncached comparisons flip on 1e-7 rounding differences.
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def left_padded_prompts(lengths, pad_id=0):
+    g = torch.Generator().manual_seed(1)
+    P = max(lengths)
+    ids = torch.full((len(lengths), P), pad_id)
+    mask = torch.zeros(len(lengths), P, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, P - n :] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[i, P - n :] = 1
+    return ids, mask
+
+
+def test_cached_equals_uncached_greedy():
+    model = make_model()
+    ids, mask = left_padded_prompts([5, 9, 2, 7])
+    cached = generate(model, ids, mask, max_new_tokens=24, temperature=0)
+    uncached = generate(model, ids, mask, max_new_tokens=24, temperature=0, use_cache=False)
+    assert cached.shape == (4, 9 + 24)
+    assert torch.equal(cached[:, :9], ids)
+
+    # Premise check: every greedy choice wins by a clear margin, so equality is meaningful.
+    full_mask = torch.cat([mask, torch.ones(4, 24, dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = model(uncached, attention_mask=full_mask)[:, 8:-1]
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
+    assert torch.equal(cached, uncached)
+
+
+def expected_with_eos(free_new: torch.Tensor, eos: int, fill: int) -> list[list[int]]:
+    """Greedy rows are independent, so each row is its free run up to EOS, then fill."""
+    rows = []
+    for row in free_new.tolist():
+        if eos in row:
+            cut = row.index(eos) + 1
+            row = row[:cut] + [fill] * (len(row) - cut)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("pad_id", [0, None])
+def test_eos_stops_rows_and_pads(pad_id):
+    model = make_model()
+    ids, mask = left_padded_prompts([4, 6, 3])
+    free = generate(model, ids, mask, max_new_tokens=12, temperature=0)[:, 6:]
+    eos = free[0, 2].item()  # row 0 stops at its 3rd token (or earlier if it repeats)
+    out = generate(model, ids, mask, max_new_tokens=12, temperature=0, eos_token_id=eos, pad_token_id=pad_id)
+    expected = expected_with_eos(free, eos, eos if pad_id is None else pad_id)
+    if all(eos in row for row in free.tolist()):  # everyone finished: output is cut short
+        longest = max(row.tolist().index(eos) + 1 for row in free)
+        expected = [row[:longest] for row in expected]
+    assert out[:, 6:].tolist() == expected
+
+
+def test_stops_early_when_all_rows_finish():
+    model = make_model()
+    ids, mask = left_padded_prompts([3, 5])
+    free = generate(model, ids, mask, max_new_tokens=16, temperature=0)[:, 5:].tolist()
+    # Pick as EOS the token with which every row finishes soonest.
+    last_step = {v: max(row.index(v) for row in free) for v in set(free[0]) if all(v in row for row in free)}
+    assert last_step, "premise: the rows share a generated token"
+    eos = min(last_step, key=last_step.get)
+    out = generate(model, ids, mask, max_new_tokens=16, temperature=0, eos_token_id=eos, pad_token_id=0)
+    assert out.shape[1] == 5 + last_step[eos] + 1 < 5 + 16
+    expected = expected_with_eos(torch.tensor(free), eos, 0)
+    assert out[:, 5:].tolist() == [row[: last_step[eos] + 1] for row in expected]
+
+
+def test_top_k_one_equals_greedy():
+    model = make_model()
+    ids, mask = left_padded_prompts([4, 8])
+    greedy = generate(model, ids, mask, max_new_tokens=10, temperature=0)
+    g = torch.Generator().manual_seed(123)
+    topk1 = generate(model, ids, mask, max_new_tokens=10, temperature=1.0, top_k=1, generator=g)
+    assert torch.equal(greedy, topk1)
+
+
+def test_sampling_reproducible_with_generator():
+    model = make_model()
+    ids, mask = left_padded_prompts([4, 8, 6])
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, ids, mask, max_new_tokens=16, temperature=1.0, top_p=0.9, generator=g)
+
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_restores_training_mode():
+    model = make_model().train()
+    ids, mask = left_padded_prompts([3])
+    generate(model, ids, mask, max_new_tokens=2)
+    assert model.training
+    model.eval()
+    generate(model, ids, mask, max_new_tokens=2)
+    assert not model.training
+
+
+def test_top_k_filter():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    out = top_k_filter(logits, 2)
+    assert torch.equal(torch.isfinite(out), torch.tensor([[False, True, True, False]]))
+    assert torch.equal(top_k_filter(logits, 10), logits)
+
+
+@pytest.mark.parametrize(
+    "p, kept",
+    [
+        (0.3, [1]),  # 0.4 alone already reaches 0.3
+        (0.6, [1, 2]),  # 0.4 + 0.3 = 0.7 >= 0.6; 0.4 alone does not
+        (0.75, [1, 2, 3]),  # 0.9 needed
+        (1.0, [0, 1, 2, 3]),
+    ],
+)
+def test_top_p_filter_keeps_smallest_set(p, kept):
+    probs = torch.tensor([[0.1, 0.4, 0.3, 0.2]])
+    out = top_p_filter(probs.log(), p)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == kept
+    # Survivors keep their logits, so renormalized probabilities keep their ratios.
+    renorm = out.softmax(-1)[0, kept]
+    assert renorm.sum().item() == pytest.approx(1.0)
+    ratio = renorm[0].item() / probs[0, kept[0]].item()
+    assert math.isclose(ratio, 1 / probs[0, kept].sum().item(), rel_tol=1e-5)
