@@ -108,7 +108,7 @@ class BaseTrainer:
         keep_last: int | None = 3,
         early_stopping: EarlyStopping | None = None,
         seed: int | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         tensorboard: bool = False,
         progress_bar: bool = True,
     ):
@@ -147,7 +147,9 @@ class BaseTrainer:
         if self.dist.enabled:
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.model = torch.compile(model) if compile else model
+        if compile:  # True: the default inductor backend; a string names another backend
+            model = torch.compile(model) if compile is True else torch.compile(model, backend=compile)
+        self.model = model
 
         self.global_step = 0
         self.epoch = 0

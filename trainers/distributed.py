@@ -36,6 +36,8 @@ def detect() -> DistInfo:
 def setup(device: torch.device) -> DistInfo:
     """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA)."""
     info = detect()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl and DDP use the current device
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
@@ -55,21 +57,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a small picklable-free JSON-like object from rank `src` to everyone."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]

@@ -1,0 +1,80 @@
+"""Checkpoints: integrity checks that name the bad file, keep-last-K, atomicity, no pickle."""
+import json
+
+import pytest
+import torch
+
+from conftest import SequenceDataset, loader, small_model
+from trainers import CheckpointError, NonFiniteLossError, SFTTrainer, configure_optimizer, latest_checkpoint
+
+
+def make_trainer(save_dir, max_steps=6, save_interval=2, keep_last=2, **kw):
+    model = small_model(seed=0)
+    return SFTTrainer(model=model, optimizer=configure_optimizer(model, lr=1e-2), device="cpu",
+                      train_loader=loader(SequenceDataset(32, seed=3), 4), max_steps=max_steps,
+                      save_dir=save_dir, save_interval=save_interval, keep_last=keep_last,
+                      progress_bar=False, **kw)
+
+
+def test_keep_last_k_and_layout(tmp_path):
+    make_trainer(tmp_path).train()
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000006"]
+    latest = latest_checkpoint(tmp_path)
+    meta = json.loads((latest / "trainer_state.json").read_text())
+    assert meta["step"] == 6
+    assert set(meta["sha256"]) == {"model.safetensors", "training_state.pt", "rng-rank0.pt"}
+    # Everything but the weights is plain tensors and containers: loadable without pickle's code paths.
+    state = torch.load(latest / "training_state.pt", weights_only=True)
+    assert set(state) == {"optimizer", "scheduler", "scaler", "extra"}
+    torch.load(latest / "rng-rank0.pt", weights_only=True)
+
+
+def test_unfinished_tmp_checkpoint_is_ignored(tmp_path):
+    make_trainer(tmp_path, max_steps=2).train()
+    (tmp_path / "checkpoints" / "step-00000009.tmp").mkdir()  # a crash mid-write
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_weights_fail_with_the_file_named(tmp_path, damage):
+    make_trainer(tmp_path, max_steps=2).train()
+    weights = latest_checkpoint(tmp_path) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    trainer = make_trainer(tmp_path, max_steps=4)
+    with pytest.raises(CheckpointError, match=str(weights)):
+        trainer.train(resume_from="latest")
+
+
+def test_missing_state_file_is_named(tmp_path):
+    make_trainer(tmp_path, max_steps=2).train()
+    state = latest_checkpoint(tmp_path) / "training_state.pt"
+    state.unlink()
+    with pytest.raises(CheckpointError, match=str(state)):
+        make_trainer(tmp_path, max_steps=4).train(resume_from="latest")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10, save_interval=2, keep_last=5)
+    original = trainer.compute_loss
+
+    def poisoned(model, batch):
+        loss, metrics = original(model, batch)
+        return (loss * float("nan") if trainer.global_step == 4 else loss), metrics
+
+    trainer.compute_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match="step 5.*step-00000004"):
+        trainer.train()
+    good = latest_checkpoint(tmp_path)
+    assert good.name == "step-00000004"
+    meta = json.loads((good / "trainer_state.json").read_text())
+    # The weights that were saved are intact and still load.
+    fresh = make_trainer(tmp_path, max_steps=4)
+    fresh.load_checkpoint(good)
+    assert fresh.global_step == meta["step"] == 4
+    assert all(torch.isfinite(p).all() for p in fresh.model.parameters())
