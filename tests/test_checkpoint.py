@@ -18,7 +18,7 @@ def make_trainer(save_dir, max_steps=6, save_interval=2, keep_last=2, **kw):
 
 def test_keep_last_k_and_layout(tmp_path):
     make_trainer(tmp_path).train()
-    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert ckpts == ["step-00000004", "step-00000006"]
     latest = latest_checkpoint(tmp_path)
     meta = json.loads((latest / "trainer_state.json").read_text())
@@ -32,7 +32,7 @@ def test_keep_last_k_and_layout(tmp_path):
 
 def test_unfinished_tmp_checkpoint_is_ignored(tmp_path):
     make_trainer(tmp_path, max_steps=2).train()
-    (tmp_path / "checkpoints" / "step-00000009.tmp").mkdir()  # a crash mid-write
+    (tmp_path / "state" / "step-00000009.tmp").mkdir()  # a crash mid-write
     assert latest_checkpoint(tmp_path).name == "step-00000002"
 
 

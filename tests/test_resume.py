@@ -29,7 +29,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     worker("--out", str(tmp_path / "never.safetensors"), "--save-dir", str(run_dir), "--kill-at", "10",
            expect_kill=True)
     assert not (tmp_path / "never.safetensors").exists()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+    assert sorted(p.name for p in (run_dir / "state").iterdir()) == ["step-00000004", "step-00000008"]
     worker("--out", str(tmp_path / "resumed.safetensors"), "--save-dir", str(run_dir), "--resume")
 
     straight = load_file(tmp_path / "straight.safetensors")

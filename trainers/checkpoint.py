@@ -1,6 +1,6 @@
 """Training checkpoints: weights as safetensors, everything else as tensors/JSON, never pickle.
 
-    <save_dir>/checkpoints/step-00000120/
+    <save_dir>/state/step-00000120/
         model.safetensors       weights of the unwrapped model (its own parameter names)
         training_state.pt       optimizer, scheduler, scaler (torch.save of tensors and
                                 plain containers only: loadable with weights_only=True)
@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import BaseTrainer, logits_of
-
-IGNORE_INDEX = -100
+from .logprobs import IGNORE_INDEX, shift_labels
 
 
 def next_token_labels(batch: dict) -> torch.Tensor:
@@ -20,7 +19,7 @@ def next_token_labels(batch: dict) -> torch.Tensor:
         mask = batch.get("attention_mask")
         if mask is not None:
             labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return shift_labels(labels)
 
 
 class SFTTrainer(BaseTrainer):
