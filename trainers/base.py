@@ -154,6 +154,7 @@ class BaseTrainer:
         self.global_step = 0
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.tokens_seen = 0.0  # all ranks, for throughput and the stage manifest
         self.epoch_start_rng: dict | None = None
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
@@ -333,6 +334,7 @@ class BaseTrainer:
         if self.is_main:
             ckpt.commit(tmp, {
                 "step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                "tokens_seen": self.tokens_seen,
                 "world_size": self.dist.world_size, "last_eval": self.last_eval,
                 "early_stopping": asdict(self.early_stopping) if self.early_stopping else None,
             }, self.keep_last)
@@ -351,6 +353,7 @@ class BaseTrainer:
         self.load_extra_state(state.get("extra") or {})
         self.global_step, self.epoch = meta["step"], meta["epoch"]
         self.batches_in_epoch = meta["batches_in_epoch"]
+        self.tokens_seen = meta.get("tokens_seen", 0.0)
         self.last_eval = meta.get("last_eval") or {}
         if self.early_stopping is not None and meta.get("early_stopping"):
             self.early_stopping = EarlyStopping(**meta["early_stopping"])
@@ -431,6 +434,7 @@ class BaseTrainer:
                     self.global_step += 1
                     self.batches_in_epoch += len(micro)
                     window_tokens += last["tokens"]
+                    self.tokens_seen += last["tokens"]
                     logger.advance()
                     if self.global_step % self.log_interval == 0:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -449,5 +453,5 @@ class BaseTrainer:
             logger.close()
         final = {k: v for k, v in last.items() if k in ("loss", "grad_norm", "lr")}
         final.update({k: v for k, v in self.last_eval.items() if k != "step"})
-        final.update(step=self.global_step, epoch=self.epoch)
+        final.update(step=self.global_step, epoch=self.epoch, tokens=self.tokens_seen)
         return final

@@ -22,6 +22,20 @@ def next_token_labels(batch: dict) -> torch.Tensor:
     return shift_labels(labels)
 
 
+def collate_causal_lm(items: list[dict], pad_id: int) -> dict:
+    """Right-pad `input_ids` (and `labels`, if present) to the batch's longest example."""
+    width = max(len(x["input_ids"]) for x in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for row, x in enumerate(items):
+        n = len(x["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(x["input_ids"])
+        mask[row, :n] = 1
+        labels[row, :n] = torch.as_tensor(x["labels"] if "labels" in x else x["input_ids"])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
 class SFTTrainer(BaseTrainer):
     """Batches: `input_ids`, optional `attention_mask`, optional `labels` (−100 = no loss)."""
 
