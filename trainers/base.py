@@ -159,6 +159,8 @@ class BaseTrainer:
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
         self._resume_rng: dict | None = None  # set by load_checkpoint, used once by _epoch_iterator
+        self.resumed_from_step: int | None = None
+        self.updates_per_step = 1  # optimizer (and LR schedule) steps per training step
 
     # ---- what subclasses provide ----
 
@@ -196,7 +198,8 @@ class BaseTrainer:
                 for k, v in batch.items()}
 
     def estimated_total_steps(self) -> int | None:
-        """Optimizer steps this run will take (for schedules and the progress bar)."""
+        """Training steps this run will take (the progress bar's total; an LR schedule needs
+        this times `updates_per_step`)."""
         per_epoch = None
         try:
             per_epoch = math.ceil(len(self.train_loader) / self.grad_accum_steps)
@@ -411,6 +414,7 @@ class BaseTrainer:
             resume_from = ckpt.latest_checkpoint(self.save_dir) if self.save_dir else None
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+            self.resumed_from_step = self.global_step
 
         logger = MetricsLogger(self.save_dir, self.is_main, self.estimated_total_steps(),
                                initial_step=self.global_step, progress_bar=self.progress_bar,
@@ -453,5 +457,6 @@ class BaseTrainer:
             logger.close()
         final = {k: v for k, v in last.items() if k in ("loss", "grad_norm", "lr")}
         final.update({k: v for k, v in self.last_eval.items() if k != "step"})
-        final.update(step=self.global_step, epoch=self.epoch, tokens=self.tokens_seen)
+        final.update(step=self.global_step, epoch=self.epoch, tokens=self.tokens_seen,
+                     resumed_from_step=self.resumed_from_step)
         return final

@@ -3,6 +3,7 @@ variables; everything here reads them, so the same script runs alone or under to
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def exit_worker(code: int = 0) -> None:
+    """End a torchrun worker whose results are written, skipping interpreter teardown.
+
+    Destroying DDP's reducer and the gloo process group at exit sometimes aborts ("terminate
+    called without an active exception", pytorch/pytorch#179291) or hangs in a destructor, with
+    or without destroy_process_group; after the final barrier nothing is left to clean up."""
+    barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

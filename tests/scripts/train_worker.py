@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import SequenceDataset, loader, small_model  # noqa: E402
 
 from trainers import SFTTrainer, configure_optimizer, create_scheduler  # noqa: E402
+from trainers.distributed import exit_worker  # noqa: E402
 
 
 class KilledTrainer(SFTTrainer):
@@ -65,6 +66,8 @@ def main() -> None:
     if rank == 0:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, args.out)
+    if world > 1:
+        exit_worker(0)
 
 
 if __name__ == "__main__":

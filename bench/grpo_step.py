@@ -1,0 +1,104 @@
+"""Where a GRPO step's time goes, and what the KV cache buys generation, in one run.
+
+On the tiny preset: the generation / scoring / optimisation shares of a GRPOTrainer step (from
+the trainer's own timing metrics, averaged over steps after a warm-up step), then sampling
+throughput of the same rollout shape with and without the KV cache.
+
+    python bench/grpo_step.py [--device cpu|cuda] [--steps 4] [--prompts 4] [--generations 8]
+                              [--prompt-len 16] [--new-tokens 64] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from models import LlamaForCausalLM, generate, get_preset
+from trainers.grpo import GRPOTrainer, collate_prompts
+
+
+class IdTokenizer:
+    """Decodes ids to space-separated numbers: enough for the benchmark's reward."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def distinct_tokens(prompts, completions, **columns):
+    """A reward that varies within every group, so each step does real policy-gradient work."""
+    return [len(set(c.split())) / max(len(c.split()), 1) for c in completions]
+
+
+def seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="CPU threads (on a busy machine 1 can be much faster)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = get_preset("tiny")
+    model = LlamaForCausalLM(config)
+    ref = LlamaForCausalLM(config)
+    ref.load_state_dict(model.state_dict())
+    # Ids 0 and 1 play PAD and EOS; an untrained model rarely samples EOS, so completions run
+    # close to full length.
+    items = [{"prompt_input_ids": torch.randint(2, config.vocab_size, (args.prompt_len,)).tolist()}
+             for _ in range(args.prompts * (args.steps + 1))]
+    loader = DataLoader(items, batch_size=args.prompts, collate_fn=lambda b: collate_prompts(b, pad_id=0))
+    trainer = GRPOTrainer(model, ref, torch.optim.AdamW(model.parameters(), lr=1e-4), loader, [distinct_tokens],
+                          generate_fn=generate, tokenizer=IdTokenizer(), eos_token_id=1, pad_token_id=0,
+                          num_generations=args.generations, max_completion_length=args.new_tokens,
+                          device=device, max_steps=args.steps + 1, progress_bar=False)
+    batches = iter(loader)
+    trainer.training_step([next(batches)])  # warm-up: allocator, kernels, lazy init
+    keys = ("time/generation_share", "time/scoring_share", "time/optimization_share", "generation/tokens_per_s")
+    totals = dict.fromkeys(keys, 0.0)
+    for _ in range(args.steps):
+        metrics = trainer.training_step([next(batches)])
+        for k in keys:
+            totals[k] += metrics[k] / args.steps
+
+    print(f"device={device} params={model.num_parameters() / 1e6:.2f}M prompts={args.prompts} "
+          f"generations={args.generations} prompt={args.prompt_len} new={args.new_tokens} "
+          f"threads={torch.get_num_threads()} steps={args.steps}")
+    print(f"GRPO step time share: generation {totals['time/generation_share']:.1%}, "
+          f"scoring+reference {totals['time/scoring_share']:.1%}, "
+          f"optimisation {totals['time/optimization_share']:.1%}")
+    print(f"generation/optimisation time ratio: "
+          f"{totals['time/generation_share'] / totals['time/optimization_share']:.2f}")
+    print(f"trainer generation throughput: {totals['generation/tokens_per_s']:.0f} tokens/s")
+
+    prompts = next(iter(loader))["prompt_input_ids"].to(device).repeat_interleave(args.generations, dim=0)
+    n_tokens = prompts.shape[0] * args.new_tokens
+    rates = {}  # no EOS here: both paths generate every token
+    for use_cache in (True, False, True, False):  # alternate, keep the best: noise hits both alike
+        g = torch.Generator(device=device).manual_seed(0)
+        s = seconds(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, use_cache=use_cache,
+                                     generator=g), device)
+        rates[use_cache] = max(rates.get(use_cache, 0.0), n_tokens / s)
+    print(f"sampling {prompts.shape[0]}x{args.new_tokens} tokens: cached {rates[True]:.0f} tokens/s, "
+          f"uncached {rates[False]:.0f} tokens/s, speedup {rates[True] / rates[False]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""Group Relative Policy Optimization (design.md §4).
+
+One trainer step is one generation round: every prompt batch of the step (one per
+accumulation step) gets `num_generations` sampled completions per prompt, which are scored,
+turned into group-relative advantages, and then optimised `num_iterations` times with
+BaseTrainer's accumulation, clipping, AMP and DDP. The optimizer and the LR scheduler step once
+per update, so a scheduler built for N trainer steps needs `total_steps = N * num_iterations`.
+
+Generation is injected (`generate_fn`, with `models.generate`'s signature) and so is the
+tokenizer that decodes completions for the reward functions: trainers stay model-agnostic.
+
+Rollout batches, one per prompt batch, hold B·G rows of prompt + completion:
+    input_ids [N, P+T], attention_mask [N, P+T], completion_mask [N, T] (1 up to and including
+    the first EOS), advantages [N], and when needed old_logps / ref_logps [N, T].
+Advantages are computed per prompt batch on each rank (a group never spans ranks), so
+scale_rewards="batch" uses the std of that prompt batch's B·G rewards.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .base import BaseTrainer, logits_of, unwrap
+from .logprobs import IGNORE_INDEX, token_logps
+from .reference import freeze_reference
+from .rewards import get_reward, reward_name
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask", "prompt")
+# Per-token statistics averaged over the active completion tokens of a step.
+TOKEN_STATS = ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "entropy")
+
+
+# ---- the maths, as pure functions ----
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+    """A_i = (r_i − mean of its group) / (std + 1e-4), unbiased std; rewards [N] are laid out
+    as consecutive groups of `group_size`. "group" divides by each group's std, "batch" by the
+    std of all N rewards, "none" not at all (Dr. GRPO: dividing by the std up-weights
+    prompts whose rewards barely vary, the too easy and the too hard)."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_rewards == "none":
+        return centred.flatten()
+    std = groups.std(dim=1, keepdim=True) if scale_rewards == "group" else rewards.std()
+    return (centred / (std + 1e-4)).flatten()
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π_θ ‖ π_ref) on tokens sampled from π_θ: unbiased and ≥ 0."""
+    diff = ref_logps - logps
+    return torch.exp(diff) - diff - 1
+
+
+def grpo_token_losses(logps, old_logps, ref_logps, advantages, epsilon_low: float, epsilon_high: float,
+                      beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss [B, T] and per-token statistics (clip indicators, KL) for the metrics."""
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages[:, None]
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    losses = -torch.min(ratio * adv, clipped * adv)
+    # The clip only binds on the side where it lowers the objective: below 1−ε for negative
+    # advantages, above 1+ε for positive ones.
+    low = (ratio < 1 - epsilon_low) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    stats = {"clip_ratio/low": low.float(), "clip_ratio/high": high.float(),
+             "clip_ratio/region": (low | high).float()}
+    if beta != 0 and ref_logps is not None:
+        kl = kl_k3(logps, ref_logps)
+        losses = losses + beta * kl
+        stats["kl"] = kl.detach()
+    return losses, stats
+
+
+def loss_sum(token_losses: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The batch's loss before normalisation, in the unit `loss_items` counts."""
+    masked = token_losses * mask
+    if loss_type == "grpo":  # per-sequence token means, summed over sequences
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    if loss_type == "bnpo":  # this batch's token mean, one item
+        return masked.sum() / mask.sum().clamp(min=1)
+    if loss_type in ("dr_grpo", "dapo"):
+        return masked.sum()
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def loss_items(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> int:
+    """How many items `loss_sum` sums over: the batch's normaliser for each loss type."""
+    if loss_type == "dapo":
+        return int(mask.sum())
+    if loss_type == "bnpo":
+        return 1
+    if loss_type == "grpo":
+        return mask.shape[0]
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' normalises by max_completion_length; pass it")
+        return mask.shape[0] * max_completion_length
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, epsilon_low: float = 0.2,
+              epsilon_high: float = 0.2, beta: float = 0.04, loss_type: str = "dapo",
+              max_completion_length: int | None = None, num_items: float | None = None):
+    """Clipped surrogate + β·KL (k3), normalised per `loss_type` (design.md §4).
+
+    Per-token tensors are [B, T] over completion tokens, `advantages` [B]. `num_items`
+    overrides the normaliser, in the unit of `loss_items`; for dapo it is the active tokens of
+    the whole generation batch (all accumulation steps and ranks) divided by the world size.
+    The KL term is skipped when beta == 0 or ref_logps is None.
+    Returns (loss, metrics): kl (when computed) and the clip ratios, as means over active tokens.
+    """
+    mask = completion_mask.to(logps.dtype)
+    losses, stats = grpo_token_losses(logps, old_logps, ref_logps, advantages, epsilon_low, epsilon_high, beta)
+    denom = num_items if num_items is not None else loss_items(mask, loss_type, max_completion_length)
+    loss = loss_sum(losses, mask, loss_type) / denom
+    n_tokens = mask.sum().clamp(min=1)
+    return loss, {k: (v * mask).sum() / n_tokens for k, v in stats.items()}
+
+
+def combine_rewards(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over reward functions [N, F] -> [N]; NaN (not applicable) counts as absent."""
+    return torch.nansum(per_function * weights, dim=1)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on tokens up to and including the first EOS, 0 after it (generate pads there)."""
+    is_eos = (completion_ids == eos_token_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos
+    return (eos_before == 0).long()
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution [B, T], in nats."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def completion_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Logits [N, T, V] at the positions that predict the T completion tokens."""
+    T = batch["completion_mask"].shape[1]
+    logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+    return logits[:, -T - 1:-1]  # position t predicts token t+1
+
+
+def completion_targets(batch: dict) -> torch.Tensor:
+    T = batch["completion_mask"].shape[1]
+    return batch["input_ids"][:, -T:].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+
+
+def collate_prompts(items: list[dict], pad_id: int) -> dict:
+    """Prompt batch from dicts {"prompt_input_ids": list[int], **other columns}.
+
+    Prompts are LEFT-padded so every row's completion starts at the same column; the other
+    columns (e.g. `prompt` texts, `answer`) stay lists, handed to the reward functions."""
+    width = max(len(item["prompt_input_ids"]) for item in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["prompt_input_ids"])
+        ids[row, width - n:] = torch.tensor(item["prompt_input_ids"], dtype=torch.long)
+        mask[row, width - n:] = 1
+    batch = {"prompt_input_ids": ids, "prompt_attention_mask": mask}
+    batch.update({k: [item[k] for item in items] for k in items[0] if k != "prompt_input_ids"})
+    return batch
+
+
+def repeat_each(values, times: int) -> list:
+    """[a, b] -> [a, a, b, b] for times=2: the layout of a prompt's generations."""
+    return [v for v in values for _ in range(times)]
+
+
+
+# ---- the trainer ----
+
+class GRPOTrainer(BaseTrainer):
+    """GRPO on prompt batches (see `collate_prompts`); see the module docstring for a step.
+
+    `ref_model` is None exactly when beta == 0; otherwise it is frozen and kept out of DDP and
+    the optimizer. `reward_funcs` are registered names or callables; `reward_weights` default
+    to 1 each. `epsilon_high` defaults to `epsilon` (DAPO's clip-higher sets it larger)."""
+
+    def __init__(self, model: nn.Module, ref_model: nn.Module | None, optimizer, train_loader,
+                 reward_funcs, reward_weights=None, *, generate_fn, tokenizer, eos_token_id: int,
+                 pad_token_id: int, num_generations: int = 8, max_completion_length: int = 64,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.04,
+                 loss_type: str = "dapo", num_iterations: int = 1, scale_rewards: str = "group",
+                 **base_kwargs):
+        if (ref_model is None) != (beta == 0):
+            raise ValueError(f"ref_model must be given exactly when beta != 0 (beta={beta}, "
+                             f"ref_model {'missing' if ref_model is None else 'given'})")
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 for a group std, got {num_generations}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (log-probs divide by it), got {temperature}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+        if not reward_funcs:
+            raise ValueError("GRPO needs at least one reward function")
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+        reward_weights = [1.0] * len(reward_funcs) if reward_weights is None else list(reward_weights)
+        if len(reward_weights) != len(reward_funcs):
+            raise ValueError(f"{len(reward_weights)} reward weights for {len(reward_funcs)} reward functions")
+        super().__init__(model, optimizer, train_loader, **base_kwargs)
+
+        self.ref_model = freeze_reference(ref_model, device=self.device) if ref_model is not None else None
+        self.reward_funcs = [get_reward(f) if isinstance(f, str) else f for f in reward_funcs]
+        self.reward_names = [f if isinstance(f, str) else reward_name(f) for f in reward_funcs]
+        self.reward_weights = torch.tensor(reward_weights, dtype=torch.float32)
+        self.generate_fn, self.tokenizer = generate_fn, tokenizer
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.num_generations, self.max_completion_length = num_generations, max_completion_length
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.epsilon_low = epsilon
+        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        self.beta, self.loss_type = beta, loss_type
+        self.num_iterations, self.scale_rewards = num_iterations, scale_rewards
+        self.updates_per_step = num_iterations
+
+    # ---- BaseTrainer hooks, on rollout batches ----
+
+    def count_items(self, batch: dict) -> int:
+        return loss_items(batch["completion_mask"], self.loss_type, self.max_completion_length)
+
+    def compute_loss(self, model, batch):
+        logits = completion_logits(model, batch)
+        logps = token_logps(logits, completion_targets(batch), self.temperature)
+        # With a single update the rollouts were sampled by these very weights: ρ is exactly 1.
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        losses, stats = grpo_token_losses(logps, old, batch.get("ref_logps"), batch["advantages"],
+                                          self.epsilon_low, self.epsilon_high, self.beta)
+        mask = batch["completion_mask"].to(logps.dtype)
+        with torch.no_grad():
+            stats["entropy"] = token_entropy(logits.float() / self.temperature)
+        # Token sums plus the token count: training_step turns them into per-token means.
+        sums = {k: (v * mask).sum() for k, v in stats.items()}
+        sums["completion_tokens"] = mask.sum()
+        return loss_sum(losses, mask, self.loss_type), sums
+
+    # ---- one step: generate, score, optimise ----
+
+    def training_step(self, micro: list[dict]) -> dict[str, float]:
+        """One generation round over the step's prompt batches, then num_iterations updates.
+
+        Returns the rollout metrics and the last update's optimisation metrics (loss, kl,
+        clip ratios...: the first update of a round has ρ = 1, so it never clips)."""
+        start = self._clock()
+        generator = torch.Generator(device=self.device)
+        # Seeded from the torch RNG, which checkpoints save: a resumed run samples the same
+        # completions. Ranks add their rank so they do not sample in lockstep.
+        generator.manual_seed(int(torch.randint(0, 2**62, ())) + self.dist.rank)
+        rollouts, records, gen_seconds = [], [], 0.0
+        for batch in micro:
+            rollout, record, seconds = self._rollout(batch, generator)
+            rollouts.append(rollout)
+            records.append(record)
+            gen_seconds += seconds
+        scored = self._clock()
+        for _ in range(self.num_iterations):
+            metrics = super().training_step(rollouts)
+        end = self._clock()
+        metrics = self._token_means(metrics)
+        metrics.update(self._rollout_metrics(records, {
+            "generation": gen_seconds, "scoring": scored - start - gen_seconds, "optimization": end - scored}))
+        return metrics
+
+    def _rollout(self, batch: dict, generator: torch.Generator) -> tuple[dict, dict, float]:
+        """Sample and score one prompt batch and add the log-probs the updates compare against:
+        (rollout batch, per-row record for the metrics, generation seconds)."""
+        G = self.num_generations
+        t0 = self._clock()
+        sequences, prompt_mask = self._generate(batch, G, self.temperature, generator)
+        gen_seconds = self._clock() - t0
+        completions = sequences[:, prompt_mask.shape[1]:]
+        mask = completion_mask(completions, self.eos_token_id)
+        per_function = self._score(batch, completions, mask, G)
+        rewards = combine_rewards(per_function, self.reward_weights)
+        rollout = {
+            "input_ids": sequences,
+            "attention_mask": torch.cat([prompt_mask, mask], dim=1),
+            "completion_mask": mask,
+            "advantages": group_advantages(rewards, G, self.scale_rewards).to(self.device),
+        }
+        policy = unwrap(self.model)
+        with torch.no_grad(), self.autocast():
+            if self.num_iterations > 1:  # later updates need the sampling policy's log-probs
+                rollout["old_logps"] = token_logps(completion_logits(policy, rollout),
+                                                   completion_targets(rollout), self.temperature)
+            if self.ref_model is not None:
+                rollout["ref_logps"] = token_logps(completion_logits(self.ref_model, rollout),
+                                                   completion_targets(rollout), self.temperature)
+        record = {"rewards": rewards, "per_function": per_function, "lengths": mask.sum(-1).cpu(),
+                  "truncated": ~(completions == self.eos_token_id).any(-1).cpu()}
+        return rollout, record, gen_seconds
+
+    def _generate(self, batch: dict, repeats: int, temperature: float,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prompt `repeats` times in a row: (prompt + completion ids, prompt mask)."""
+        ids = batch["prompt_input_ids"].to(self.device).repeat_interleave(repeats, dim=0)
+        prompt_mask = batch["prompt_attention_mask"].to(self.device).repeat_interleave(repeats, dim=0)
+        with self.autocast():
+            sequences = self.generate_fn(
+                unwrap(self.model), ids, attention_mask=prompt_mask, max_new_tokens=self.max_completion_length,
+                temperature=temperature, top_k=self.top_k, top_p=self.top_p, eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id, use_cache=True, generator=generator)
+        return sequences, prompt_mask
+
+    def _score(self, batch: dict, completions: torch.Tensor, mask: torch.Tensor, repeats: int) -> torch.Tensor:
+        """Rewards [N, F] of each reward function, NaN where a function returned None."""
+        if "prompt" in batch:
+            prompts = list(batch["prompt"])
+        else:
+            prompts = [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+                       for row, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        texts = [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+                 for row, n in zip(completions.cpu(), mask.sum(-1).tolist())]
+        columns = {k: repeat_each(v, repeats) for k, v in batch.items() if k not in PROMPT_KEYS}
+        prompts = repeat_each(prompts, repeats)
+        scores = []
+        for fn, name in zip(self.reward_funcs, self.reward_names):
+            values = fn(prompts, texts, **columns)
+            if len(values) != len(texts):
+                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(texts)} completions")
+            scores.append([math.nan if v is None else float(v) for v in values])
+        return torch.tensor(scores, dtype=torch.float32).T
+
+    # ---- metrics ----
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":  # kernels run asynchronously; time what they did
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @staticmethod
+    def _token_means(metrics: dict[str, float]) -> dict[str, float]:
+        """BaseTrainer divides metric sums by the step's loss items (sequences, tokens, ...
+        per loss_type); dividing by the token count, divided alike, gives per-token means."""
+        tokens = metrics.pop("completion_tokens")
+        return {k: (v / tokens if k in TOKEN_STATS else v) for k, v in metrics.items()}
+
+    def _rollout_metrics(self, records: list[dict], seconds: dict[str, float]) -> dict[str, float]:
+        """Reward, completion-length and timing metrics of the step, over all ranks."""
+        rewards = torch.cat([r["rewards"] for r in records]).double()
+        per_function = torch.cat([r["per_function"] for r in records]).double()
+        lengths = torch.cat([r["lengths"] for r in records]).double()
+        truncated = torch.cat([r["truncated"] for r in records]).double()
+        group_std = rewards.view(-1, self.num_generations).std(dim=1)
+        applicable = ~per_function.isnan()
+        totals = [rewards.sum(), rewards.square().sum(), rewards.numel(), (group_std < 1e-6).sum(),
+                  group_std.numel(), lengths.sum(), truncated.sum(),
+                  seconds["generation"], seconds["scoring"], seconds["optimization"]]
+        sums = torch.cat([torch.tensor([float(v) for v in totals], dtype=torch.float64),
+                          per_function.nansum(dim=0), applicable.sum(dim=0).double()]).to(self.device)
+        (r_sum, r_sq, n, zero_std, groups, len_sum, n_truncated, gen_s, score_s, opt_s,
+         *per_fn) = dist_utils.all_reduce_sum(sums).tolist()
+        longest, neg_shortest = dist_utils.all_reduce_max(
+            torch.stack([lengths.max(), -lengths.min()]).to(self.device)).tolist()
+        total_s = gen_s + score_s + opt_s
+        F = len(self.reward_names)
+        out = {
+            "reward": r_sum / n,
+            "reward_std": math.sqrt(max(r_sq - r_sum ** 2 / n, 0.0) / max(n - 1, 1)),
+            "frac_reward_zero_std": zero_std / groups,
+            "completion_length/mean": len_sum / n,
+            "completion_length/min": -neg_shortest,
+            "completion_length/max": longest,
+            "completion_length/truncated": n_truncated / n,
+            # Summed rank seconds: tokens over the average rank's generation time.
+            "generation/tokens_per_s": len_sum / max(gen_s / self.dist.world_size, 1e-9),
+            "time/generation_share": gen_s / total_s,
+            "time/scoring_share": score_s / total_s,
+            "time/optimization_share": opt_s / total_s,
+        }
+        for name, total, count in zip(self.reward_names, per_fn[:F], per_fn[F:]):
+            out[f"rewards/{name}"] = total / count if count else math.nan
+        return out
+
+    # ---- evaluation ----
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward of one greedy completion per validation prompt, over all ranks.
+
+        Greedy decoding makes the number a property of the weights, not of the sampler's luck,
+        so successive evaluations (and early stopping on val_reward, mode "max") compare."""
+        if self.val_loader is None:
+            return {}
+        scores = []
+        for batch in self.val_loader:
+            sequences, prompt_mask = self._generate(batch, 1, 0.0, None)
+            completions = sequences[:, prompt_mask.shape[1]:]
+            scores.append(self._score(batch, completions, completion_mask(completions, self.eos_token_id), 1))
+        per_function = torch.cat(scores).double()
+        rewards = combine_rewards(per_function, self.reward_weights.double())
+        packed = torch.cat([torch.tensor([float(rewards.sum()), rewards.numel()], dtype=torch.float64),
+                            per_function.nansum(dim=0), (~per_function.isnan()).sum(dim=0).double()])
+        total, n, *per_fn = dist_utils.all_reduce_sum(packed.to(self.device)).tolist()
+        F = len(self.reward_names)
+        result = {"val_reward": total / max(n, 1.0)}
+        for name, s, count in zip(self.reward_names, per_fn[:F], per_fn[F:]):
+            result[f"val_rewards/{name}"] = s / count if count else math.nan
+        return result
