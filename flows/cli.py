@@ -1,35 +1,183 @@
-"""The `alignflow` command. The pipeline commands (run, stage, eval, generate, runs) arrive
-with the pipeline; until then it describes the project and lists the model presets."""
+"""`alignflow`: run the pipeline, re-run one stage, evaluate, sample, list runs."""
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
-from models import PRESETS
+EPILOG = """examples:
+  alignflow run                                   # tiny preset, demo data, pretrain -> sft -> dpo
+  alignflow run --align grpo --set grpo.beta=0.0  # GRPO instead of DPO, no KL term
+  alignflow run --force dpo --set dpo.beta=0.3    # redo only DPO (completed stages are skipped)
+  alignflow stage dpo --parent runs/tiny/sft --set dpo.beta=0.5
+  alignflow eval runs/tiny/dpo
+  alignflow generate runs/tiny/sft --prompt "What is 3 plus 4?"
+  alignflow runs
+"""
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="configuration preset (stages/presets/*.yaml): tiny, gpt2-small")
+    p.add_argument("--config", metavar="FILE", help="YAML file laid over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: --set sft.train.lr=3e-4 --set dpo.beta=0.2")
+    p.add_argument("--run-id", help="run directory name under runs_dir (default: the preset's name)")
+    p.add_argument("--runs-dir", help="where run directories go (default: ./runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="alignflow",
-        description="alignflow: pretraining -> SFT -> DPO/GRPO as one resumable pipeline. "
-                    "Today the trainers (trainers/) and the built-in model (models/) are usable from "
-                    "Python; see README.md.",
-    )
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("presets", help="list the built-in model presets and their sizes")
+        prog="alignflow", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Pretraining -> SFT -> DPO or GRPO as one resumable Prefect pipeline. Without "
+                    "PREFECT_API_URL, flows run on Prefect's embedded server; with it, on that server.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the full pipeline", description=(
+        "Run pretrain -> sft -> (dpo|grpo) into RUNS_DIR/RUN_ID/<stage>/. Stages whose output is "
+        "already complete for the same config and parent are skipped; a failed stage is retried "
+        "(config.retries) and resumes from its last checkpoint. Writes RUNS_DIR/RUN_ID/report.md."))
+    add_config_args(p)
+    p.add_argument("--align", choices=["dpo", "grpo", "none"], default="dpo", help="the alignment stage (default: dpo)")
+    p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="re-run these stages even if complete")
+
+    p = sub.add_parser("stage", help="re-run one stage against an earlier run's checkpoint", description=(
+        "Run one stage on PARENT (an earlier run's checkpoint directory: pretrain for sft, sft for "
+        "dpo/grpo) into a new run directory whose manifest records the parent and its hash."))
+    p.add_argument("name", choices=["sft", "dpo", "grpo"])
+    p.add_argument("--parent", required=True, help="the parent stage's checkpoint directory")
+    add_config_args(p)
+
+    p = sub.add_parser("eval", help="verify a checkpoint directory and evaluate it on the held-out prompts")
+    p.add_argument("dir")
+    add_config_args(p)
+
+    p = sub.add_parser("generate", help="sample from a checkpoint directory")
+    p.add_argument("dir")
+    p.add_argument("--prompt", action="append", required=True, help="a user message; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("runs", help="list runs, their stages and headline metrics")
+    p.add_argument("--runs-dir", default="runs")
+
+    sub.add_parser("presets", help="list the configuration presets and model sizes")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "presets":
-        for name, cfg in PRESETS.items():
-            print(f"{name:12s} {cfg.num_parameters() / 1e6:8.1f}M params  hidden {cfg.hidden_size}  "
-                  f"layers {cfg.num_hidden_layers}  heads {cfg.num_attention_heads}  "
-                  f"context {cfg.max_position_embeddings}")
-        return 0
-    parser.print_help()
+def resolve_config(args):
+    from stages.config import load_config
+
+    overrides = list(args.overrides)
+    if args.run_id:
+        overrides.append(f"run_id={args.run_id}")
+    if args.runs_dir:
+        overrides.append(f"runs_dir={args.runs_dir}")
+    return load_config(args.preset, args.config, overrides)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import alignment_pipeline
+
+    out = alignment_pipeline(config=resolve_config(args), align=args.align, force=args.force)
+    print((Path(out["run_dir"]) / "report.md").read_text())
     return 0
+
+
+def cmd_stage(args) -> int:
+    from .pipeline import run_stage
+
+    out = run_stage(stage=args.name, config=resolve_config(args), parent=str(Path(args.parent).resolve()),
+                    run_id=args.run_id)
+    print((Path(out["run_dir"]) / "report.md").read_text())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from stages import common, handoff
+
+    config = resolve_config(args)
+    model, tok, manifest = handoff.load_stage(args.dir)
+    print(f"{args.dir}: {manifest['stage']} stage, sha256 verified")
+    result = common.task_accuracy(config, config.stage(manifest["stage"]).data, model, tok, "cpu")
+    for key in ("task_accuracy", "format_rate", "heldout_reward", "eval_prompts"):
+        if key in result:
+            print(f"  {key:16s} {result[key]:.4g}")
+    print("  recorded metrics: " + json.dumps({k: v for k, v in manifest["metrics"].items()
+                                               if isinstance(v, float)}, indent=None))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from models import generate, render_chat
+    from stages import handoff
+    from trainers.grpo import collate_prompts
+
+    model, tok, _ = handoff.load_stage(args.dir)
+    rows = [{"prompt_input_ids": render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]}
+            for p in args.prompt]
+    batch = collate_prompts(rows, tok.pad_id)
+    out = generate(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                   generator=torch.Generator().manual_seed(args.seed))
+    width = batch["prompt_input_ids"].shape[1]
+    for prompt, ids in zip(args.prompt, out[:, width:].tolist()):
+        print(f"> {prompt}\n{tok.decode(ids)}\n")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from flows.report import HEADLINE, fmt
+    from stages import handoff
+
+    root = Path(args.runs_dir)
+    runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not runs:
+        print(f"no runs in {root}")
+    for run_dir in runs:
+        print(run_dir.name)
+        for stage_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+            try:
+                m = handoff.read_manifest(stage_dir)
+            except handoff.StageDirError:
+                print(f"  {stage_dir.name:9s} incomplete")
+                continue
+            shown = [f"{label} {fmt(m['metrics'][k])}" for k, label in HEADLINE if k in m["metrics"]]
+            parent = m.get("parent") or {}
+            lineage = f"  <- {parent['path']}" if parent.get("path") else ""
+            print(f"  {stage_dir.name:9s} " + ", ".join(shown) + lineage)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from models import PRESETS
+    from stages.config import PRESET_DIR, load_config
+
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        cfg = load_config(path.stem)
+        size = PRESETS[cfg.model].num_parameters() / 1e6
+        print(f"{path.stem:12s} model {cfg.model} ({size:.1f}M params before the vocabulary is set), "
+              f"tokenizer vocab {cfg.vocab_size}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
+            "runs": cmd_runs, "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"alignflow {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

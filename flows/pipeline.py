@@ -1,0 +1,110 @@
+"""The Prefect flows: the whole pipeline, and one stage re-run against an earlier parent.
+
+Flows stay thin: each stage is a task around `stages.<name>.run`, skipped when its checkpoint
+directory is already complete for the same config and parent content hash (the manifest
+check), retried on failure (the retry resumes from the stage's last training checkpoint), and
+launched through torchrun when it asks for more than one process."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from stages import PARENT_STAGE, STAGES, common, handoff
+from stages.config import PipelineConfig, config_hash
+from trainers.checkpoint import CHECKPOINT_DIR
+
+from . import report
+from .launch import run_torchrun
+
+
+def reset_stage(out_dir: Path) -> None:
+    """`force`: forget a stage's output and resumable state, so it runs from scratch."""
+    (out_dir / handoff.MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def publish(stage: str, run_id: str, result: dict) -> None:
+    out_dir = Path(result["path"])
+    create_table_artifact(key=report.artifact_key(run_id, stage, "metrics"),
+                          table=report.metrics_rows(result["metrics"]),
+                          description=f"{stage} final metrics ({out_dir})")
+    create_markdown_artifact(key=report.artifact_key(run_id, stage, "curves"),
+                             markdown=report.curves_markdown(stage, report.plot_curves(out_dir)),
+                             description=f"{stage} training curves")
+
+
+@task(task_run_name="{stage}")
+def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir: str) -> dict:
+    logger = get_run_logger()
+    out = Path(out_dir)
+    parent_hash = parent["content_hash"] if parent else None
+    if handoff.is_complete(out, config_hash(common.stage_config(config, stage)), parent_hash):
+        logger.info("%s is already complete for this config and parent: skipped", out)
+        return {**common.stage_result(out, handoff.read_manifest(out)), "skipped": True}
+    parent_path = parent["path"] if parent else None
+    t = config.stage(stage).train
+    if t.nproc_per_node > 1 or t.nnodes > 1:
+        run_torchrun(stage, config, parent_path, out, logger)
+        result = common.stage_result(out, handoff.verify(out))
+    else:
+        result = STAGES[stage](config, parent_path, out)
+    publish(stage, config.resolved_run_id(), result)
+    logger.info("%s done: %s", stage, {k: v for k, v in result["metrics"].items() if isinstance(v, float)})
+    return result
+
+
+def run_chain(config: PipelineConfig, run_dir: Path, chain: list[str], parent: dict | None,
+              force: list[str]) -> dict[str, dict]:
+    results = {}
+    for stage in chain:
+        out = run_dir / stage
+        if stage in force:
+            reset_stage(out)
+        result = stage_task.with_options(retries=config.retries)(stage, config, parent, str(out))
+        results[stage] = parent = result
+    return results
+
+
+def write_report(run_dir: Path, run_id: str, results: dict[str, dict]) -> str:
+    card = report.report_card(run_dir, results)
+    (run_dir / "report.md").write_text(card)
+    create_markdown_artifact(key=report.artifact_key(run_id, "report"), markdown=card,
+                             description="alignflow report card")
+    return card
+
+
+@flow(name="alignment-pipeline")
+def alignment_pipeline(config: PipelineConfig = PipelineConfig(), align: Literal["dpo", "grpo", "none"] = "dpo",
+                       force: list[str] | None = None) -> dict:
+    """pretrain -> SFT -> DPO or GRPO into runs_dir/run_id/<stage>/."""
+    force = force or []
+    unknown = set(force) - set(STAGES)
+    if unknown:
+        raise ValueError(f"force names unknown stages {sorted(unknown)}; stages: {sorted(STAGES)}")
+    run_dir = Path(config.runs_dir) / config.resolved_run_id()
+    chain = ["pretrain", "sft"] + ([align] if align != "none" else [])
+    results = run_chain(config, run_dir, chain, None, force)
+    write_report(run_dir, config.resolved_run_id(), results)
+    return {"run_dir": str(run_dir), "stages": results}
+
+
+@flow(name="run-stage")
+def run_stage(stage: Literal["sft", "dpo", "grpo"], config: PipelineConfig = PipelineConfig(),
+              parent: str = "", run_id: str | None = None) -> dict:
+    """Re-run one stage against an earlier run's parent directory (e.g. DPO with another beta on
+    last week's SFT checkpoint) into a new run directory whose manifest records the lineage."""
+    manifest = handoff.verify(parent)
+    expected = PARENT_STAGE[stage]
+    if manifest["stage"] != expected:
+        raise ValueError(f"{stage} trains on a {expected} checkpoint, but {parent} holds a {manifest['stage']} stage")
+    run_id = run_id or f"{manifest.get('run_id', 'run')}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = config.model_copy(update={"run_id": run_id})
+    run_dir = Path(config.runs_dir) / run_id
+    results = run_chain(config, run_dir, [stage], common.stage_result(Path(parent), manifest), [])
+    write_report(run_dir, run_id, results)
+    return {"run_dir": str(run_dir), "stages": results}

@@ -1,0 +1,37 @@
+"""`python -m stages <stage> --config FILE --parent DIR --out DIR`: one stage without Prefect.
+
+This is also what the pipeline hands to `torchrun` when a stage asks for several processes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from trainers import distributed as dist_utils
+
+from . import STAGES
+from .config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stages", description=__doc__)
+    ap.add_argument("stage", choices=sorted(STAGES))
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--config", help="YAML/JSON file laid over the preset")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--parent", help="the parent stage's checkpoint directory (not for pretrain)")
+    ap.add_argument("--out", required=True, help="this stage's checkpoint directory")
+    args = ap.parse_args(argv)
+    if args.stage != "pretrain" and not args.parent:
+        ap.error(f"stage {args.stage} needs --parent")
+    config = load_config(args.preset, args.config, args.overrides)
+    result = STAGES[args.stage](config, args.parent, args.out)
+    if result is not None:  # rank 0
+        print(json.dumps({k: result[k] for k in ("stage", "path", "content_hash")}))
+    if dist_utils.detect().enabled:
+        dist_utils.exit_worker(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

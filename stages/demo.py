@@ -1,0 +1,118 @@
+"""The built-in demo task: small arithmetic word problems with a verifiable answer.
+
+One seeded generator gives every stage its data in the formats TRL users have:
+pretraining `text`, SFT `prompt`/`completion`, DPO `prompt`/`chosen`/`rejected` (a correct
+solution vs a plausible wrong one), GRPO `prompt` + `answer`, and held-out evaluation prompts.
+Problems are split by their (template, a, b) so held-out problems are never seen in training.
+
+A solution reads "3 + 4 = 7.\nAnswer: 7" — short enough for the tiny preset to learn on a
+CPU, and checkable by the `exact_match` and `format` rewards."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+NAMES = ["Tom", "Ana", "Li", "Sam", "Mia", "Ben", "Ada", "Kai"]
+ITEMS = ["apples", "books", "coins", "cards", "shells", "pens"]
+MAX_OPERAND = 9
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    a: int
+    b: int
+    op: str  # "+" or "-"
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b if self.op == "+" else self.a - self.b
+
+    def solution(self, answer: int | None = None) -> str:
+        value = self.answer if answer is None else answer
+        return f"{self.a} {self.op} {self.b} = {value}.\nAnswer: {value}"
+
+
+TEMPLATES = [
+    ("+", "{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"),
+    ("-", "{name} has {a} {item} and gives away {b}. How many {item} are left?"),
+    ("+", "What is {a} plus {b}?"),
+    ("-", "What is {a} minus {b}?"),
+]
+
+
+def all_problems(rng: random.Random) -> list[Problem]:
+    problems = []
+    for op, template in TEMPLATES:
+        for a in range(MAX_OPERAND + 1):
+            for b in range(MAX_OPERAND + 1):
+                if op == "-" and b > a:
+                    continue
+                text = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b)
+                problems.append(Problem(text, a, b, op))
+    return problems
+
+
+def plausible_wrong(problem: Problem, rng: random.Random) -> int:
+    """An answer a careless solver gives: off by one, or the other operation."""
+    other = problem.a - problem.b if problem.op == "+" else problem.a + problem.b
+    candidates = {problem.answer + 1, max(problem.answer - 1, 0), other} - {problem.answer}
+    return rng.choice(sorted(candidates))
+
+
+def split_problems(seed: int, eval_fraction: float = 0.15) -> tuple[list[Problem], list[Problem]]:
+    rng = random.Random(seed)
+    problems = all_problems(rng)
+    rng.shuffle(problems)
+    n_eval = max(1, int(len(problems) * eval_fraction))
+    return problems[n_eval:], problems[:n_eval]
+
+
+def _sample(problems: list[Problem], n: int, rng: random.Random) -> list[Problem]:
+    return [rng.choice(problems) for _ in range(n)]
+
+
+def pretrain_rows(train: list[Problem], n: int, rng: random.Random) -> list[dict]:
+    """Plain text: worked problems and arithmetic facts, a few per document."""
+    rows = []
+    for _ in range(n):
+        parts = []
+        for p in _sample(train, rng.randint(1, 3), rng):
+            parts.append(f"{p.question} {p.solution()}" if rng.random() < 0.7 else f"{p.a} {p.op} {p.b} = {p.answer}.")
+        rows.append({"text": " ".join(parts)})
+    return rows
+
+
+def sft_rows(problems: list[Problem], n: int, rng: random.Random) -> list[dict]:
+    return [{"prompt": p.question, "completion": p.solution()} for p in _sample(problems, n, rng)]
+
+
+def preference_rows(problems: list[Problem], n: int, rng: random.Random) -> list[dict]:
+    return [{"prompt": p.question, "chosen": p.solution(), "rejected": p.solution(plausible_wrong(p, rng))}
+            for p in _sample(problems, n, rng)]
+
+
+def prompt_rows(problems: list[Problem]) -> list[dict]:
+    return [{"prompt": p.question, "answer": str(p.answer)} for p in problems]
+
+
+def demo_data(kind: str, split: str, sizes, seed: int) -> list[dict]:
+    """Rows for one stage kind ("pretrain", "sft", "dpo", "grpo", "eval") and split ("train", "val").
+
+    `sizes` is the pipeline's DemoConfig. Validation rows come from the held-out problems."""
+    train, held_out = split_problems(seed)
+    problems = train if split == "train" else held_out
+    rng = random.Random(f"{seed}-{kind}-{split}")
+    scale = 1 if split == "train" else 0.1
+    if kind == "pretrain":
+        return pretrain_rows(problems, max(1, int(sizes.pretrain_docs * scale)), rng)
+    if kind == "sft":
+        return sft_rows(problems, max(1, int(sizes.sft_examples * scale)), rng)
+    if kind == "dpo":
+        return preference_rows(problems, max(1, int(sizes.preference_pairs * scale)), rng)
+    if kind == "grpo":
+        n = sizes.grpo_prompts if split == "train" else sizes.eval_prompts
+        return prompt_rows(_sample(problems, n, rng))
+    if kind == "eval":
+        return prompt_rows(held_out[: sizes.eval_prompts])
+    raise ValueError(f"unknown demo data kind {kind!r}")
