@@ -93,6 +93,7 @@ def test_models_returning_objects_with_logits_train():
 def test_trainer_registry():
     assert get_trainer_class("sft") is SFTTrainer
     assert get_trainer_class("Pretrain") is PretrainTrainer
+    assert get_trainer_class("dpo").__name__ == "DPOTrainer" and get_trainer_class("grpo").__name__ == "GRPOTrainer"
     with pytest.raises(ValueError, match="registered"):
         get_trainer_class("ppo")
 

@@ -4,16 +4,21 @@
 """
 from .base import BaseTrainer, EarlyStopping, NonFiniteLossError, logits_of, unwrap
 from .checkpoint import CheckpointError, latest_checkpoint
+from .dpo import DPOTrainer, dpo_loss
+from .grpo import GRPOTrainer, group_advantages, grpo_loss
 from .optim import configure_optimizer, create_scheduler, get_parameter_groups
-from .sft import PretrainTrainer, SFTTrainer
-
 from .registry import create_trainer, get_trainer_class, register_trainer
+from .rewards import get_reward, register_reward
+from .sft import PretrainTrainer, SFTTrainer
 
 register_trainer("pretrain", PretrainTrainer)
 register_trainer("sft", SFTTrainer)
+register_trainer("dpo", DPOTrainer)
+register_trainer("grpo", GRPOTrainer)
 
 __all__ = [
     "BaseTrainer", "SFTTrainer", "PretrainTrainer", "EarlyStopping", "NonFiniteLossError",
     "CheckpointError", "configure_optimizer", "create_scheduler", "get_parameter_groups",
     "create_trainer", "get_trainer_class", "register_trainer", "latest_checkpoint", "logits_of", "unwrap",
+    "DPOTrainer", "dpo_loss", "GRPOTrainer", "group_advantages", "grpo_loss", "get_reward", "register_reward",
 ]
