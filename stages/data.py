@@ -10,7 +10,7 @@ Bad rows raise `DataError` naming the file, the row and the column, or with
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # The hubs are unreachable here and never needed: everything is local files.
@@ -44,7 +44,6 @@ class LoadedData:
     origin: str                 # the file, or "demo:<kind>/<split>"
     skipped: int = 0            # bad rows dropped under on_bad_rows=skip
     dropped_too_long: int = 0
-    notes: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- loading

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import PRESETS, KVCache, LlamaForCausalLM, ModelConfig, flops_per_token, get_preset
 

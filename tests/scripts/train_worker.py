@@ -9,7 +9,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch.utils.data.distributed import DistributedSampler
 
