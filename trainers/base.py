@@ -194,6 +194,8 @@ class BaseTrainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, batch: dict) -> dict:
+        """Move a batch to the device. Subclasses may override it to attach per-batch data
+        computed on the CPU first (DPO attaches its cached reference log-probs here)."""
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                 for k, v in batch.items()}
 
@@ -309,7 +311,6 @@ class BaseTrainer:
         reduced = dist_utils.all_reduce_sum(packed).tolist()
         total = max(reduced[1], 1.0)
         result = {"val_loss": reduced[0] / total}
-        result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
         result.update({f"val_{k}": v / total for k, v in zip(names, reduced[2:])})
         self.model.train(was_training)
         return result

@@ -1,6 +1,8 @@
 """Causal-LM cross entropy: SFT on masked labels, pretraining on packed text."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,13 @@ class SFTTrainer(BaseTrainer):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_sum, {}
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss plus perplexity, which only means something for a token-level loss."""
+        result = super().evaluate()
+        if "val_loss" in result:
+            result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
+        return result
 
 
 class PretrainTrainer(SFTTrainer):
