@@ -103,7 +103,7 @@ def cmd_eval(args) -> int:
     model, tok, manifest = handoff.load_stage(args.dir)
     print(f"{args.dir}: {manifest['stage']} stage, sha256 verified")
     result = common.task_accuracy(config, config.stage(manifest["stage"]).data, model, tok, "cpu")
-    for key in ("task_accuracy", "format_rate", "heldout_reward", "eval_prompts"):
+    for key in ("task_accuracy", "format_rate", "greedy_reward", "heldout_reward", "eval_prompts"):
         if key in result:
             print(f"  {key:16s} {result[key]:.4g}")
     print("  recorded metrics: " + json.dumps({k: v for k, v in manifest["metrics"].items()

@@ -91,7 +91,8 @@ def make_loader(run: StageRun, dataset, collate, shuffle: bool) -> DataLoader:
 def trainer_kwargs(run: StageRun) -> dict:
     t = run.train_cfg
     use_amp, amp_dtype = PRECISION[t.precision]
-    return dict(device=run.device, max_epochs=t.max_epochs, max_steps=t.max_steps,
+    # As in HF's Trainer, max_steps (when set) replaces the epoch limit rather than racing it.
+    return dict(device=run.device, max_epochs=None if t.max_steps else t.max_epochs, max_steps=t.max_steps,
                 grad_accum_steps=t.grad_accum_steps, max_grad_norm=t.max_grad_norm, use_amp=use_amp,
                 amp_dtype=amp_dtype, log_interval=t.log_interval, eval_interval=t.eval_interval,
                 save_dir=run.out_dir, save_interval=t.save_interval, keep_last=t.keep_last, seed=t.seed,
@@ -125,38 +126,53 @@ def train_and_finish(run: StageRun, trainer: BaseTrainer, tok: Tokenizer) -> dic
 
 
 @torch.no_grad()
+def _complete(model, rows: list[dict], tok: Tokenizer, device, max_new_tokens: int, temperature: float,
+              generator: torch.Generator | None = None) -> list[str]:
+    batch = collate_prompts(rows, tok.pad_id)
+    prompt = batch["prompt_input_ids"].to(device)
+    out = generate(model, prompt, batch["prompt_attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                   temperature=temperature, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=generator)
+    return [tok.decode(ids) for ids in out[:, prompt.shape[1]:].tolist()]
+
+
+def _score(fns, weights, rows: list[dict], completions: list[str]) -> list[float]:
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    per_fn = [fn(prompts, completions, answer=answers) for fn in fns]
+    return [sum(w * (v or 0.0) for w, v in zip(weights, values)) for values in zip(*per_fn)]
+
+
 def task_accuracy(config: PipelineConfig, data_cfg, model: torch.nn.Module, tok: Tokenizer,
                   device: torch.device | str) -> dict:
-    """Exact-match accuracy, format rate and the GRPO reward (its functions and weights) with
-    greedy decoding on the demo's held-out prompts, the same prompts for every stage so the
-    numbers compare. User data without answers gets no task metrics."""
+    """Task metrics on the demo's held-out prompts, the same prompts for every stage so the
+    numbers compare. Greedy decoding gives exact-match accuracy and format rate; the held-out
+    reward is the GRPO reward (its functions and weights) averaged over `eval.reward_samples`
+    seeded samples per prompt at GRPO's sampling temperature -- the quantity GRPO maximises, so
+    it shows a policy growing surer of right answers even where the greedy answer is unchanged.
+    User data without answers gets no task metrics."""
     if data_cfg.source != "demo":
         return {}
     loaded = data_mod.prepare("eval", data_cfg, config.demo, tok, "val")
     ds = loaded.dataset.select(range(min(len(loaded.dataset), config.eval.max_prompts)))
     model = unwrap(model)
-    exact, fmt = get_reward("exact_match"), get_reward("format")
-    grpo = config.grpo
+    grpo, ev = config.grpo, config.eval
     reward_fns = [get_reward(name) for name in grpo.reward_funcs]
     weights = grpo.reward_weights or [1.0] * len(reward_fns)
-    hits, formatted, rewards, samples = [], [], [], []
+    generator = torch.Generator(device=device).manual_seed(config.demo.seed)
+    hits, formatted, greedy, sampled, samples = [], [], [], [], []
     for start in range(0, len(ds), 32):
         rows = [ds[i] for i in range(start, min(start + 32, len(ds)))]
-        batch = collate_prompts(rows, tok.pad_id)
-        out = generate(model, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
-                       max_new_tokens=config.eval.max_new_tokens, temperature=0.0,
-                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-        completions = [tok.decode(ids) for ids in out[:, batch["prompt_input_ids"].shape[1]:].tolist()]
-        prompts = [r["prompt"] for r in rows]
-        answers = [r["answer"] for r in rows]
-        hits += exact(prompts, completions, answer=answers)
-        formatted += fmt(prompts, completions, answer=answers)
-        per_fn = [fn(prompts, completions, answer=answers) for fn in reward_fns]
-        rewards += [sum(w * (v or 0.0) for w, v in zip(weights, values)) for values in zip(*per_fn)]
-        samples += [{"prompt": p, "completion": c, "answer": a} for p, c, a in zip(prompts, completions, answers)]
+        completions = _complete(model, rows, tok, device, ev.max_new_tokens, 0.0)
+        hits += _score([get_reward("exact_match")], [1.0], rows, completions)
+        formatted += _score([get_reward("format")], [1.0], rows, completions)
+        greedy += _score(reward_fns, weights, rows, completions)
+        samples += [{"prompt": r["prompt"], "completion": c, "answer": r["answer"]} for r, c in zip(rows, completions)]
+        repeated = [r for r in rows for _ in range(ev.reward_samples)]
+        if repeated:
+            drawn = _complete(model, repeated, tok, device, ev.max_new_tokens, grpo.temperature, generator)
+            sampled += _score(reward_fns, weights, repeated, drawn)
     n = max(len(hits), 1)
-    return {"task_accuracy": sum(h or 0 for h in hits) / n, "format_rate": sum(f or 0 for f in formatted) / n,
-            "heldout_reward": sum(rewards) / n, "eval_prompts": len(hits), "samples": samples[:5]}
+    return {"task_accuracy": sum(hits) / n, "format_rate": sum(formatted) / n, "greedy_reward": sum(greedy) / n,
+            "heldout_reward": sum(sampled) / max(len(sampled), 1), "eval_prompts": len(hits), "samples": samples[:5]}
 
 
 def package_versions() -> dict:

@@ -54,8 +54,9 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    max_prompts: int = Field(64, description="held-out prompts for task accuracy (greedy decoding)")
+    max_prompts: int = Field(64, description="held-out prompts for the task metrics")
     max_new_tokens: int = 16
+    reward_samples: int = Field(8, ge=0, description="sampled completions per prompt for the held-out mean reward")
 
 
 class PretrainConfig(Strict):

@@ -3,10 +3,12 @@
 One DPO run and one GRPO run share pretrain and SFT: the GRPO flow finds them complete and
 skips them, which is also the re-run test."""
 import json
+import shutil
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.cli import main as cli
 from flows.pipeline import alignment_pipeline, run_stage
 from stages import handoff
 from stages.config import load_config
@@ -65,11 +67,14 @@ def test_each_stage_improves_its_own_target(runs):
     assert g["task_accuracy"] >= sft["task_accuracy"] - 0.15
 
 
-@pytest.mark.xfail(strict=False, reason="GRPO on the tiny preset does not yet raise held-out reward over SFT "
-                                        "within its CPU budget (issue 4 stays open for it)")
 def test_grpo_raises_heldout_reward_over_sft(runs):
-    _, dpo, grpo = runs
-    assert metrics(grpo, "grpo")["heldout_reward"] > metrics(dpo, "sft")["heldout_reward"]
+    """The held-out reward is sampled (8 per prompt, GRPO's temperature): what GRPO maximises.
+    SFT's greedy answers are already mostly right, its samples much less so (1.47 vs 1.89)."""
+    config, dpo, grpo = runs
+    assert metrics(grpo, "grpo")["step"] == config.grpo.train.max_steps  # max_steps outlasts the epoch
+    sft, g = metrics(dpo, "sft")["heldout_reward"], metrics(grpo, "grpo")["heldout_reward"]
+    # 368 samples give a standard error of about 0.026; runs over seeds gained 0.05 to 0.11.
+    assert g > sft + 0.03, (sft, g)
 
 
 def test_rerun_skips_completed_stages_and_force_reruns_only_dpo(runs):
@@ -92,3 +97,36 @@ def test_run_stage_on_an_earlier_sft_directory(runs):
     assert manifest["parent"] == {"path": sft["path"], "content_hash": sft["content_hash"], "stage": "sft"}
     assert manifest["config"]["dpo"]["beta"] == 0.3
     assert out["run_dir"].endswith("beta-0.3")
+
+
+def test_cli_eval_reproduces_the_recorded_metrics(runs, capsys):
+    _, dpo, _ = runs
+    sft = dpo["stages"]["sft"]
+    assert cli(["eval", sft["path"]]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and
+                   not line.strip().startswith("recorded"))
+    recorded = handoff.read_manifest(sft["path"])["metrics"]
+    for key in ("task_accuracy", "heldout_reward", "greedy_reward"):
+        assert float(printed[key]) == pytest.approx(recorded[key], abs=1e-3), key
+
+
+def test_cli_generate_matches_the_stage_greedy_sample(runs, capsys):
+    _, dpo, _ = runs
+    sft = dpo["stages"]["sft"]
+    sample = handoff.read_manifest(sft["path"])["metrics"]["samples"][0]
+    assert cli(["generate", sft["path"], "--prompt", sample["prompt"], "--max-new-tokens", "16"]) == 0
+    assert sample["completion"] in capsys.readouterr().out
+
+
+def test_cli_runs_lists_stages_and_eval_names_a_corrupt_file(runs, capsys, tmp_path):
+    config, dpo, _ = runs
+    assert cli(["runs", "--runs-dir", config.runs_dir]) == 0
+    listing = capsys.readouterr().out
+    assert "e2e" in listing and all(stage in listing for stage in ("pretrain", "sft", "dpo"))
+    broken = tmp_path / "sft"
+    shutil.copytree(dpo["stages"]["sft"]["path"], broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    assert cli(["eval", str(broken)]) == 1
+    assert "model.safetensors" in capsys.readouterr().err
