@@ -80,27 +80,31 @@ def resolve_config(args):
 
 
 def cmd_run(args) -> int:
+    from stages.storage import local_dir
+
     from .pipeline import alignment_pipeline
 
     out = alignment_pipeline(config=resolve_config(args), align=args.align, force=args.force)
-    print((Path(out["run_dir"]) / "report.md").read_text())
+    print((local_dir(out["run_dir"]) / "report.md").read_text())
     return 0
 
 
 def cmd_stage(args) -> int:
+    from stages.storage import is_url, local_dir
+
     from .pipeline import run_stage
 
-    out = run_stage(stage=args.name, config=resolve_config(args), parent=str(Path(args.parent).resolve()),
-                    run_id=args.run_id)
-    print((Path(out["run_dir"]) / "report.md").read_text())
+    parent = args.parent if is_url(args.parent) else str(Path(args.parent).resolve())
+    out = run_stage(stage=args.name, config=resolve_config(args), parent=parent, run_id=args.run_id)
+    print((local_dir(out["run_dir"]) / "report.md").read_text())
     return 0
 
 
 def cmd_eval(args) -> int:
-    from stages import common, handoff
+    from stages import common, handoff, storage
 
     config = resolve_config(args)
-    model, tok, manifest = handoff.load_stage(args.dir)
+    model, tok, manifest = handoff.load_stage(storage.localize(args.dir))
     print(f"{args.dir}: {manifest['stage']} stage, sha256 verified")
     result = common.task_accuracy(config, config.stage(manifest["stage"]).data, model, tok, "cpu")
     for key in ("task_accuracy", "format_rate", "greedy_reward", "heldout_reward", "eval_prompts"):
@@ -115,10 +119,10 @@ def cmd_generate(args) -> int:
     import torch
 
     from models import generate, render_chat
-    from stages import handoff
+    from stages import handoff, storage
     from trainers.grpo import collate_prompts
 
-    model, tok, _ = handoff.load_stage(args.dir)
+    model, tok, _ = handoff.load_stage(storage.localize(args.dir))
     rows = [{"prompt_input_ids": render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]}
             for p in args.prompt]
     batch = collate_prompts(rows, tok.pad_id)

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from stages import storage
 from stages.config import PipelineConfig
 
 
@@ -21,7 +22,7 @@ class StageProcessError(RuntimeError):
     """The stage's processes exited non-zero; the message carries the exit code and log tail."""
 
 
-def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir: Path, nproc: int,
+def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir: str, nproc: int,
                      nnodes: int, run_id: str, preset: str) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     if nnodes == 1:
@@ -59,14 +60,16 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
-def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_dir: Path, logger,
+def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref: str, logger,
                  poll_seconds: float = 0.5, tail_lines: int = 60) -> None:
-    """Launch, stream, wait; raise StageProcessError with the tail of the log on failure."""
+    """Launch, stream, wait; raise StageProcessError with the tail of the log on failure.
+    `out_ref` is the stage directory (a path or an fsspec URL, which rank 0 publishes to)."""
     t = config.stage(stage).train
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_file = out_dir / "launch_config.json"
+    local = storage.local_dir(out_ref)
+    local.mkdir(parents=True, exist_ok=True)
+    config_file = local / "launch_config.json"
     config_file.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-    cmd = torchrun_command(stage, config_file, parent, out_dir, t.nproc_per_node, t.nnodes,
+    cmd = torchrun_command(stage, config_file, parent, out_ref, t.nproc_per_node, t.nnodes,
                            config.resolved_run_id(), config.preset)
     logger.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from stages import PARENT_STAGE, STAGES, common, handoff
+from stages import PARENT_STAGE, STAGES, common, handoff, storage
 from stages.config import PipelineConfig, config_hash
 from trainers.checkpoint import CHECKPOINT_DIR
 
@@ -22,57 +21,64 @@ from . import report
 from .launch import run_torchrun
 
 
-def reset_stage(out_dir: Path) -> None:
+def reset_stage(out: str) -> None:
     """`force`: forget a stage's output and resumable state, so it runs from scratch."""
-    (out_dir / handoff.MANIFEST).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    storage.remove(out, handoff.MANIFEST)
+    shutil.rmtree(storage.local_dir(out) / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def publish(stage: str, run_id: str, result: dict) -> None:
-    out_dir = Path(result["path"])
+    out = result["path"]
+    curves = report.plot_curves(storage.local_dir(out))
+    if curves is not None and storage.is_url(out):
+        storage.put_file(curves, storage.join(out, curves.name))
     create_table_artifact(key=report.artifact_key(run_id, stage, "metrics"),
                           table=report.metrics_rows(result["metrics"]),
-                          description=f"{stage} final metrics ({out_dir})")
+                          description=f"{stage} final metrics ({out})")
     create_markdown_artifact(key=report.artifact_key(run_id, stage, "curves"),
-                             markdown=report.curves_markdown(stage, report.plot_curves(out_dir)),
+                             markdown=report.curves_markdown(stage, curves),
                              description=f"{stage} training curves")
 
 
 @task(task_run_name="{stage}")
 def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir: str) -> dict:
+    """One stage into `out_dir` (a path or an fsspec URL), unless it is already complete there."""
     logger = get_run_logger()
-    out = Path(out_dir)
     parent_hash = parent["content_hash"] if parent else None
-    if handoff.is_complete(out, config_hash(common.stage_config(config, stage)), parent_hash):
-        logger.info("%s is already complete for this config and parent: skipped", out)
-        return {**common.stage_result(out, handoff.read_manifest(out)), "skipped": True}
+    if storage.is_complete(out_dir, config_hash(common.stage_config(config, stage)), parent_hash):
+        logger.info("%s is already complete for this config and parent: skipped", out_dir)
+        return {**common.stage_result(out_dir, storage.read_manifest(out_dir)), "skipped": True}
     parent_path = parent["path"] if parent else None
     t = config.stage(stage).train
     if t.nproc_per_node > 1 or t.nnodes > 1:
-        run_torchrun(stage, config, parent_path, out, logger)
-        result = common.stage_result(out, handoff.verify(out))
+        run_torchrun(stage, config, parent_path, out_dir, logger)
+        result = common.stage_result(out_dir, storage.read_manifest(out_dir))
     else:
-        result = STAGES[stage](config, parent_path, out)
+        result = STAGES[stage](config, parent_path, out_dir)
     publish(stage, config.resolved_run_id(), result)
     logger.info("%s done: %s", stage, {k: v for k, v in result["metrics"].items() if isinstance(v, float)})
     return result
 
 
-def run_chain(config: PipelineConfig, run_dir: Path, chain: list[str], parent: dict | None,
+def run_chain(config: PipelineConfig, run_dir: str, chain: list[str], parent: dict | None,
               force: list[str]) -> dict[str, dict]:
     results = {}
     for stage in chain:
-        out = run_dir / stage
+        out = storage.join(run_dir, stage)
         if stage in force:
             reset_stage(out)
-        result = stage_task.with_options(retries=config.retries)(stage, config, parent, str(out))
+        result = stage_task.with_options(retries=config.retries)(stage, config, parent, out)
         results[stage] = parent = result
     return results
 
 
-def write_report(run_dir: Path, run_id: str, results: dict[str, dict]) -> str:
-    card = report.report_card(run_dir, results)
-    (run_dir / "report.md").write_text(card)
+def write_report(run_dir: str, run_id: str, results: dict[str, dict]) -> str:
+    local = storage.local_dir(run_dir)
+    card = report.report_card(local, results)
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "report.md").write_text(card)
+    if storage.is_url(run_dir):
+        storage.put_file(local / "report.md", storage.join(run_dir, "report.md"))
     create_markdown_artifact(key=report.artifact_key(run_id, "report"), markdown=card,
                              description="alignflow report card")
     return card
@@ -86,11 +92,11 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), align: Literal
     unknown = set(force) - set(STAGES)
     if unknown:
         raise ValueError(f"force names unknown stages {sorted(unknown)}; stages: {sorted(STAGES)}")
-    run_dir = Path(config.runs_dir) / config.resolved_run_id()
+    run_dir = storage.join(config.runs_dir, config.resolved_run_id())
     chain = ["pretrain", "sft"] + ([align] if align != "none" else [])
     results = run_chain(config, run_dir, chain, None, force)
     write_report(run_dir, config.resolved_run_id(), results)
-    return {"run_dir": str(run_dir), "stages": results}
+    return {"run_dir": run_dir, "stages": results}
 
 
 @flow(name="run-stage")
@@ -98,13 +104,13 @@ def run_stage(stage: Literal["sft", "dpo", "grpo"], config: PipelineConfig = Pip
               parent: str = "", run_id: str | None = None) -> dict:
     """Re-run one stage against an earlier run's parent directory (e.g. DPO with another beta on
     last week's SFT checkpoint) into a new run directory whose manifest records the lineage."""
-    manifest = handoff.verify(parent)
+    manifest = handoff.verify(storage.localize(parent))
     expected = PARENT_STAGE[stage]
     if manifest["stage"] != expected:
         raise ValueError(f"{stage} trains on a {expected} checkpoint, but {parent} holds a {manifest['stage']} stage")
     run_id = run_id or f"{manifest.get('run_id', 'run')}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = config.model_copy(update={"run_id": run_id})
-    run_dir = Path(config.runs_dir) / run_id
-    results = run_chain(config, run_dir, [stage], common.stage_result(Path(parent), manifest), [])
+    run_dir = storage.join(config.runs_dir, run_id)
+    results = run_chain(config, run_dir, [stage], common.stage_result(parent, manifest), [])
     write_report(run_dir, run_id, results)
-    return {"run_dir": str(run_dir), "stages": results}
+    return {"run_dir": run_dir, "stages": results}

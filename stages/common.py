@@ -19,7 +19,7 @@ from trainers.grpo import collate_prompts
 from trainers.rewards import get_reward
 
 from . import data as data_mod
-from . import handoff
+from . import handoff, storage
 from .config import PipelineConfig, TrainConfig, config_hash
 
 SHARED_KEYS = ("model", "vocab_size", "demo", "eval")
@@ -37,8 +37,10 @@ class StageRun:
     """Everything a stage's `run` shares with the helpers below."""
     stage: str
     config: PipelineConfig
-    out_dir: Path
-    parent_dir: Path | None
+    out_dir: Path  # the local working directory
+    parent_dir: Path | None  # a verified local copy of the parent
+    out_ref: str = ""  # where the stage is published: out_dir itself, or an fsspec URL
+    parent_ref: str | None = None  # the parent as given (path or URL), recorded as lineage
     parent_manifest: dict | None = None
     dist: dist_utils.DistInfo = field(default_factory=dist_utils.detect)
     device: torch.device = torch.device("cpu")
@@ -59,12 +61,18 @@ class StageRun:
 
 
 def begin(stage: str, config: PipelineConfig, parent_dir: str | Path | None, out_dir: str | Path) -> StageRun:
-    """Join the process group (if torchrun started us), verify the parent, prepare out_dir."""
+    """Join the process group (if torchrun started us), fetch and verify the parent, prepare the
+    local working directory. Either may be an fsspec URL (stages.storage)."""
     info = dist_utils.detect()
     device = torch.device(config.device) if config.device else dist_utils.default_device(info)
     dist_utils.setup(device)
-    run = StageRun(stage, config, Path(out_dir), Path(parent_dir) if parent_dir else None, dist=info, device=device)
-    if run.parent_dir is not None:
+    run = StageRun(stage, config, storage.local_dir(out_dir), None, out_ref=str(out_dir),
+                   parent_ref=str(parent_dir) if parent_dir else None, dist=info, device=device)
+    if run.parent_ref is not None:
+        if info.local_rank == 0:  # one download per node
+            storage.localize(run.parent_ref)
+        dist_utils.barrier()
+        run.parent_dir = storage.local_dir(run.parent_ref)
         run.parent_manifest = handoff.verify(run.parent_dir)
     if info.is_main:
         handoff.prepare_out_dir(run.out_dir, run.config_hash, run.parent_hash)
@@ -199,7 +207,7 @@ def finish(run: StageRun, model: torch.nn.Module, tok: Tokenizer, metrics: dict,
             "run_id": run.config.resolved_run_id(),
             "config": stage_config(run.config, run.stage),
             "config_hash": run.config_hash,
-            "parent": ({"path": str(run.parent_dir), "content_hash": run.parent_hash, "stage": run.parent_manifest["stage"]}
+            "parent": ({"path": run.parent_ref, "content_hash": run.parent_hash, "stage": run.parent_manifest["stage"]}
                        if run.parent_dir else None),
             "data": run.data_notes,
             "metrics": {**metrics, **evaluation},
@@ -210,12 +218,14 @@ def finish(run: StageRun, model: torch.nn.Module, tok: Tokenizer, metrics: dict,
             "versions": package_versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
-        result = stage_result(run.out_dir, manifest)
+        if storage.is_url(run.out_ref):
+            storage.publish(run.out_dir, run.out_ref)
+        result = stage_result(run.out_ref, manifest)
     dist_utils.barrier()
     return result
 
 
-def stage_result(out_dir: Path, manifest: dict) -> dict:
+def stage_result(out_ref: str | Path, manifest: dict) -> dict:
     """What a stage hands the next one (and the flow): where it is and what it contains."""
-    return {"stage": manifest["stage"], "path": str(out_dir), "content_hash": manifest["content_hash"],
+    return {"stage": manifest["stage"], "path": str(out_ref), "content_hash": manifest["content_hash"],
             "metrics": manifest["metrics"], "timings": manifest["timings"]}

@@ -12,8 +12,8 @@ from .config import PipelineConfig
 
 def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
     stage = common.begin("dpo", config, parent_dir, out_dir)
-    model, tok, _ = handoff.load_stage(parent_dir, stage.device)
-    reference, _, _ = handoff.load_stage(parent_dir, stage.device)
+    model, tok, _ = handoff.load_stage(stage.parent_dir, stage.device)
+    reference, _, _ = handoff.load_stage(stage.parent_dir, stage.device)
     train, val = (common.load_data(stage, "dpo", tok, split) for split in ("train", "val"))
     c = config.dpo
     trainer = DPOTrainer(model=model, ref_model=reference, optimizer=common.optimizer_for(model, stage),

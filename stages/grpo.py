@@ -13,9 +13,9 @@ from .config import PipelineConfig
 
 def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
     stage = common.begin("grpo", config, parent_dir, out_dir)
-    model, tok, _ = handoff.load_stage(parent_dir, stage.device)
+    model, tok, _ = handoff.load_stage(stage.parent_dir, stage.device)
     c = config.grpo
-    reference = handoff.load_stage(parent_dir, stage.device)[0] if c.beta > 0 else None
+    reference = handoff.load_stage(stage.parent_dir, stage.device)[0] if c.beta > 0 else None
     train, val = (common.load_data(stage, "grpo", tok, split) for split in ("train", "val"))
     trainer = GRPOTrainer(
         model=model, ref_model=reference, optimizer=common.optimizer_for(model, stage),

@@ -11,6 +11,30 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # DDP tests talk over loopbac
 
 VOCAB = 61
 
+# A pipeline config that runs each stage in seconds: for tests of plumbing, not of learning.
+SMALL_PIPELINE = {"vocab_size": 300, "demo.pretrain_docs": 300, "demo.sft_examples": 400, "demo.preference_pairs": 64,
+                  "eval.max_prompts": 8, "eval.reward_samples": 2,
+                  "pretrain.train.max_steps": 10, "pretrain.train.batch_size": 8,
+                  "sft.train.max_steps": 24, "sft.train.save_interval": 4, "sft.train.batch_size": 8,
+                  "sft.train.log_interval": 1, "dpo.train.max_steps": 4, "dpo.train.batch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    """`small_config(**overrides)`: the tiny preset shrunk to SMALL_PIPELINE, plus overrides."""
+    from stages.config import load_config
+
+    return lambda **extra: load_config("tiny", overrides={**SMALL_PIPELINE, **extra})
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One embedded Prefect server for every test that runs flows (its start takes 15-25 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
 
 def small_model(seed: int = 0, **overrides):
     """The built-in Llama, small enough for many CPU steps per second."""

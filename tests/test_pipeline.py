@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main as cli
 from flows.pipeline import alignment_pipeline, run_stage
@@ -15,13 +14,7 @@ from stages.config import load_config
 
 
 @pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
-def runs(harness, tmp_path_factory):
+def runs(prefect_harness, tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("runs")
     config = load_config("tiny", overrides={"runs_dir": str(runs_dir), "run_id": "e2e"})
     dpo = alignment_pipeline(config=config, align="dpo")

@@ -7,24 +7,13 @@ import time
 import pytest
 import torch
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file
 
 from flows.pipeline import run_stage
 from stages import STAGES, handoff
-from stages.config import load_config
-
-SMALL = {"vocab_size": 300, "demo.pretrain_docs": 300, "demo.sft_examples": 400, "eval.max_prompts": 8,
-         "pretrain.train.max_steps": 10, "pretrain.train.batch_size": 8,
-         "sft.train.max_steps": 24, "sft.train.save_interval": 4, "sft.train.batch_size": 8, "sft.train.log_interval": 1}
-
-
-def small_config(**extra):
-    return load_config("tiny", overrides={**SMALL, **extra})
-
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, small_config):
     out = tmp_path_factory.mktemp("parent") / "pretrain"
     STAGES["pretrain"](small_config(), None, out)
     return out
@@ -34,7 +23,7 @@ def weights(stage_dir):
     return load_file(stage_dir / "model.safetensors")
 
 
-def test_sigkilled_stage_resumes_to_the_same_weights(tmp_path, pretrained):
+def test_sigkilled_stage_resumes_to_the_same_weights(tmp_path, pretrained, small_config):
     config = small_config()
     STAGES["sft"](config, pretrained, tmp_path / "straight")
 
@@ -62,15 +51,14 @@ def test_sigkilled_stage_resumes_to_the_same_weights(tmp_path, pretrained):
         assert torch.equal(straight[name], resumed[name]), name
 
 
-def test_two_ranks_through_torchrun_equal_one_process(tmp_path, pretrained):
+def test_two_ranks_through_torchrun_equal_one_process(tmp_path, pretrained, small_config, prefect_harness):
     # SGD: its update is proportional to the gradient, which is what DDP reduces (see test_ddp.py).
     common = {"runs_dir": str(tmp_path), "sft.train.optimizer": "sgd", "sft.train.lr": 0.05,
               "sft.train.max_steps": 3, "sft.train.max_grad_norm": None}
     one = small_config(**common, **{"sft.train.batch_size": 8})
     two = small_config(**common, **{"sft.train.batch_size": 4, "sft.train.nproc_per_node": 2})
-    with prefect_test_harness(server_startup_timeout=180):
-        a = run_stage(stage="sft", config=one, parent=str(pretrained), run_id="one")
-        b = run_stage(stage="sft", config=two, parent=str(pretrained), run_id="two")
+    a = run_stage(stage="sft", config=one, parent=str(pretrained), run_id="one")
+    b = run_stage(stage="sft", config=two, parent=str(pretrained), run_id="two")
     wa, wb = weights(tmp_path / "one" / "sft"), weights(tmp_path / "two" / "sft")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)

@@ -1,0 +1,133 @@
+"""Stage directories on shared storage: a runs directory may be a local path or an fsspec URL
+(`file://`, `memory://`, `s3://`, `gs://`, ...), so stages in different pods hand checkpoints to
+each other through a bucket.
+
+A stage always trains in a local working directory. For a URL that is a cache directory
+(`$ALIGNFLOW_CACHE_DIR`, default `~/.cache/alignflow`), and `publish` uploads the finished
+directory with the manifest last: each file goes to a `.part` name and is moved into place, and a
+remote directory without `manifest.json` is incomplete, exactly as locally. `localize` downloads
+a published directory into the cache (reusing a cached copy with the same content hash) and
+verifies every sha256 before anything loads it. Local paths need no extra packages (fsspec comes
+with `datasets`); remote schemes need only their fsspec backend (s3fs, gcsfs, ...)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from trainers.checkpoint import CHECKPOINT_DIR
+
+from . import handoff
+
+PART_SUFFIX = ".part"
+LOCAL_ONLY = (CHECKPOINT_DIR, "launch_config.json")  # resumable state stays with the worker
+
+
+def is_url(ref: str | Path) -> bool:
+    return "://" in str(ref)
+
+
+def join(base: str | Path, *parts: str) -> str:
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def _fs(url: str):
+    from fsspec.core import url_to_fs  # imported here: local runs never need it
+
+    return url_to_fs(url)
+
+
+def cache_dir(url: str) -> Path:
+    """The local working copy of a URL: <cache>/<scheme>/<bucket and path>."""
+    scheme, rest = str(url).split("://", 1)
+    root = Path(os.environ.get("ALIGNFLOW_CACHE_DIR", Path.home() / ".cache" / "alignflow"))
+    return root / scheme / rest.strip("/")
+
+
+def local_dir(ref: str | Path) -> Path:
+    """Where a stage directory is worked on locally: the path itself, or the URL's cache."""
+    return cache_dir(str(ref)) if is_url(ref) else Path(ref)
+
+
+def read_manifest(ref: str | Path) -> dict:
+    """A stage directory's manifest, local or remote, without downloading anything else."""
+    if not is_url(ref):
+        return handoff.read_manifest(ref)
+    fs, path = _fs(join(ref, handoff.MANIFEST))
+    if not fs.exists(path):
+        raise handoff.StageDirError(f"{ref} is not a complete stage directory: {handoff.MANIFEST} is missing")
+    try:
+        return json.loads(fs.cat_file(path))
+    except json.JSONDecodeError as e:
+        raise handoff.StageDirError(f"{join(ref, handoff.MANIFEST)} is not valid JSON: {e}") from e
+
+
+def is_complete(ref: str | Path, config_hash: str, parent_hash: str | None) -> bool:
+    """The pipeline's skip check. Remote: the manifest matches (its files are verified when a
+    child downloads them); local: every sha256 is checked too."""
+    if not is_url(ref):
+        return handoff.is_complete(Path(ref), config_hash, parent_hash)
+    try:
+        manifest = read_manifest(ref)
+    except handoff.StageDirError:
+        return False
+    parent = manifest.get("parent") or {}
+    return manifest.get("config_hash") == config_hash and parent.get("content_hash") == parent_hash
+
+
+def localize(ref: str | Path) -> Path:
+    """A verified local copy of a complete stage directory (the directory itself if local)."""
+    if not is_url(ref):
+        handoff.verify(ref)
+        return Path(ref)
+    manifest = read_manifest(ref)
+    local = cache_dir(str(ref))
+    try:
+        if handoff.verify(local)["content_hash"] == manifest["content_hash"]:
+            return local
+    except handoff.StageDirError:
+        pass
+    local.mkdir(parents=True, exist_ok=True)
+    (local / handoff.MANIFEST).unlink(missing_ok=True)
+    fs, root = _fs(str(ref))
+    for name in manifest["sha256"]:
+        fs.get_file(f"{root.rstrip('/')}/{name}", str(local / name))
+    (local / handoff.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    try:
+        handoff.verify(local)
+    except handoff.StageDirError as e:
+        (local / handoff.MANIFEST).unlink(missing_ok=True)
+        raise handoff.StageDirError(f"downloading {ref}: {e}") from e
+    return local
+
+
+def publish(local: Path, url: str) -> None:
+    """Upload a complete local stage directory to `url`, manifest last."""
+    fs, root = _fs(url)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/{handoff.MANIFEST}"):
+        fs.rm_file(f"{root}/{handoff.MANIFEST}")  # incomplete until the new upload finishes
+    files = [p for p in sorted(local.rglob("*")) if p.is_file() and p.relative_to(local).parts[0] not in LOCAL_ONLY]
+    files.sort(key=lambda p: p.name == handoff.MANIFEST)
+    for path in files:
+        put_file(path, f"{url.rstrip('/')}/{path.relative_to(local).as_posix()}")
+
+
+def put_file(path: Path, url: str) -> None:
+    """Write one file to a URL through a `.part` name, so a reader never sees half of it."""
+    fs, target = _fs(url)
+    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    fs.put_file(str(path), target + PART_SUFFIX)
+    fs.mv(target + PART_SUFFIX, target)
+
+
+def remove(ref: str | Path, name: str) -> None:
+    """Delete one file of a (local or remote) stage directory if it is there."""
+    if not is_url(ref):
+        (Path(ref) / name).unlink(missing_ok=True)
+        return
+    fs, path = _fs(join(ref, name))
+    if fs.exists(path):
+        fs.rm_file(path)
