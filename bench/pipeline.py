@@ -29,7 +29,7 @@ def warm_up() -> int:
 
 
 def pack_throughput(config) -> tuple[float, int]:
-    raw, _ = data_mod.load_split("pretrain", config.pretrain.data, config.demo, "train")
+    raw, _, _ = data_mod.load_split("pretrain", config.pretrain.data, config.demo, "train")
     tok = train_tokenizer((r["text"] for r in raw), vocab_size=config.vocab_size)
     start = time.perf_counter()
     packed = data_mod.tokenize_pretrain(raw, tok, config.pretrain.data.max_length)

@@ -1,4 +1,4 @@
-"""`alignflow`: run the pipeline, re-run one stage, evaluate, sample, list runs."""
+"""`alignflow`: run the pipeline, re-run one stage, evaluate, sample, list runs, deploy."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,8 @@ EPILOG = """examples:
   alignflow eval runs/tiny/dpo
   alignflow generate runs/tiny/sft --prompt "What is 3 plus 4?"
   alignflow runs
+  alignflow deploy --runs-dir s3://bucket/runs    # pools + deployments on $PREFECT_API_URL
+  alignflow job-preview --var gpu_count=8         # the Kubernetes job a GPU run would get
 """
 
 
@@ -23,7 +25,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable: --set sft.train.lr=3e-4 --set dpo.beta=0.2")
     p.add_argument("--run-id", help="run directory name under runs_dir (default: the preset's name)")
-    p.add_argument("--runs-dir", help="where run directories go (default: ./runs)")
+    p.add_argument("--runs-dir", help="where run directories go: a path or an fsspec URL such as s3://bucket/runs "
+                                      "(default: ./runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Run one stage on PARENT (an earlier run's checkpoint directory: pretrain for sft, sft for "
         "dpo/grpo) into a new run directory whose manifest records the parent and its hash."))
     p.add_argument("name", choices=["sft", "dpo", "grpo"])
-    p.add_argument("--parent", required=True, help="the parent stage's checkpoint directory")
+    p.add_argument("--parent", required=True, help="the parent stage's checkpoint directory (path or fsspec URL)")
     add_config_args(p)
 
     p = sub.add_parser("eval", help="verify a checkpoint directory and evaluate it on the held-out prompts")
@@ -65,6 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
 
     sub.add_parser("presets", help="list the configuration presets and model sizes")
+
+    p = sub.add_parser("deploy", help="create the work pools and the deployments of deploy/prefect.yaml", description=(
+        "On the Prefect server at PREFECT_API_URL: create (or update) the work pools alignflow-process and "
+        "alignflow-k8s (deploy/k8s-job-template.json), then run `prefect deploy` on deploy/prefect.yaml. "
+        "Safe to repeat. See deploy/README.md."))
+    p.add_argument("--runs-dir", help="runs directory the deployments default to (path or fsspec URL; default "
+                                      "$ALIGNFLOW_RUNS_DIR or <project>/runs)")
+    p.add_argument("--schedules-active", action="store_true",
+                   help="switch the deployments' cron schedules on (default: $ALIGNFLOW_SCHEDULES_ACTIVE or off)")
+    p.add_argument("--image", help="image for the Kubernetes deployment (default: $ALIGNFLOW_IMAGE or alignflow:latest)")
+    p.add_argument("--name", action="append", metavar="FLOW/DEPLOYMENT",
+                   help="deploy only these (e.g. alignment-pipeline/nightly); default: all")
+    p.add_argument("--pools-only", action="store_true", help="create the work pools, no deployments")
+
+    p = sub.add_parser("job-preview", help="render a work pool's job template as a worker would",
+                       description="Print the job configuration (for alignflow-k8s: the Kubernetes Job manifest) "
+                                   "that the pool's worker would submit with these job variables.")
+    p.add_argument("--pool", default="alignflow-k8s")
+    p.add_argument("--var", dest="job_variables", action="append", default=[], metavar="KEY=VALUE",
+                   help="a job variable, value read as YAML: --var gpu_count=8 --var shm_size=32Gi")
     return parser
 
 
@@ -171,8 +194,29 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from . import deploy
+
+    for line in deploy.ensure_pools():
+        print(line)
+    if not args.pools_only:
+        deploy.prefect_deploy(deploy.deploy_env(args.runs_dir, args.schedules_active, args.image), args.name)
+        print(f"deployed {', '.join(args.name) if args.name else 'every deployment'} of {deploy.PREFECT_FILE}")
+    return 0
+
+
+def cmd_job_preview(args) -> int:
+    from stages.config import parse_override
+
+    from . import deploy
+
+    job_variables = dict(parse_override(item) for item in args.job_variables)
+    print(json.dumps(deploy.preview_job(args.pool, job_variables), indent=2))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
-            "runs": cmd_runs, "presets": cmd_presets}
+            "runs": cmd_runs, "presets": cmd_presets, "deploy": cmd_deploy, "job-preview": cmd_job_preview}
 
 
 def main(argv: list[str] | None = None) -> int:

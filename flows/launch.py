@@ -7,6 +7,7 @@ import collections
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,9 @@ class StageProcessError(RuntimeError):
 
 def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir: str, nproc: int,
                      nnodes: int, run_id: str, preset: str) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    # --tee 3: every rank's stdout and stderr, each line prefixed "[default<rank>]:", so the
+    # Prefect log shows which rank printed a traceback.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--tee", "3"]
     if nnodes == 1:
         cmd.append("--standalone")  # rendezvous on a free localhost port
     else:
@@ -36,6 +39,32 @@ def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir:
     if parent:
         cmd += ["--parent", parent]
     return cmd
+
+
+RANK_PREFIX = re.compile(r"^\[default(\d+)\]:(?:\[rank\d+\]: ?)?")
+
+
+class RankTracebacks:
+    """What each rank printed from its last "Traceback" on (at most `max_lines` lines), read from
+    torchrun's `--tee` output: a failed stage names the failing rank and shows its error rather
+    than only torchrun's own summary."""
+
+    def __init__(self, max_lines: int = 40):
+        self.max_lines = max_lines
+        self.blocks: dict[int, collections.deque[str]] = {}
+
+    def feed(self, line: str) -> None:
+        match = RANK_PREFIX.match(line)
+        if match is None:
+            return
+        rank, text = int(match.group(1)), line[match.end():]
+        if text.startswith("Traceback"):
+            self.blocks[rank] = collections.deque([text], maxlen=self.max_lines)
+        elif rank in self.blocks:
+            self.blocks[rank].append(text)
+
+    def report(self) -> str:
+        return "".join(f"\nrank {rank}:\n" + "\n".join(lines) for rank, lines in sorted(self.blocks.items()))
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -61,7 +90,7 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref: str, logger,
-                 poll_seconds: float = 0.5, tail_lines: int = 60) -> None:
+                 poll_seconds: float = 0.5, tail_lines: int = 20) -> None:
     """Launch, stream, wait; raise StageProcessError with the tail of the log on failure.
     `out_ref` is the stage directory (a path or an fsspec URL, which rank 0 publishes to)."""
     t = config.stage(stage).train
@@ -78,6 +107,7 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    tracebacks = RankTracebacks()
     try:
         eof = False
         while not eof:
@@ -89,11 +119,12 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
                 eof = True
                 continue
             tail.append(line)
+            tracebacks.feed(line)
             logger.info(line)
         while proc.poll() is None:
             time.sleep(poll_seconds)
     finally:
         _kill_group(proc)
     if proc.returncode != 0:
-        raise StageProcessError(f"stage {stage} failed: torchrun exited with code {proc.returncode}. "
-                                f"Last lines:\n" + "\n".join(tail))
+        raise StageProcessError(f"stage {stage} failed: torchrun exited with code {proc.returncode}."
+                                + tracebacks.report() + "\nLast lines:\n" + "\n".join(tail))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from stages import PARENT_STAGE, STAGES, common, handoff, storage
-from stages.config import PipelineConfig, config_hash
+from stages.config import PipelineConfig, config_hash, load_config
 from trainers.checkpoint import CHECKPOINT_DIR
 
 from . import report
@@ -84,10 +84,20 @@ def write_report(run_dir: str, run_id: str, results: dict[str, dict]) -> str:
     return card
 
 
+def resolve(config: PipelineConfig | None, preset: str, overrides: dict[str, Any] | None) -> PipelineConfig:
+    """A whole config (Python callers, the CLI), or a preset plus dotted overrides (deployments and
+    the UI form: {"runs_dir": "s3://bucket/runs", "dpo.beta": 0.3})."""
+    if config is not None and overrides:
+        raise ValueError("give either config or overrides (dotted keys laid over the preset), not both")
+    return config if config is not None else load_config(preset, overrides=overrides)
+
+
 @flow(name="alignment-pipeline")
-def alignment_pipeline(config: PipelineConfig = PipelineConfig(), align: Literal["dpo", "grpo", "none"] = "dpo",
-                       force: list[str] | None = None) -> dict:
+def alignment_pipeline(config: PipelineConfig | None = None, align: Literal["dpo", "grpo", "none"] = "dpo",
+                       force: list[str] | None = None, preset: str = "tiny",
+                       overrides: dict[str, Any] | None = None) -> dict:
     """pretrain -> SFT -> DPO or GRPO into runs_dir/run_id/<stage>/."""
+    config = resolve(config, preset, overrides)
     force = force or []
     unknown = set(force) - set(STAGES)
     if unknown:
@@ -100,10 +110,13 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), align: Literal
 
 
 @flow(name="run-stage")
-def run_stage(stage: Literal["sft", "dpo", "grpo"], config: PipelineConfig = PipelineConfig(),
-              parent: str = "", run_id: str | None = None) -> dict:
+def run_stage(stage: Literal["sft", "dpo", "grpo"], config: PipelineConfig | None = None, parent: str = "",
+              run_id: str | None = None, preset: str = "tiny", overrides: dict[str, Any] | None = None) -> dict:
     """Re-run one stage against an earlier run's parent directory (e.g. DPO with another beta on
     last week's SFT checkpoint) into a new run directory whose manifest records the lineage."""
+    if not parent:
+        raise ValueError("run_stage needs parent: the checkpoint directory (path or URL) of the parent stage")
+    config = resolve(config, preset, overrides)
     manifest = handoff.verify(storage.localize(parent))
     expected = PARENT_STAGE[stage]
     if manifest["stage"] != expected:

@@ -10,6 +10,7 @@ Bad rows raise `DataError` naming the file, the row and the column, or with
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,18 +68,23 @@ def _read(source: str) -> datasets.Dataset:
         raise DataError(f"{source}: cannot be read as {path.suffix[1:]}: {e}") from e
 
 
-def load_split(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str) -> tuple[datasets.Dataset, str]:
-    """The raw rows of one split. A file source without `val_source` is split by `val_fraction`
-    with the demo seed, so the split is the same on every run."""
+def load_split(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str
+               ) -> tuple[datasets.Dataset, str, list[int] | None]:
+    """The raw rows of one split, where they came from, and their row numbers in that file (so
+    errors name the file's row; None when the rows are the whole file). A file source without
+    `val_source` is split by `val_fraction` with the demo seed: the same split on every run."""
     if cfg.source == "demo":
-        return datasets.Dataset.from_list(demo.demo_data(kind, split, demo_cfg, demo_cfg.seed)), f"demo:{kind}/{split}"
+        rows = demo.demo_data(kind, split, demo_cfg, demo_cfg.seed)
+        return datasets.Dataset.from_list(rows), f"demo:{kind}/{split}", None
     if split == "val" and cfg.val_source:
-        return _read(cfg.val_source), cfg.val_source
+        return _read(cfg.val_source), cfg.val_source, None
     ds = _read(cfg.source)
     if cfg.val_fraction <= 0 or len(ds) < 2:
-        return (ds if split == "train" else ds.select([])), cfg.source
-    parts = ds.train_test_split(test_size=cfg.val_fraction, seed=demo_cfg.seed)
-    return parts["train" if split == "train" else "test"], cfg.source
+        return (ds, cfg.source, None) if split == "train" else (ds.select([]), cfg.source, [])
+    order = random.Random(demo_cfg.seed).sample(range(len(ds)), len(ds))
+    n_val = max(1, round(len(ds) * cfg.val_fraction))
+    rows = sorted(order[:n_val] if split == "val" else order[n_val:])
+    return ds.select(rows), cfg.source, rows
 
 
 # ---------------------------------------------------------------- validation
@@ -128,8 +134,9 @@ def row_problem(kind: str, row: dict) -> tuple[str, str] | None:
     raise ValueError(kind)
 
 
-def validate(ds: datasets.Dataset, kind: str, origin: str, on_bad_rows: str) -> tuple[datasets.Dataset, int]:
-    """Missing columns always fail; bad rows fail or are skipped and counted."""
+def validate(ds: datasets.Dataset, kind: str, origin: str, on_bad_rows: str,
+             file_rows: list[int] | None = None) -> tuple[datasets.Dataset, int]:
+    """Missing columns always fail; bad rows fail (naming the file's row) or are skipped and counted."""
     options = REQUIRED[kind]
     if not any(all(c in ds.column_names for c in option) for option in options):
         wanted = " or ".join("/".join(option) for option in options)
@@ -143,8 +150,9 @@ def validate(ds: datasets.Dataset, kind: str, origin: str, on_bad_rows: str) -> 
             continue
         if on_bad_rows == "error":
             column, what = problem
-            line = f" (line {i + 1})" if origin.endswith(".jsonl") else ""
-            raise DataError(f"{origin}: row {i}{line}: column '{column}' {what}")
+            row_number = file_rows[i] if file_rows is not None else i
+            line = f" (line {row_number + 1})" if origin.endswith(".jsonl") else ""
+            raise DataError(f"{origin}: row {row_number}{line}: column '{column}' {what}")
         bad.append(i)
     if not bad:
         return ds, 0
@@ -264,10 +272,10 @@ TOKENIZERS = {"sft": tokenize_sft, "dpo": tokenize_dpo, "grpo": tokenize_prompts
 
 def prepare(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, tok: Tokenizer, split: str) -> LoadedData:
     """Load, validate and tokenise one split of one stage's data."""
-    raw, origin = load_split(kind, cfg, demo_cfg, split)
+    raw, origin, file_rows = load_split(kind, cfg, demo_cfg, split)
     if len(raw) == 0:
         return LoadedData(raw, origin)
-    raw, skipped = validate(raw, kind, origin, cfg.on_bad_rows)
+    raw, skipped = validate(raw, kind, origin, cfg.on_bad_rows, file_rows)
     if kind == "pretrain":
         ds = tokenize_pretrain(raw, tok, cfg.max_length)
         return LoadedData(ds, origin, skipped=skipped)

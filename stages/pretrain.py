@@ -21,8 +21,8 @@ def run_tokenizer(run: common.StageRun) -> Tokenizer:
     same stage already wrote, so a resumed run tokenises exactly as before."""
     path = run.out_dir / CHECKPOINT_DIR / "tokenizer.json"  # wiped with state/ if the config changes
     if run.dist.is_main and not path.exists():
-        raw, origin = data_mod.load_split("pretrain", run.config.pretrain.data, run.config.demo, "train")
-        raw, _ = data_mod.validate(raw, "pretrain", origin, run.config.pretrain.data.on_bad_rows)
+        raw, origin, rows = data_mod.load_split("pretrain", run.config.pretrain.data, run.config.demo, "train")
+        raw, _ = data_mod.validate(raw, "pretrain", origin, run.config.pretrain.data.on_bad_rows, rows)
         train_tokenizer((row["text"] for row in raw), vocab_size=run.config.vocab_size).save(str(path))
     dist_utils.barrier()
     return Tokenizer.load(str(path))

@@ -124,3 +124,17 @@ def test_missing_file_and_unsupported_type(tmp_path, tok):
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(data_mod.DataError, match="unsupported file type"):
         prepare("sft", str(tmp_path / "data.txt"), tok)
+
+
+def test_a_bad_row_is_named_by_its_row_in_the_file_after_the_val_split(tmp_path, tok):
+    rows = [{"prompt": f"What is {i} plus 1?", "completion": f"Answer: {i + 1}"} for i in range(10)]
+    rows[7]["completion"] = ""
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = DataConfig(source=path, val_fraction=0.3)
+    errors = []
+    for split in ("train", "val"):
+        try:
+            data_mod.prepare("sft", cfg, DemoConfig(), tok, split)
+        except data_mod.DataError as e:
+            errors.append(str(e))
+    assert errors == [f"{path}: row 7 (line 8): column 'completion' is empty"]

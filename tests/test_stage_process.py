@@ -9,6 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from flows.launch import StageProcessError
 from flows.pipeline import run_stage
 from stages import STAGES, handoff
 
@@ -64,3 +65,23 @@ def test_two_ranks_through_torchrun_equal_one_process(tmp_path, pretrained, smal
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)
     assert handoff.read_manifest(b["stages"]["sft"]["path"])["world_size"] == 2
     assert a["stages"]["sft"]["metrics"]["step"] == b["stages"]["sft"]["metrics"]["step"] == 3
+
+
+def test_a_failing_rank_s_traceback_reaches_the_flow(tmp_path, pretrained, small_config, prefect_harness):
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "What is 1 plus 1?", "completion": "2"}\n{"prompt": "What is 2 plus 2?"}\n')
+    config = small_config(**{"runs_dir": str(tmp_path), "retries": 0, "sft.train.nproc_per_node": 2,
+                             "sft.data.source": str(data)})
+    state = run_stage(stage="sft", config=config, parent=str(pretrained), run_id="bad", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageProcessError) as failure:
+        state.result()
+    message = str(failure.value)
+    assert "torchrun exited with code 1" in message
+    # Both ranks fail on the data; the error shows each one's traceback ending in the DataError,
+    # which names the file, row and column.
+    for rank in (0, 1):
+        block = message.split(f"\nrank {rank}:\n", 1)[1]
+        assert block.startswith("Traceback"), block[:200]
+        assert f"stages.data.DataError: {data}: row 1 (line 2): column 'completion'" in block
+    assert not (tmp_path / "bad" / "sft" / handoff.MANIFEST).exists()
