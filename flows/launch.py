@@ -8,9 +8,11 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,10 +26,11 @@ class StageProcessError(RuntimeError):
 
 
 def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir: str, nproc: int,
-                     nnodes: int, run_id: str, preset: str) -> list[str]:
+                     nnodes: int, run_id: str, preset: str, log_dir: Path) -> list[str]:
     # --tee 3: every rank's stdout and stderr, each line prefixed "[default<rank>]:", so the
-    # Prefect log shows which rank printed a traceback.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--tee", "3"]
+    # Prefect log shows which rank printed what; --log-dir keeps each rank's files whole.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--tee", "3", "--log-dir", str(log_dir)]
     if nnodes == 1:
         cmd.append("--standalone")  # rendezvous on a free localhost port
     else:
@@ -41,30 +44,22 @@ def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir:
     return cmd
 
 
-RANK_PREFIX = re.compile(r"^\[default(\d+)\]:(?:\[rank\d+\]: ?)?")
+TORCH_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")  # what torch prepends to an exception's lines
 
 
-class RankTracebacks:
-    """What each rank printed from its last "Traceback" on (at most `max_lines` lines), read from
-    torchrun's `--tee` output: a failed stage names the failing rank and shows its error rather
-    than only torchrun's own summary."""
-
-    def __init__(self, max_lines: int = 40):
-        self.max_lines = max_lines
-        self.blocks: dict[int, collections.deque[str]] = {}
-
-    def feed(self, line: str) -> None:
-        match = RANK_PREFIX.match(line)
-        if match is None:
-            return
-        rank, text = int(match.group(1)), line[match.end():]
-        if text.startswith("Traceback"):
-            self.blocks[rank] = collections.deque([text], maxlen=self.max_lines)
-        elif rank in self.blocks:
-            self.blocks[rank].append(text)
-
-    def report(self) -> str:
-        return "".join(f"\nrank {rank}:\n" + "\n".join(lines) for rank, lines in sorted(self.blocks.items()))
+def rank_tracebacks(log_dir: Path, max_lines: int = 40) -> str:
+    """Each local rank's stderr from its last "Traceback" on, read from the per-rank files of
+    torchrun's `--log-dir` after it exited: complete even where the live `--tee` stream lost a
+    dying rank's last lines. A failed stage shows the failing rank's error, not only torchrun's
+    summary."""
+    report = []
+    for path in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+        lines = [TORCH_RANK_PREFIX.sub("", line) for line in path.read_text(errors="replace").splitlines()]
+        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+        if starts:
+            block = lines[starts[-1]:][:max_lines]
+            report.append(f"\nlocal rank {path.parent.name} ({path.parent.parent.name}):\n" + "\n".join(block))
+    return "".join(report)
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -98,8 +93,9 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
     local.mkdir(parents=True, exist_ok=True)
     config_file = local / "launch_config.json"
     config_file.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+    log_dir = Path(tempfile.mkdtemp(prefix="alignflow-torchrun-"))
     cmd = torchrun_command(stage, config_file, parent, out_ref, t.nproc_per_node, t.nnodes,
-                           config.resolved_run_id(), config.preset)
+                           config.resolved_run_id(), config.preset, log_dir)
     logger.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -107,7 +103,6 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    tracebacks = RankTracebacks()
     try:
         eof = False
         while not eof:
@@ -119,12 +114,13 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
                 eof = True
                 continue
             tail.append(line)
-            tracebacks.feed(line)
             logger.info(line)
         while proc.poll() is None:
             time.sleep(poll_seconds)
     finally:
         _kill_group(proc)
+    failures = rank_tracebacks(log_dir) if proc.returncode != 0 else ""
+    shutil.rmtree(log_dir, ignore_errors=True)
     if proc.returncode != 0:
         raise StageProcessError(f"stage {stage} failed: torchrun exited with code {proc.returncode}."
-                                + tracebacks.report() + "\nLast lines:\n" + "\n".join(tail))
+                                + failures + "\nLast lines:\n" + "\n".join(tail))

@@ -78,10 +78,10 @@ def test_a_failing_rank_s_traceback_reaches_the_flow(tmp_path, pretrained, small
         state.result()
     message = str(failure.value)
     assert "torchrun exited with code 1" in message
-    # Both ranks fail on the data; the error shows each one's traceback ending in the DataError,
-    # which names the file, row and column.
-    for rank in (0, 1):
-        block = message.split(f"\nrank {rank}:\n", 1)[1]
-        assert block.startswith("Traceback"), block[:200]
-        assert f"stages.data.DataError: {data}: row 1 (line 2): column 'completion'" in block
+    # The first rank to fail shows its whole traceback, ending in the DataError that names the
+    # file, row and column (the other rank may be stopped by torchrun before it prints one).
+    blocks = message.split("\nLast lines:")[0].split("\nlocal rank ")[1:]
+    assert blocks, message
+    error = f"stages.data.DataError: {data}: row 1 (line 2): column 'completion'"
+    assert any(b.split(":\n", 1)[1].startswith("Traceback") and error in b for b in blocks), message
     assert not (tmp_path / "bad" / "sft" / handoff.MANIFEST).exists()
