@@ -1,5 +1,8 @@
-"""Stages as processes: SIGKILL mid-training then retry, and torchrun with two ranks from a flow."""
+"""Stages as processes: SIGKILL mid-training then retry, torchrun with two ranks (or two
+loopback nodes) from a flow, and a failing rank's traceback in the flow's error."""
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -9,9 +12,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from flows.launch import StageProcessError
+from flows.launch import StageProcessError, torchrun_command
 from flows.pipeline import run_stage
 from stages import STAGES, handoff
+
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, small_config):
@@ -85,3 +89,34 @@ def test_a_failing_rank_s_traceback_reaches_the_flow(tmp_path, pretrained, small
     error = f"stages.data.DataError: {data}: row 1 (line 2): column 'completion'"
     assert any(b.split(":\n", 1)[1].startswith("Traceback") and error in b for b in blocks), message
     assert not (tmp_path / "bad" / "sft" / handoff.MANIFEST).exists()
+
+
+def test_two_nodes_join_one_rendezvous_as_the_multi_node_job_does(tmp_path, pretrained, small_config,
+                                                                    prefect_harness, monkeypatch):
+    """nnodes=2: the flow's torchrun is one node, and a second torchrun with the same command
+    (what deploy/README.md's Indexed Job runs on the other machines) joins it through the c10d
+    rendezvous at ALIGNFLOW_RDZV_ENDPOINT. Two loopback "nodes" give one process's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("ALIGNFLOW_RDZV_ENDPOINT", f"127.0.0.1:{s.getsockname()[1]}")
+    common = {"runs_dir": str(tmp_path), "sft.train.optimizer": "sgd", "sft.train.lr": 0.05,
+              "sft.train.max_steps": 3, "sft.train.max_grad_norm": None}
+    out = tmp_path / "nodes" / "sft"
+    other_node = torchrun_command("sft", out / "launch_config.json", str(pretrained), str(out), nproc=1, nnodes=2,
+                                  run_id="nodes", preset="tiny", log_dir=tmp_path / "other-node-logs")
+    node = subprocess.Popen(other_node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        two = run_stage(stage="sft", config=small_config(**common, **{"sft.train.batch_size": 4, "sft.train.nnodes": 2}),
+                        parent=str(pretrained), run_id="nodes")
+        assert node.wait(timeout=120) == 0
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=30)
+    run_stage(stage="sft", config=small_config(**common, **{"sft.train.batch_size": 8}), parent=str(pretrained),
+              run_id="single")
+    single, nodes = weights(tmp_path / "single" / "sft"), weights(out)
+    for name in single:
+        torch.testing.assert_close(nodes[name], single[name], atol=1e-5, rtol=0, msg=name)
+    assert handoff.read_manifest(two["stages"]["sft"]["path"])["world_size"] == 2
