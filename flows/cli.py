@@ -197,10 +197,11 @@ def cmd_presets(args) -> int:
 def cmd_deploy(args) -> int:
     from . import deploy
 
+    env = deploy.deploy_env(args.runs_dir, args.schedules_active, args.image)  # fails first without a server
     for line in deploy.ensure_pools():
         print(line)
     if not args.pools_only:
-        deploy.prefect_deploy(deploy.deploy_env(args.runs_dir, args.schedules_active, args.image), args.name)
+        deploy.prefect_deploy(env, args.name)
         print(f"deployed {', '.join(args.name) if args.name else 'every deployment'} of {deploy.PREFECT_FILE}")
     return 0
 

@@ -52,7 +52,7 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
     t = config.stage(stage).train
     if t.nproc_per_node > 1 or t.nnodes > 1:
         run_torchrun(stage, config, parent_path, out_dir, logger)
-        result = common.stage_result(out_dir, storage.read_manifest(out_dir))
+        result = common.stage_result(out_dir, storage.checked_manifest(out_dir))
     else:
         result = STAGES[stage](config, parent_path, out_dir)
     publish(stage, config.resolved_run_id(), result)

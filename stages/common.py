@@ -180,7 +180,7 @@ def task_accuracy(config: PipelineConfig, data_cfg, model: torch.nn.Module, tok:
             sampled += _score(reward_fns, weights, repeated, drawn)
     n = max(len(hits), 1)
     return {"task_accuracy": sum(hits) / n, "format_rate": sum(formatted) / n, "greedy_reward": sum(greedy) / n,
-            "heldout_reward": sum(sampled) / max(len(sampled), 1), "eval_prompts": len(hits), "samples": samples[:5]}
+            "heldout_reward": sum(sampled) / len(sampled) if sampled else sum(greedy) / n, "eval_prompts": len(hits), "samples": samples[:5]}
 
 
 def package_versions() -> dict:

@@ -56,7 +56,7 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     max_prompts: int = Field(64, description="held-out prompts for the task metrics")
     max_new_tokens: int = 16
-    reward_samples: int = Field(8, ge=0, description="sampled completions per prompt for the held-out mean reward")
+    reward_samples: int = Field(8, ge=0, description="sampled completions per prompt for the held-out mean reward (0: greedy)")
 
 
 class PretrainConfig(Strict):

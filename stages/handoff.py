@@ -73,16 +73,6 @@ def verify(stage_dir: str | Path) -> dict:
     return manifest
 
 
-def is_complete(stage_dir: Path, config_hash: str, parent_hash: str | None) -> bool:
-    """Done already for this exact config and parent? (the pipeline's skip check)"""
-    try:
-        manifest = verify(stage_dir)
-    except StageDirError:
-        return False
-    parent = manifest.get("parent") or {}
-    return manifest.get("config_hash") == config_hash and parent.get("content_hash") == parent_hash
-
-
 def prepare_out_dir(out_dir: Path, config_hash: str, parent_hash: str | None) -> None:
     """Make `out_dir` ready for a (re)run: drop an old manifest, and keep the resumable state
     only when it was written for this same config and parent (then a retry resumes)."""

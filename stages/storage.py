@@ -64,13 +64,16 @@ def read_manifest(ref: str | Path) -> dict:
         raise handoff.StageDirError(f"{join(ref, handoff.MANIFEST)} is not valid JSON: {e}") from e
 
 
+def checked_manifest(ref: str | Path) -> dict:
+    """The manifest of a complete stage directory. Local: after checking every sha256; remote:
+    as read (the files are checked by whoever downloads them, `localize`)."""
+    return read_manifest(ref) if is_url(ref) else handoff.verify(ref)
+
+
 def is_complete(ref: str | Path, config_hash: str, parent_hash: str | None) -> bool:
-    """The pipeline's skip check. Remote: the manifest matches (its files are verified when a
-    child downloads them); local: every sha256 is checked too."""
-    if not is_url(ref):
-        return handoff.is_complete(Path(ref), config_hash, parent_hash)
+    """The pipeline's skip check: complete, for this config and this parent."""
     try:
-        manifest = read_manifest(ref)
+        manifest = checked_manifest(ref)
     except handoff.StageDirError:
         return False
     parent = manifest.get("parent") or {}

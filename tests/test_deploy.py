@@ -168,3 +168,9 @@ def test_kubernetes_pool_renders_a_gpu_job_with_its_volumes(deployed, capsys):
     with get_client(sync_client=True) as client:
         gpu = client.read_deployment_by_name("alignment-pipeline/grpo-gpu")
     assert gpu.work_pool_name == "alignflow-k8s" and gpu.job_variables["gpu_count"] == 8
+
+
+def test_deploy_without_a_server_says_so_and_creates_nothing(capsys):
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert cli(["deploy"]) == 1
+    assert "PREFECT_API_URL" in capsys.readouterr().err
