@@ -76,6 +76,8 @@ def begin(stage: str, config: PipelineConfig, parent_dir: str | Path | None, out
         run.parent_manifest = handoff.verify(run.parent_dir)
     if info.is_main:
         handoff.prepare_out_dir(run.out_dir, run.config_hash, run.parent_hash)
+        if storage.is_url(run.out_ref):  # a retry in another pod resumes from the mirrored state
+            storage.restore_checkpoint(run.out_ref, run.out_dir)
     dist_utils.barrier()
     return run
 
@@ -104,7 +106,14 @@ def trainer_kwargs(run: StageRun) -> dict:
                 grad_accum_steps=t.grad_accum_steps, max_grad_norm=t.max_grad_norm, use_amp=use_amp,
                 amp_dtype=amp_dtype, log_interval=t.log_interval, eval_interval=t.eval_interval,
                 save_dir=run.out_dir, save_interval=t.save_interval, keep_last=t.keep_last, seed=t.seed,
-                compile=t.compile)
+                on_checkpoint=checkpoint_mirror(run), compile=t.compile)
+
+
+def checkpoint_mirror(run: StageRun):
+    """For a stage published at a URL: copy each training checkpoint there as well."""
+    if not storage.is_url(run.out_ref):
+        return None
+    return lambda step_dir: storage.mirror_checkpoint(run.out_dir, step_dir, run.out_ref)
 
 
 def optimizer_for(model: torch.nn.Module, run: StageRun) -> torch.optim.Optimizer:

@@ -7,8 +7,9 @@ A stage always trains in a local working directory. For a URL that is a cache di
 directory with the manifest last: each file goes to a `.part` name and is moved into place, and a
 remote directory without `manifest.json` is incomplete, exactly as locally. `localize` downloads
 a published directory into the cache (reusing a cached copy with the same content hash) and
-verifies every sha256 before anything loads it. Local paths need no extra packages (fsspec comes
-with `datasets`); remote schemes need only their fsspec backend (s3fs, gcsfs, ...)."""
+verifies every sha256 before anything loads it. Training checkpoints (state/step-N) are mirrored
+to the URL as they are written, so a retry on another machine resumes from the last one. Local
+paths need no extra packages; remote schemes need only their fsspec backend (s3fs, gcsfs, ...)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ from trainers.checkpoint import CHECKPOINT_DIR
 from . import handoff
 
 PART_SUFFIX = ".part"
-LOCAL_ONLY = (CHECKPOINT_DIR, "launch_config.json")  # resumable state stays with the worker
+# Not part of the published stage: state/ is mirrored on its own (mirror_checkpoint).
+LOCAL_ONLY = (CHECKPOINT_DIR, "launch_config.json")
+STEP_META = "trainer_state.json"  # written last into a training checkpoint: it marks it complete
 
 
 def is_url(ref: str | Path) -> bool:
@@ -124,6 +127,51 @@ def put_file(path: Path, url: str) -> None:
     fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
     fs.put_file(str(path), target + PART_SUFFIX)
     fs.mv(target + PART_SUFFIX, target)
+
+
+def mirror_checkpoint(local: Path, step_dir: Path, url: str) -> None:
+    """Copy a just-completed training checkpoint (state/step-N) to the stage's URL, its
+    trainer_state.json last, and drop remote checkpoints the trainer pruned locally: a retry in
+    another pod resumes from here (`restore_checkpoint`)."""
+    state = local / CHECKPOINT_DIR
+    remote_state = join(url, CHECKPOINT_DIR)
+    put_file(state / handoff.FINGERPRINT, join(remote_state, handoff.FINGERPRINT))
+    files = sorted((p for p in step_dir.iterdir() if p.is_file()), key=lambda p: p.name == STEP_META)
+    for path in files:
+        put_file(path, join(remote_state, step_dir.name, path.name))
+    fs, root = _fs(remote_state)
+    kept = {p.name for p in state.iterdir() if p.is_dir()}
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("step-") and name not in kept:
+            fs.rm(path, recursive=True)
+
+
+def restore_checkpoint(url: str, local: Path) -> str | None:
+    """Before a stage trains with no checkpoint of its own: fetch the newest complete one that an
+    earlier attempt mirrored to `url`, if it was written for the same config and parent (the
+    fingerprint prepare_out_dir just wrote). Returns its name, or None."""
+    state = local / CHECKPOINT_DIR
+    if any(p.name.startswith("step-") for p in state.iterdir()):
+        return None
+    fs, root = _fs(join(url, CHECKPOINT_DIR))
+    try:
+        remote_fingerprint = json.loads(fs.cat_file(f"{root}/{handoff.FINGERPRINT}"))
+    except FileNotFoundError:
+        return None
+    if remote_fingerprint != json.loads((state / handoff.FINGERPRINT).read_text()):
+        return None
+    complete = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)
+                      if fs.exists(f"{p.rstrip('/')}/{STEP_META}"))
+    if not complete:
+        return None
+    name = complete[-1]
+    tmp = state / f"{name}.tmp"
+    tmp.mkdir()
+    for path in fs.ls(f"{root}/{name}", detail=False):
+        fs.get_file(path, str(tmp / path.rstrip("/").rsplit("/", 1)[-1]))
+    tmp.rename(state / name)  # the trainer verifies its sha256s when it loads it
+    return name
 
 
 def remove(ref: str | Path, name: str) -> None:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from flows.launch import StageProcessError, torchrun_command
 from flows.pipeline import run_stage
-from stages import STAGES, handoff
+from stages import STAGES, handoff, storage
 
 
 @pytest.fixture(scope="module")
@@ -28,30 +28,36 @@ def weights(stage_dir):
     return load_file(stage_dir / "model.safetensors")
 
 
-def test_sigkilled_stage_resumes_to_the_same_weights(tmp_path, pretrained, small_config):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, pretrained, small_config, monkeypatch):
+    """local: the retry finds the stage's own state/. bucket: the stage publishes to a URL and
+    the retry runs elsewhere (an empty cache), resuming from the checkpoints it mirrored there."""
     config = small_config()
     STAGES["sft"](config, pretrained, tmp_path / "straight")
 
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    out = tmp_path / "killed"
+    out, state = (tmp_path / "killed", tmp_path / "killed" / "state") if where == "local" else \
+        (f"file://{tmp_path}/bucket/killed", tmp_path / "bucket" / "killed" / "state")
     proc = subprocess.Popen([sys.executable, "-m", "stages", "sft", "--config", str(cfg_file),
                              "--parent", str(pretrained), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "ALIGNFLOW_CACHE_DIR": str(tmp_path / "first-pod")})
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and not list((out / "state").glob("step-000000[01]*/trainer_state.json")):
+        while time.time() < deadline and not list(state.glob("step-000000[01]*/trainer_state.json")):
             assert proc.poll() is None, "the stage finished before it could be killed"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / handoff.MANIFEST).exists()  # an interrupted stage never looks complete
+    assert not (state.parent / handoff.MANIFEST).exists()  # an interrupted stage never looks complete
 
+    monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "second-pod"))
     result = STAGES["sft"](config, pretrained, out)  # what the flow's retry does
     assert result["metrics"]["resumed_from_step"] >= 4
-    straight, resumed = weights(tmp_path / "straight"), weights(out)
+    straight, resumed = weights(tmp_path / "straight"), weights(storage.localize(out))
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
 

@@ -31,7 +31,11 @@ def test_stages_hand_off_through_an_fsspec_runs_dir(runs_url, tmp_path, monkeypa
     for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "manifest.json", "curves.png"):
         assert f"sft/{name}" in files and f"pretrain/{name}" in files, name
     assert "report.md" in files
-    assert not any(f.endswith(storage.PART_SUFFIX) or "/state/" in f for f in files)  # no partial or local-only files
+    assert not any(f.endswith(storage.PART_SUFFIX) for f in files)  # no partial uploads
+    # Training checkpoints are mirrored (the last keep_last of them) so a retry elsewhere can resume.
+    mirrored = sorted(f.split("/")[2] for f in files if f.startswith("sft/state/step-") and f.endswith("trainer_state.json"))
+    local = sorted(p.name for p in (storage.local_dir(sft_url) / "state").glob("step-*"))
+    assert mirrored == local and mirrored
     assert storage.read_manifest(sft_url)["parent"]["path"] == f"{runs_url}/r1/pretrain"
 
     # Another worker with an empty cache: it downloads the parent, verifies it and publishes DPO.
@@ -59,7 +63,7 @@ def test_a_corrupt_remote_file_is_named_and_never_loaded(runs_url, tmp_path, mon
     assert not (storage.cache_dir(url) / handoff.MANIFEST).exists()  # the bad copy never looks complete
 
 
-def test_publish_uploads_the_manifest_last_and_keeps_state_local(tmp_path, monkeypatch):
+def test_publish_uploads_the_manifest_last_and_not_the_state(tmp_path, monkeypatch):
     local = tmp_path / "stage"
     (local / "state").mkdir(parents=True)
     for name in ("model.safetensors", "manifest.json", "state/rng.pt"):
@@ -70,4 +74,4 @@ def test_publish_uploads_the_manifest_last_and_keeps_state_local(tmp_path, monke
     monkeypatch.setattr(storage, "put_file", lambda path, target: (written.append(target.rsplit("/", 1)[1]),
                                                                    real_put(path, target)))
     storage.publish(local, url)
-    assert written == ["model.safetensors", "manifest.json"]  # manifest last, state/ stays local
+    assert written == ["model.safetensors", "manifest.json"]  # manifest last; state/ is mirrored on its own

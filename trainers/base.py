@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -106,6 +106,7 @@ class BaseTrainer:
         save_dir: str | Path | None = None,
         save_interval: int | None = None,
         keep_last: int | None = 3,
+        on_checkpoint: Callable[[Path], None] | None = None,
         early_stopping: EarlyStopping | None = None,
         seed: int | None = None,
         compile: bool | str = False,
@@ -132,6 +133,7 @@ class BaseTrainer:
         self.log_interval, self.eval_interval = log_interval, eval_interval
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.save_interval, self.keep_last = save_interval, keep_last
+        self.on_checkpoint = on_checkpoint  # main rank, after a checkpoint is complete (e.g. copy it off the machine)
         self.early_stopping = early_stopping
         self.progress_bar, self.tensorboard = progress_bar, tensorboard
 
@@ -342,6 +344,8 @@ class BaseTrainer:
                 "world_size": self.dist.world_size, "last_eval": self.last_eval,
                 "early_stopping": asdict(self.early_stopping) if self.early_stopping else None,
             }, self.keep_last)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(final)
         dist_utils.barrier()
         self.last_checkpoint = final
         return final
