@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("runs", help="list runs, their stages and headline metrics")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default="runs", help="a path or an fsspec URL (default: ./runs)")
 
     sub.add_parser("presets", help="list the configuration presets and model sizes")
 
@@ -161,24 +161,23 @@ def cmd_generate(args) -> int:
 
 def cmd_runs(args) -> int:
     from flows.report import HEADLINE, fmt
-    from stages import handoff
+    from stages import handoff, storage
 
-    root = Path(args.runs_dir)
-    runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    runs = storage.subdirs(args.runs_dir)
     if not runs:
-        print(f"no runs in {root}")
-    for run_dir in runs:
-        print(run_dir.name)
-        for stage_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        print(f"no runs in {args.runs_dir}")
+    for run in runs:
+        print(run)
+        for stage in storage.subdirs(storage.join(args.runs_dir, run)):
             try:
-                m = handoff.read_manifest(stage_dir)
+                m = storage.read_manifest(storage.join(args.runs_dir, run, stage))
             except handoff.StageDirError:
-                print(f"  {stage_dir.name:9s} incomplete")
+                print(f"  {stage:9s} incomplete")
                 continue
             shown = [f"{label} {fmt(m['metrics'][k])}" for k, label in HEADLINE if k in m["metrics"]]
             parent = m.get("parent") or {}
             lineage = f"  <- {parent['path']}" if parent.get("path") else ""
-            print(f"  {stage_dir.name:9s} " + ", ".join(shown) + lineage)
+            print(f"  {stage:9s} " + ", ".join(shown) + lineage)
     return 0
 
 

@@ -54,6 +54,16 @@ def local_dir(ref: str | Path) -> Path:
     return cache_dir(str(ref)) if is_url(ref) else Path(ref)
 
 
+def subdirs(ref: str | Path) -> list[str]:
+    """Names of the directories in a (local or remote) directory, sorted; [] if it is missing."""
+    if not is_url(ref):
+        return sorted(p.name for p in Path(ref).iterdir() if p.is_dir()) if Path(ref).is_dir() else []
+    fs, root = _fs(str(ref))
+    if not fs.isdir(root):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p))
+
+
 def read_manifest(ref: str | Path) -> dict:
     """A stage directory's manifest, local or remote, without downloading anything else."""
     if not is_url(ref):

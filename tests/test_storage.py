@@ -5,6 +5,7 @@ import uuid
 import fsspec
 import pytest
 
+from flows.cli import main as cli
 from flows.pipeline import alignment_pipeline, run_stage
 from stages import STAGES, handoff, storage
 
@@ -21,7 +22,8 @@ def remote_files(url: str) -> set[str]:
     return {path[len(root.rstrip('/')) + 1:] for path in fs.find(root)}
 
 
-def test_stages_hand_off_through_an_fsspec_runs_dir(runs_url, tmp_path, monkeypatch, small_config, prefect_harness):
+def test_stages_hand_off_through_an_fsspec_runs_dir(runs_url, tmp_path, monkeypatch, capsys, small_config,
+                                                    prefect_harness):
     monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "cache-a"))
     config = small_config(runs_dir=runs_url, run_id="r1")
     out = alignment_pipeline(config=config, align="none")
@@ -49,6 +51,11 @@ def test_stages_hand_off_through_an_fsspec_runs_dir(runs_url, tmp_path, monkeypa
     # Re-running finds the remote stages complete and skips them.
     again = alignment_pipeline(config=config, align="none")
     assert all(r.get("skipped") for r in again["stages"].values())
+
+    capsys.readouterr()
+    assert cli(["runs", "--runs-dir", runs_url]) == 0
+    listing = capsys.readouterr().out
+    assert listing.startswith("r1\n  pretrain") and f"<- {sft_url}" in listing  # r2's dpo names its parent
 
 
 def test_a_corrupt_remote_file_is_named_and_never_loaded(runs_url, tmp_path, monkeypatch, small_config):
