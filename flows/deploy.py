@@ -81,12 +81,20 @@ def prefect_deploy(env: dict[str, str], names: list[str] | None = None, timeout:
         raise RuntimeError(f"prefect deploy failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def render_job(base_job_template: dict, job_variables: dict) -> dict:
-    """The job configuration a worker builds: the pool's variable defaults, overridden by the
-    deployment's or flow run's job variables, substituted into the template. (The worker then
-    adds the flow-run command and its environment.)"""
+def render_job(worker_type: str, base_job_template: dict, job_variables: dict) -> dict:
+    """The job configuration a worker of this type builds: the pool's variable defaults,
+    overridden by the deployment's or flow run's job variables, substituted into the template
+    and, when the worker's package is installed (prefect-kubernetes for "kubernetes"), validated
+    by the worker's own configuration class. The worker later adds the flow-run command and its
+    environment."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
     from prefect.utilities.templating import apply_values
+    from prefect.workers.base import BaseWorker
 
+    worker = BaseWorker.get_worker_class_from_type(worker_type)
+    if worker is not None:
+        configuration = worker.job_configuration.from_template_and_values(base_job_template, job_variables)
+        return run_coro_as_sync(configuration).model_dump(mode="json")
     properties = base_job_template.get("variables", {}).get("properties", {})
     values = {k: spec["default"] for k, spec in properties.items() if "default" in spec}
     return apply_values(base_job_template["job_configuration"], {**values, **job_variables})
@@ -97,5 +105,5 @@ def preview_job(pool: str, job_variables: dict) -> dict:
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
-        template = client.read_work_pool(pool).base_job_template
-    return render_job(template, job_variables)
+        work_pool = client.read_work_pool(pool)
+    return render_job(work_pool.type, work_pool.base_job_template, job_variables)

@@ -17,6 +17,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.workers.base import BaseWorker
 
 from conftest import SMALL_PIPELINE
 from flows.cli import main as cli
@@ -153,6 +154,9 @@ def test_schedules_are_off_until_switched_on_then_the_server_schedules_runs(depl
 
 
 def test_kubernetes_pool_renders_a_gpu_job_with_its_volumes(deployed, capsys):
+    # With prefect-kubernetes (the test extra) the preview goes through the Kubernetes worker's
+    # own job configuration class, which rejects a template it could not submit.
+    assert BaseWorker.get_worker_class_from_type("kubernetes") is not None
     capsys.readouterr()
     assert cli(["job-preview", "--pool", "alignflow-k8s", "--var", "gpu_count=8"]) == 0
     job = json.loads(capsys.readouterr().out)["job_manifest"]
