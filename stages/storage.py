@@ -16,14 +16,13 @@ import json
 import os
 from pathlib import Path
 
-from trainers.checkpoint import CHECKPOINT_DIR
+from trainers.checkpoint import CHECKPOINT_DIR, META_FILE
 
 from . import handoff
 
 PART_SUFFIX = ".part"
 # Not part of the published stage: state/ is mirrored on its own (mirror_checkpoint).
 LOCAL_ONLY = (CHECKPOINT_DIR, "launch_config.json")
-STEP_META = "trainer_state.json"  # written last into a training checkpoint: it marks it complete
 
 
 def is_url(ref: str | Path) -> bool:
@@ -146,7 +145,7 @@ def mirror_checkpoint(local: Path, step_dir: Path, url: str) -> None:
     state = local / CHECKPOINT_DIR
     remote_state = join(url, CHECKPOINT_DIR)
     put_file(state / handoff.FINGERPRINT, join(remote_state, handoff.FINGERPRINT))
-    files = sorted((p for p in step_dir.iterdir() if p.is_file()), key=lambda p: p.name == STEP_META)
+    files = sorted((p for p in step_dir.iterdir() if p.is_file()), key=lambda p: p.name == META_FILE)
     for path in files:
         put_file(path, join(remote_state, step_dir.name, path.name))
     fs, root = _fs(remote_state)
@@ -172,7 +171,7 @@ def restore_checkpoint(url: str, local: Path) -> str | None:
     if remote_fingerprint != json.loads((state / handoff.FINGERPRINT).read_text()):
         return None
     complete = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)
-                      if fs.exists(f"{p.rstrip('/')}/{STEP_META}"))
+                      if fs.exists(f"{p.rstrip('/')}/{META_FILE}"))
     if not complete:
         return None
     name = complete[-1]

@@ -27,6 +27,7 @@ from safetensors.torch import load_model, save_model
 
 CHECKPOINT_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+META_FILE = "trainer_state.json"  # written last: a checkpoint directory with it is complete
 
 
 class CheckpointError(RuntimeError):
@@ -120,7 +121,7 @@ def list_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").exists()]
+             if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).exists()]
     return [p for _, p in sorted(found)]
 
 
@@ -151,7 +152,7 @@ def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:
     """Hash every file, write trainer_state.json last, rename into place, prune old ones."""
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     meta = dict(meta, sha256={name: sha256_file(tmp / name) for name in files})
-    write_json_atomic(tmp / "trainer_state.json", meta)
+    write_json_atomic(tmp / META_FILE, meta)
     final = tmp.with_suffix("")
     if final.exists():  # a re-save of the same step (e.g. after resume) replaces it whole
         shutil.rmtree(final)
@@ -163,7 +164,7 @@ def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    meta_path = path / "trainer_state.json"
+    meta_path = path / META_FILE
     try:
         return json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
