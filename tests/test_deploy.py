@@ -81,14 +81,14 @@ def deployed(server):
 def run_with_worker(server, name: str, parameters: dict, timeout: float = 480):
     """Create a flow run of a deployment, let one `--run-once` worker execute it, return the run."""
     flow_run = run_deployment(name, parameters=parameters, timeout=0)
-    worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-process", "--run-once"],
-        env=server["env"], stdout=open(server["home"] / f"worker-{flow_run.id}.log", "w"),
-        stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        worker.wait(timeout=timeout)
-    finally:
-        stop(worker)
+    with open(server["home"] / f"worker-{flow_run.id}.log", "w") as log:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-process", "--run-once"],
+            env=server["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            worker.wait(timeout=timeout)
+        finally:
+            stop(worker)
     with get_client(sync_client=True) as client:
         return client.read_flow_run(flow_run.id)
 
