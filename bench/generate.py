@@ -6,7 +6,6 @@
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -14,20 +13,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import LlamaForCausalLM, generate, get_preset  # noqa: E402
+from timing import seconds  # noqa: E402  (bench/timing.py, beside this script)
 
 
 def best_time(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm-up: allocator, kernels, lazy init
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(seconds(fn, device) for _ in range(repeats))
 
 
 def main() -> None:

@@ -10,13 +10,14 @@ throughput of the same rollout shape with and without the KV cache.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.utils.data import DataLoader
 
 from models import LlamaForCausalLM, generate, get_preset
 from trainers.grpo import GRPOTrainer, collate_prompts
+
+from timing import seconds  # bench/timing.py, beside this script
 
 
 class IdTokenizer:
@@ -29,16 +30,6 @@ class IdTokenizer:
 def distinct_tokens(prompts, completions, **columns):
     """A reward that varies within every group, so each step does real policy-gradient work."""
     return [len(set(c.split())) / max(len(c.split()), 1) for c in completions]
-
-
-def seconds(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
