@@ -1,18 +1,22 @@
 """Stage data: load (local files or the demo), validate, normalise to messages, tokenise.
 
-Accepted formats are the ones TRL users already have:
-  pretrain  `text`
+A data kind is what one stage consumes, declared once as a `DataKind` in `KINDS` (its columns,
+row check, tokeniser, and the token columns that must fit data.max_length); adding a kind is
+adding one entry there, and its demo rows to `demo.DEMO_ROWS`. The kinds, in TRL's formats:
+  pretrain  `text` (packed into blocks of data.max_length tokens)
   sft       `prompt` + `completion`, or conversational `messages`
   dpo       `prompt` + `chosen` + `rejected` (strings or message lists)
   grpo      `prompt` (string or message list) + any columns the reward functions read
-Bad rows raise `DataError` naming the file, the row and the column, or with
-`on_bad_rows: skip` are dropped and counted."""
+  eval      `prompt` + `answer`
+`read` loads and validates one split, `tokenize` tokenises it, `prepare` does both. Bad rows
+raise `DataError` naming the file, the row and the column, or (on_bad_rows: skip) are dropped."""
 from __future__ import annotations
 
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # The hubs are unreachable here and never needed: everything is local files.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,14 +29,8 @@ from models import Tokenizer, render_chat  # noqa: E402
 from . import demo  # noqa: E402
 from .config import DataConfig, DemoConfig  # noqa: E402
 
-REQUIRED = {
-    "pretrain": [("text",)],
-    "sft": [("prompt", "completion"), ("messages",)],
-    "dpo": [("prompt", "chosen", "rejected")],
-    "grpo": [("prompt",)],
-    "eval": [("prompt", "answer")],
-}
 ROLES = {"system", "user", "assistant"}
+Problem = tuple[str, str]  # (column, what is wrong with it)
 
 
 class DataError(ValueError):
@@ -40,10 +38,14 @@ class DataError(ValueError):
 
 
 @dataclass
-class LoadedData:
-    dataset: datasets.Dataset
+class RawSplit:
+    dataset: datasets.Dataset   # the validated rows (tokenised, in LoadedData)
     origin: str                 # the file, or "demo:<kind>/<split>"
     skipped: int = 0            # bad rows dropped under on_bad_rows=skip
+
+
+@dataclass
+class LoadedData(RawSplit):
     dropped_too_long: int = 0
 
 
@@ -70,9 +72,8 @@ def _read(source: str) -> datasets.Dataset:
 
 def load_split(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str
                ) -> tuple[datasets.Dataset, str, list[int] | None]:
-    """The raw rows of one split, where they came from, and their row numbers in that file (so
-    errors name the file's row; None when the rows are the whole file). A file source without
-    `val_source` is split by `val_fraction` with the demo seed: the same split on every run."""
+    """The raw rows of one split, where they came from, and their row numbers in the file (None: all
+    of it) for errors to name. Without `val_source`, `val_fraction` splits the file the same every run."""
     if cfg.source == "demo":
         rows = demo.demo_data(kind, split, demo_cfg, demo_cfg.seed)
         return datasets.Dataset.from_list(rows), f"demo:{kind}/{split}", None
@@ -106,61 +107,67 @@ def _text_or_messages_problem(value, allow_empty: bool = False) -> str | None:
     return _message_list_problem(value)
 
 
-def row_problem(kind: str, row: dict) -> tuple[str, str] | None:
-    """(column, what is wrong) for the first problem of a row, or None when it is fine."""
-    def check(column, problem):
-        return (column, problem) if problem else None
+def _texts_problem(row: dict, columns: tuple[str, ...], allow_empty: str = "") -> Problem | None:
+    """The first of `columns` that is not text or a message list (`allow_empty` may be "")."""
+    return next(((c, p) for c in columns if (p := _text_or_messages_problem(row[c], c == allow_empty))), None)
 
-    if kind == "pretrain":
-        v = row["text"]
-        return check("text", None if isinstance(v, str) and v.strip() else "must be a non-empty string")
-    if kind == "sft":
-        if "messages" in row and row["messages"] is not None:
-            problem = _message_list_problem(row["messages"])
-            if not problem and not any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
-                problem = "has no non-empty assistant message to learn from"
-            return check("messages", problem)
-        return (check("prompt", _text_or_messages_problem(row["prompt"], allow_empty=True))
-                or check("completion", _text_or_messages_problem(row["completion"])))
-    if kind == "dpo":
-        problem = (check("prompt", _text_or_messages_problem(row["prompt"]))
-                   or check("chosen", _text_or_messages_problem(row["chosen"]))
-                   or check("rejected", _text_or_messages_problem(row["rejected"])))
-        if problem is None and row["chosen"] == row["rejected"]:
-            problem = ("rejected", "is identical to chosen: the pair carries no preference")
-        return problem
-    if kind in ("grpo", "eval"):
-        return check("prompt", _text_or_messages_problem(row["prompt"]))
-    raise ValueError(kind)
+
+def _text_row_problem(row: dict) -> Problem | None:
+    return None if isinstance(row["text"], str) and row["text"].strip() else ("text", "must be a non-empty string")
+
+
+def _sft_row_problem(row: dict) -> Problem | None:
+    if "messages" in row and row["messages"] is not None:
+        problem = _message_list_problem(row["messages"])
+        if not problem and not any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
+            problem = "has no non-empty assistant message to learn from"
+        return ("messages", problem) if problem else None
+    return _texts_problem(row, ("prompt", "completion"), allow_empty="prompt")
+
+
+def _pair_row_problem(row: dict) -> Problem | None:
+    problem = _texts_problem(row, ("prompt", "chosen", "rejected"))
+    if problem is None and row["chosen"] == row["rejected"]:
+        problem = ("rejected", "is identical to chosen: the pair carries no preference")
+    return problem
+
+
+def _prompt_row_problem(row: dict) -> Problem | None:
+    return _texts_problem(row, ("prompt",))
+
+
+def row_problem(kind: str, row: dict) -> Problem | None:
+    """(column, what is wrong) for the first problem of a row, or None when it is fine."""
+    if kind not in KINDS:
+        raise ValueError(kind)
+    return KINDS[kind].row_problem(row)
 
 
 def validate(ds: datasets.Dataset, kind: str, origin: str, on_bad_rows: str,
              file_rows: list[int] | None = None) -> tuple[datasets.Dataset, int]:
     """Missing columns always fail; bad rows fail (naming the file's row) or are skipped and counted."""
-    options = REQUIRED[kind]
-    if not any(all(c in ds.column_names for c in option) for option in options):
-        wanted = " or ".join("/".join(option) for option in options)
-        missing = sorted(set(options[0]) - set(ds.column_names))
+    spec = KINDS[kind]
+    if not any(all(c in ds.column_names for c in option) for option in spec.columns):
+        wanted = " or ".join("/".join(option) for option in spec.columns)
+        missing = sorted(set(spec.columns[0]) - set(ds.column_names))
         raise DataError(f"{origin}: missing column {', '.join(repr(m) for m in missing)} for {kind} data "
                         f"(expects {wanted}; found {', '.join(ds.column_names) or 'no columns'})")
-    bad = []
-    for i, row in enumerate(ds):
-        problem = row_problem(kind, row)
-        if problem is None:
-            continue
-        if on_bad_rows == "error":
-            column, what = problem
-            row_number = file_rows[i] if file_rows is not None else i
-            line = f" (line {row_number + 1})" if origin.endswith(".jsonl") else ""
-            raise DataError(f"{origin}: row {row_number}{line}: column '{column}' {what}")
-        bad.append(i)
-    if not bad:
+    bad = [i for i, row in enumerate(ds) if spec.row_problem(row) is not None]
+    if bad and on_bad_rows == "error":
+        column, what = spec.row_problem(ds[bad[0]])
+        row_number = file_rows[bad[0]] if file_rows is not None else bad[0]
+        line = f" (line {row_number + 1})" if origin.endswith(".jsonl") else ""
+        raise DataError(f"{origin}: row {row_number}{line}: column '{column}' {what}")
+    return _without(ds, bad)
+
+
+def _without(ds: datasets.Dataset, rows: list[int]) -> tuple[datasets.Dataset, int]:
+    """`ds` less `rows`, and how many rows that dropped."""
+    if not rows:
         return ds, 0
-    bad_set = set(bad)
-    return ds.select([i for i in range(len(ds)) if i not in bad_set]), len(bad)
+    drop = set(rows)
+    return ds.select([i for i in range(len(ds)) if i not in drop]), len(rows)
 
-
-# ---------------------------------------------------------------- messages
 
 def as_messages(value, role: str) -> list[dict]:
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
@@ -182,8 +189,7 @@ def prompt_text(value) -> str:
 # ---------------------------------------------------------------- tokenisation
 
 def tokenize_pretrain(ds: datasets.Dataset, tok: Tokenizer, block: int) -> datasets.Dataset:
-    """Concatenate documents with EOS between them and cut fixed-length blocks (the tail that
-    does not fill a block is dropped)."""
+    """Documents joined by EOS, cut into blocks of `block` tokens (a tail short of a block is dropped)."""
     eos = tok.eos_id
 
     def pack(batch):
@@ -197,88 +203,97 @@ def tokenize_pretrain(ds: datasets.Dataset, tok: Tokenizer, block: int) -> datas
     return ds.map(pack, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenise+pack")
 
 
-def _labels(ids: list[int], mask: list[int]) -> list[int]:
-    return [t if m else -100 for t, m in zip(ids, mask)]
+def _map_rows(ds: datasets.Dataset, encode_row: Callable[[dict], dict], desc: str) -> datasets.Dataset:
+    """`ds.map` (in batches) of `encode_row(row) -> {column: value}`, whose columns replace ds's."""
+    def encode(batch):
+        encoded = [encode_row(dict(zip(batch, values))) for values in zip(*batch.values())]
+        return {column: [e[column] for e in encoded] for column in encoded[0]}
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=desc)
+
+
+def _chat(tok: Tokenizer, messages: list[dict], prefix: str = "") -> dict:
+    """A conversation's `{prefix}input_ids` and `{prefix}labels` (-100 on the tokens not learned)."""
+    ids, mask = render_chat(tok, messages)
+    return {f"{prefix}input_ids": ids, f"{prefix}labels": [t if m else -100 for t, m in zip(ids, mask)]}
 
 
 def tokenize_sft(ds: datasets.Dataset, tok: Tokenizer) -> datasets.Dataset:
-    def encode(batch):
-        out = {"input_ids": [], "labels": []}
-        for row in _rows(batch):
-            ids, mask = render_chat(tok, sft_messages(row))
-            out["input_ids"].append(ids)
-            out["labels"].append(_labels(ids, mask))
-        return out
-
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenise sft")
+    return _map_rows(ds, lambda row: _chat(tok, sft_messages(row)), "tokenise sft")
 
 
 def tokenize_dpo(ds: datasets.Dataset, tok: Tokenizer) -> datasets.Dataset:
-    def encode(batch):
-        out = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
-        for row in _rows(batch):
-            prompt = as_messages(row["prompt"], "user")
-            for side in ("chosen", "rejected"):
-                ids, mask = render_chat(tok, prompt + as_messages(row[side], "assistant"))
-                out[f"{side}_input_ids"].append(ids)
-                out[f"{side}_labels"].append(_labels(ids, mask))
-        return out
+    def encode(row):
+        prompt = as_messages(row["prompt"], "user")
+        return {**_chat(tok, prompt + as_messages(row["chosen"], "assistant"), "chosen_"),
+                **_chat(tok, prompt + as_messages(row["rejected"], "assistant"), "rejected_")}
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenise dpo")
+    return _map_rows(ds, encode, "tokenise dpo")
 
 
 def tokenize_prompts(ds: datasets.Dataset, tok: Tokenizer) -> datasets.Dataset:
-    """Prompt ids (ending with the assistant marker) plus every original column, with
-    `prompt` replaced by its plain text for the reward functions."""
+    """Prompt ids (ending with the assistant marker), every other column, and `prompt` as plain text."""
     def encode(batch):
-        rows = _rows(batch)
+        prompts = batch["prompt"]
         out = {k: v for k, v in batch.items() if k != "prompt"}
-        out["prompt_input_ids"] = [render_chat(tok, as_messages(r["prompt"], "user"), add_generation_prompt=True)[0]
-                                   for r in rows]
-        out["prompt"] = [prompt_text(r["prompt"]) for r in rows]
+        out["prompt_input_ids"] = [render_chat(tok, as_messages(p, "user"), add_generation_prompt=True)[0]
+                                   for p in prompts]
+        out["prompt"] = [prompt_text(p) for p in prompts]
         return out
 
     return ds.map(encode, batched=True, remove_columns=["prompt"], desc="tokenise prompts")
 
 
-def _rows(batch: dict) -> list[dict]:
-    keys = list(batch)
-    return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
-
-
-def length_of(kind: str, example: dict) -> int:
-    if kind == "dpo":
-        return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
-    if kind in ("grpo", "eval"):
-        return len(example["prompt_input_ids"])
-    return len(example["input_ids"])
-
-
 def enforce_max_length(ds: datasets.Dataset, kind: str, max_length: int, policy: str, origin: str
                        ) -> tuple[datasets.Dataset, int]:
-    too_long = [i for i, ex in enumerate(ds) if length_of(kind, ex) > max_length]
-    if not too_long:
-        return ds, 0
-    if policy == "error":
+    lengths = [max(len(example[c]) for c in KINDS[kind].token_columns) for example in ds]
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long and policy == "error":
         i = too_long[0]
-        raise DataError(f"{origin}: row {i} is {length_of(kind, ds[i])} tokens, over data.max_length={max_length} "
+        raise DataError(f"{origin}: row {i} is {lengths[i]} tokens, over data.max_length={max_length} "
                         f"({len(too_long)} rows are; set data.too_long=drop to drop them)")
-    drop = set(too_long)
-    return ds.select([i for i in range(len(ds)) if i not in drop]), len(too_long)
+    return _without(ds, too_long)
 
 
-TOKENIZERS = {"sft": tokenize_sft, "dpo": tokenize_dpo, "grpo": tokenize_prompts, "eval": tokenize_prompts}
+# ---------------------------------------------------------------- the kinds; read, tokenize, prepare
+
+@dataclass(frozen=True)
+class DataKind:
+    columns: tuple[tuple[str, ...], ...]       # accepted column sets; the first is named when none fits
+    row_problem: Callable[[dict], Problem | None]
+    tokenize: Callable[..., datasets.Dataset]  # (rows, tok), or (rows, tok, max_length) when it packs
+    token_columns: tuple[str, ...]             # an example's length is that of its longest
+    packs: bool = False                        # blocks of exactly max_length: none is too long
+
+
+KINDS: dict[str, DataKind] = {
+    "pretrain": DataKind((("text",),), _text_row_problem, tokenize_pretrain, ("input_ids",), packs=True),
+    "sft": DataKind((("prompt", "completion"), ("messages",)), _sft_row_problem, tokenize_sft, ("input_ids",)),
+    "dpo": DataKind((("prompt", "chosen", "rejected"),), _pair_row_problem, tokenize_dpo,
+                    ("chosen_input_ids", "rejected_input_ids")),
+    "grpo": DataKind((("prompt",),), _prompt_row_problem, tokenize_prompts, ("prompt_input_ids",)),
+    "eval": DataKind((("prompt", "answer"),), _prompt_row_problem, tokenize_prompts, ("prompt_input_ids",)),
+}
+
+
+def read(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str) -> RawSplit:
+    """Load one split of one stage's data and validate it (an empty split is returned as it is)."""
+    ds, origin, file_rows = load_split(kind, cfg, demo_cfg, split)
+    ds, skipped = validate(ds, kind, origin, cfg.on_bad_rows, file_rows) if len(ds) else (ds, 0)
+    return RawSplit(ds, origin, skipped)
+
+
+def tokenize(kind: str, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> LoadedData:
+    """Tokenise a read split: pack blocks of cfg.max_length, or apply cfg.too_long to longer examples."""
+    spec = KINDS[kind]
+    if len(raw.dataset) == 0 and not raw.skipped:  # nothing was read: nothing to tokenise
+        return LoadedData(raw.dataset, raw.origin)
+    if spec.packs:
+        return LoadedData(spec.tokenize(raw.dataset, tok, cfg.max_length), raw.origin, skipped=raw.skipped)
+    ds, dropped = enforce_max_length(spec.tokenize(raw.dataset, tok), kind, cfg.max_length, cfg.too_long, raw.origin)
+    return LoadedData(ds, raw.origin, skipped=raw.skipped, dropped_too_long=dropped)
 
 
 def prepare(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, tok: Tokenizer, split: str) -> LoadedData:
     """Load, validate and tokenise one split of one stage's data."""
-    raw, origin, file_rows = load_split(kind, cfg, demo_cfg, split)
-    if len(raw) == 0:
-        return LoadedData(raw, origin)
-    raw, skipped = validate(raw, kind, origin, cfg.on_bad_rows, file_rows)
-    if kind == "pretrain":
-        ds = tokenize_pretrain(raw, tok, cfg.max_length)
-        return LoadedData(ds, origin, skipped=skipped)
-    ds = TOKENIZERS[kind](raw, tok)
-    ds, dropped = enforce_max_length(ds, kind, cfg.max_length, cfg.too_long, origin)
-    return LoadedData(ds, origin, skipped=skipped, dropped_too_long=dropped)
+    return tokenize(kind, read(kind, cfg, demo_cfg, split), tok, cfg)

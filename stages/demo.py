@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import DemoConfig
 
 NAMES = ["Tom", "Ana", "Li", "Sam", "Mia", "Ben", "Ada", "Kai"]
 ITEMS = ["apples", "books", "coins", "cards", "shells", "pens"]
@@ -96,23 +100,51 @@ def prompt_rows(problems: list[Problem]) -> list[dict]:
     return [{"prompt": p.question, "answer": str(p.answer)} for p in problems]
 
 
+@dataclass(frozen=True)
+class DemoSplit:
+    """What a row generator draws from: the split's problems (the held-out ones for "val")."""
+    problems: list[Problem]
+    held_out: list[Problem]
+    split: str
+    sizes: DemoConfig
+    rng: random.Random
+
+    def count(self, train_size: int) -> int:
+        """`train_size` rows for "train", a tenth of it for "val" (at least one)."""
+        return max(1, int(train_size * (1 if self.split == "train" else 0.1)))
+
+
+def _pretrain(s: DemoSplit) -> list[dict]:
+    return pretrain_rows(s.problems, s.count(s.sizes.pretrain_docs), s.rng)
+
+
+def _sft(s: DemoSplit) -> list[dict]:
+    return sft_rows(s.problems, s.count(s.sizes.sft_examples), s.rng)
+
+
+def _dpo(s: DemoSplit) -> list[dict]:
+    return preference_rows(s.problems, s.count(s.sizes.preference_pairs), s.rng)
+
+
+def _grpo(s: DemoSplit) -> list[dict]:
+    n = s.sizes.grpo_prompts if s.split == "train" else s.sizes.eval_prompts
+    return prompt_rows(_sample(s.problems, n, s.rng))
+
+
+def _eval(s: DemoSplit) -> list[dict]:
+    return prompt_rows(s.held_out[: s.sizes.eval_prompts])
+
+
+# One row generator per data kind (stages.data.KINDS): adding a kind is adding one entry.
+DEMO_ROWS = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo, "grpo": _grpo, "eval": _eval}
+
+
 def demo_data(kind: str, split: str, sizes, seed: int) -> list[dict]:
     """Rows for one stage kind ("pretrain", "sft", "dpo", "grpo", "eval") and split ("train", "val").
 
     `sizes` is the pipeline's DemoConfig. Validation rows come from the held-out problems."""
+    if kind not in DEMO_ROWS:
+        raise ValueError(f"unknown demo data kind {kind!r}")
     train, held_out = split_problems(seed)
-    problems = train if split == "train" else held_out
     rng = random.Random(f"{seed}-{kind}-{split}")
-    scale = 1 if split == "train" else 0.1
-    if kind == "pretrain":
-        return pretrain_rows(problems, max(1, int(sizes.pretrain_docs * scale)), rng)
-    if kind == "sft":
-        return sft_rows(problems, max(1, int(sizes.sft_examples * scale)), rng)
-    if kind == "dpo":
-        return preference_rows(problems, max(1, int(sizes.preference_pairs * scale)), rng)
-    if kind == "grpo":
-        n = sizes.grpo_prompts if split == "train" else sizes.eval_prompts
-        return prompt_rows(_sample(problems, n, rng))
-    if kind == "eval":
-        return prompt_rows(held_out[: sizes.eval_prompts])
-    raise ValueError(f"unknown demo data kind {kind!r}")
+    return DEMO_ROWS[kind](DemoSplit(train if split == "train" else held_out, held_out, split, sizes, rng))
