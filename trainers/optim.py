@@ -89,37 +89,29 @@ def configure_optimizer(
 
 # --- learning-rate schedules: multipliers of the base LR, one call per optimizer step ---
 
-def _warmup(step: int, warmup_steps: int) -> float | None:
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return None
+def _with_warmup(warmup_steps: int, after: Callable[[int], float]) -> Callable[[int], float]:
+    """Linear warmup to the peak over `warmup_steps`, then `after(step)`."""
+    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else after(step)
+
+
+def _progress(step: int, start: int, end: int) -> float:
+    """How far `step` is from `start` to `end`, 0 to 1 (held at 1 past the end)."""
+    return min(1.0, (step - start) / max(1, end - start))
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        w = _warmup(step, warmup_steps)
-        if w is not None:
-            return w
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    def after(step: int) -> float:
+        progress = _progress(step, warmup_steps, total_steps)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return fn
+    return _with_warmup(warmup_steps, after)
 
 
 def linear_with_warmup(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        w = _warmup(step, warmup_steps)
-        if w is not None:
-            return w
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1 - (1 - min_lr_ratio) * progress
-    return fn
+    return _with_warmup(warmup_steps, lambda step: 1 - (1 - min_lr_ratio) * _progress(step, warmup_steps, total_steps))
 
 
 def constant_with_warmup(warmup_steps: int, total_steps: int = 0, min_lr_ratio: float = 1.0) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        w = _warmup(step, warmup_steps)
-        return 1.0 if w is None else w
-    return fn
+    return _with_warmup(warmup_steps, lambda step: 1.0)
 
 
 def warmup_stable_decay(
@@ -128,16 +120,8 @@ def warmup_stable_decay(
     """WSD: warm up, hold the peak, then decay linearly over the last `decay_fraction`."""
     decay_steps = max(1, int(round(total_steps * decay_fraction)))
     decay_start = max(warmup_steps, total_steps - decay_steps)
-
-    def fn(step: int) -> float:
-        w = _warmup(step, warmup_steps)
-        if w is not None:
-            return w
-        if step < decay_start:
-            return 1.0
-        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
-        return 1 - (1 - min_lr_ratio) * progress
-    return fn
+    return _with_warmup(warmup_steps, lambda step: 1.0 if step < decay_start else
+                        1 - (1 - min_lr_ratio) * _progress(step, decay_start, total_steps))
 
 
 SCHEDULES = {

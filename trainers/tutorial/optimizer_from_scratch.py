@@ -33,6 +33,15 @@ from torch.optim import Optimizer
 __all__ = ["AdamWFromScratch", "SGDFromScratch"]
 
 
+def run_closure(closure):
+    """The loss a `step(closure)` caller asks to recompute (autograd on, since `step` runs
+    under no_grad), or None without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class AdamWFromScratch(Optimizer):
     r"""AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization").
 
@@ -85,10 +94,7 @@ class AdamWFromScratch(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step. ``closure`` (optional) re-computes the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
 
         for group in self.param_groups:
             # Read hyperparameters from the *group* every step: an LR scheduler
@@ -229,17 +235,11 @@ class SGDFromScratch(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step. ``closure`` (optional) re-computes the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
 
         for group in self.param_groups:
-            lr = group["lr"]
-            momentum = group["momentum"]
-            dampening = group["dampening"]
-            nesterov = group["nesterov"]
-            weight_decay = group["weight_decay"]
+            lr, momentum, dampening, nesterov, weight_decay = (
+                group[k] for k in ("lr", "momentum", "dampening", "nesterov", "weight_decay"))
 
             for p in group["params"]:
                 if p.grad is None:
