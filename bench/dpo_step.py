@@ -55,7 +55,7 @@ def build(kind: str, model, batches: list[dict], device: str):
     ref = copy.deepcopy(model)
     trainer = DPOTrainer(model=model, ref_model=ref, train_loader=batches,
                          precompute_ref_log_probs=kind == "dpo-precomputed", **common)
-    if trainer.precompute_ref_log_probs:
+    if trainer.dpo.precompute_ref_log_probs:
         trainer.precompute_reference_logps()  # the one-off pass before training is not a step
     return trainer
 

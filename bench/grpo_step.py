@@ -14,7 +14,7 @@ import argparse
 import torch
 from torch.utils.data import DataLoader
 
-from models import LlamaForCausalLM, generate, get_preset
+from models import LlamaForCausalLM, generate, generate_text, get_preset
 from trainers.grpo import GRPOTrainer, collate_prompts
 
 from timing import seconds  # bench/timing.py, beside this script
@@ -22,6 +22,7 @@ from timing import seconds  # bench/timing.py, beside this script
 
 class IdTokenizer:
     """Decodes ids to space-separated numbers: enough for the benchmark's reward."""
+    pad_id, eos_id = 0, 1
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))
@@ -57,7 +58,7 @@ def main() -> None:
              for _ in range(args.prompts * (args.steps + 1))]
     loader = DataLoader(items, batch_size=args.prompts, collate_fn=lambda b: collate_prompts(b, pad_id=0))
     trainer = GRPOTrainer(model, ref, torch.optim.AdamW(model.parameters(), lr=1e-4), loader, [distinct_tokens],
-                          generate_fn=generate, tokenizer=IdTokenizer(), eos_token_id=1, pad_token_id=0,
+                          generate_fn=generate_text, tokenizer=IdTokenizer(),
                           num_generations=args.generations, max_completion_length=args.new_tokens,
                           device=device, max_steps=args.steps + 1, progress_bar=False)
     batches = iter(loader)

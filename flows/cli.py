@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from stages import ALIGNERS, CHILDREN
+
 EPILOG = """examples:
   alignflow run                                   # tiny preset, demo data, pretrain -> sft -> dpo
   alignflow run --align grpo --set grpo.beta=0.0  # GRPO instead of DPO, no KL term
@@ -41,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "already complete for the same config and parent are skipped; a failed stage is retried "
         "(config.retries) and resumes from its last checkpoint. Writes RUNS_DIR/RUN_ID/report.md."))
     add_config_args(p)
-    p.add_argument("--align", choices=["dpo", "grpo", "none"], default="dpo", help="the alignment stage (default: dpo)")
+    p.add_argument("--align", choices=[*ALIGNERS, "none"], default="dpo", help="the alignment stage (default: dpo)")
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="re-run these stages even if complete")
 
     p = sub.add_parser("stage", help="re-run one stage against an earlier run's checkpoint", description=(
         "Run one stage on PARENT (an earlier run's checkpoint directory: pretrain for sft, sft for "
         "dpo/grpo) into a new run directory whose manifest records the parent and its hash."))
-    p.add_argument("name", choices=["sft", "dpo", "grpo"])
+    p.add_argument("name", choices=CHILDREN)
     p.add_argument("--parent", required=True, help="the parent stage's checkpoint directory (path or fsspec URL)")
     add_config_args(p)
 
@@ -124,12 +126,13 @@ def cmd_stage(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from stages import common, handoff, storage
+    from stages import handoff, storage
+    from stages.evaluation import heldout_metrics
 
     config = resolve_config(args)
     model, tok, manifest = handoff.load_stage(storage.localize(args.dir))
     print(f"{args.dir}: {manifest['stage']} stage, sha256 verified")
-    result = common.task_accuracy(config, config.stage(manifest["stage"]).data, model, tok, "cpu")
+    result = heldout_metrics(config, config.stage(manifest["stage"]).data, model, tok)
     for key in ("task_accuracy", "format_rate", "greedy_reward", "heldout_reward", "eval_prompts"):
         if key in result:
             print(f"  {key:16s} {result[key]:.4g}")
@@ -141,21 +144,15 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from models import generate, render_chat
+    from models import generate_text, render_chat
     from stages import handoff, storage
-    from trainers.grpo import collate_prompts
 
     model, tok, _ = handoff.load_stage(storage.localize(args.dir))
-    rows = [{"prompt_input_ids": render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]}
-            for p in args.prompt]
-    batch = collate_prompts(rows, tok.pad_id)
-    out = generate(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                   generator=torch.Generator().manual_seed(args.seed))
-    width = batch["prompt_input_ids"].shape[1]
-    for prompt, ids in zip(args.prompt, out[:, width:].tolist()):
-        print(f"> {prompt}\n{tok.decode(ids)}\n")
+    prompts = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in args.prompt]
+    out = generate_text(model, tok, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))
+    for prompt, text in zip(args.prompt, out.texts):
+        print(f"> {prompt}\n{text}\n")
     return 0
 
 

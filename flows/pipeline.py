@@ -6,25 +6,28 @@ check), retried on failure (the retry resumes from the stage's last training che
 launched through torchrun when it asks for more than one process."""
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from stages import PARENT_STAGE, STAGES, common, handoff, storage
-from stages.config import PipelineConfig, config_hash, load_config
-from trainers.checkpoint import CHECKPOINT_DIR
+from stages import ALIGNERS, CHILDREN, STAGES, chain, handoff, storage
+from stages.config import PipelineConfig, load_config
 
 from . import report
 from .launch import run_torchrun
 
 
+# Choices drawn from the stage graph (a type each, so Prefect's form offers them).
+AlignStage = Literal[ALIGNERS + ("none",)]
+ChildStage = Literal[CHILDREN]
+
+
 def reset_stage(out: str) -> None:
     """`force`: forget a stage's output and resumable state, so it runs from scratch."""
     storage.remove(out, handoff.MANIFEST)
-    shutil.rmtree(storage.local_dir(out) / CHECKPOINT_DIR, ignore_errors=True)
+    handoff.discard_progress(storage.local_dir(out))
 
 
 def publish(stage: str, run_id: str, result: dict) -> None:
@@ -45,25 +48,25 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
     """One stage into `out_dir` (a path or an fsspec URL), unless it is already complete there."""
     logger = get_run_logger()
     parent_hash = parent["content_hash"] if parent else None
-    if storage.is_complete(out_dir, config_hash(common.stage_config(config, stage)), parent_hash):
+    if storage.is_complete(out_dir, config.stage_hash(stage), parent_hash):
         logger.info("%s is already complete for this config and parent: skipped", out_dir)
-        return {**common.stage_result(out_dir, storage.read_manifest(out_dir)), "skipped": True}
+        return {**handoff.stage_result(out_dir, storage.read_manifest(out_dir)), "skipped": True}
     parent_path = parent["path"] if parent else None
     t = config.stage(stage).train
     if t.nproc_per_node > 1 or t.nnodes > 1:
         run_torchrun(stage, config, parent_path, out_dir, logger)
-        result = common.stage_result(out_dir, storage.checked_manifest(out_dir))
+        result = handoff.stage_result(out_dir, storage.checked_manifest(out_dir))
     else:
-        result = STAGES[stage](config, parent_path, out_dir)
+        result = STAGES[stage].run(config, parent_path, out_dir)
     publish(stage, config.resolved_run_id(), result)
     logger.info("%s done: %s", stage, {k: v for k, v in result["metrics"].items() if isinstance(v, float)})
     return result
 
 
-def run_chain(config: PipelineConfig, run_dir: str, chain: list[str], parent: dict | None,
+def run_chain(config: PipelineConfig, run_dir: str, stages: list[str], parent: dict | None,
               force: list[str]) -> dict[str, dict]:
     results = {}
-    for stage in chain:
+    for stage in stages:
         out = storage.join(run_dir, stage)
         if stage in force:
             reset_stage(out)
@@ -93,7 +96,7 @@ def resolve(config: PipelineConfig | None, preset: str, overrides: dict[str, Any
 
 
 @flow(name="alignment-pipeline")
-def alignment_pipeline(config: PipelineConfig | None = None, align: Literal["dpo", "grpo", "none"] = "dpo",
+def alignment_pipeline(config: PipelineConfig | None = None, align: AlignStage = "dpo",
                        force: list[str] | None = None, preset: str = "tiny",
                        overrides: dict[str, Any] | None = None) -> dict:
     """pretrain -> SFT -> DPO or GRPO into runs_dir/run_id/<stage>/."""
@@ -103,14 +106,13 @@ def alignment_pipeline(config: PipelineConfig | None = None, align: Literal["dpo
     if unknown:
         raise ValueError(f"force names unknown stages {sorted(unknown)}; stages: {sorted(STAGES)}")
     run_dir = storage.join(config.runs_dir, config.resolved_run_id())
-    chain = ["pretrain", "sft"] + ([align] if align != "none" else [])
-    results = run_chain(config, run_dir, chain, None, force)
+    results = run_chain(config, run_dir, chain(None if align == "none" else align), None, force)
     write_report(run_dir, config.resolved_run_id(), results)
     return {"run_dir": run_dir, "stages": results}
 
 
 @flow(name="run-stage")
-def run_stage(stage: Literal["sft", "dpo", "grpo"], config: PipelineConfig | None = None, parent: str = "",
+def run_stage(stage: ChildStage, config: PipelineConfig | None = None, parent: str = "",
               run_id: str | None = None, preset: str = "tiny", overrides: dict[str, Any] | None = None) -> dict:
     """Re-run one stage against an earlier run's parent directory (e.g. DPO with another beta on
     last week's SFT checkpoint) into a new run directory whose manifest records the lineage."""
@@ -118,12 +120,12 @@ def run_stage(stage: Literal["sft", "dpo", "grpo"], config: PipelineConfig | Non
         raise ValueError("run_stage needs parent: the checkpoint directory (path or URL) of the parent stage")
     config = resolve(config, preset, overrides)
     manifest = handoff.verify(storage.localize(parent))
-    expected = PARENT_STAGE[stage]
+    expected = STAGES[stage].parent
     if manifest["stage"] != expected:
         raise ValueError(f"{stage} trains on a {expected} checkpoint, but {parent} holds a {manifest['stage']} stage")
     run_id = run_id or f"{manifest.get('run_id', 'run')}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = config.model_copy(update={"run_id": run_id})
     run_dir = storage.join(config.runs_dir, run_id)
-    results = run_chain(config, run_dir, [stage], common.stage_result(parent, manifest), [])
+    results = run_chain(config, run_dir, [stage], handoff.stage_result(parent, manifest), [])
     write_report(run_dir, run_id, results)
     return {"run_dir": run_dir, "stages": results}

@@ -5,7 +5,7 @@ tool can import it without pulling in the pipeline.
 """
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset
-from .generate import generate
+from .generate import Generation, generate, generate_text
 from .hf_io import load_pretrained, save_pretrained
 from .llama import KVCache, LlamaForCausalLM
 from .tokenizer import (
@@ -29,6 +29,8 @@ __all__ = [
     "LlamaForCausalLM",
     "KVCache",
     "generate",
+    "generate_text",
+    "Generation",
     "save_pretrained",
     "load_pretrained",
     "Tokenizer",

@@ -1,4 +1,7 @@
-"""Autoregressive sampling for left-padded prompt batches, with or without a KV cache."""
+"""Autoregressive sampling for left-padded prompt batches, with or without a KV cache, and the
+text-level `generate_text` built on it."""
+
+from dataclasses import dataclass
 
 import torch
 
@@ -97,3 +100,46 @@ def generate(
     finally:
         model.train(was_training)
     return tokens
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on tokens up to and including the first EOS, 0 after it (generate pads there)."""
+    is_eos = (completion_ids == eos_token_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos
+    return (eos_before == 0).long()
+
+
+@dataclass
+class Generation:
+    """Completions of a batch of prompts, as ids (for training on them) and as text."""
+    sequences: torch.Tensor        # [N, P + T]: the left-padded prompts, then the completions
+    prompt_mask: torch.Tensor      # [N, P]
+    completion_mask: torch.Tensor  # [N, T]: 1 up to and including the first EOS
+    texts: list[str]               # each completion up to its EOS, special tokens dropped
+    ended: torch.Tensor            # [N] bool: the completion emitted EOS (else max_new_tokens cut it)
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_mask.shape[1]:]
+
+
+def generate_text(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                  sample=generate) -> Generation:
+    """Prompt ids -> left-padded batch -> `sample` (default: `generate`) -> decoded completions.
+
+    The one path from prompts to completions that evaluation, `alignflow generate` and GRPO's
+    rollouts share. `tokenizer` gives `eos_id`, `pad_id` and `decode`; `sample` is any function
+    with `generate`'s signature."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sequences = sample(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                       generator=generator)
+    completions = sequences[:, width:]
+    keep = completion_mask(completions, tokenizer.eos_id)
+    texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+             for row, n in zip(completions.cpu(), keep.sum(-1).tolist())]
+    return Generation(sequences, mask, keep, texts, ended=(completions == tokenizer.eos_id).any(-1))

@@ -2,35 +2,16 @@
 
 import json
 import os
-from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_model
 
 from .config import ModelConfig
+from .files import atomic_write  # also re-exported: models.tokenizer imports it from here
 from .llama import LlamaForCausalLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> str:
-    """Call write(tmp_path), fsync, then rename over path.
-
-    Readers see either the old file or the complete new one, never a torn write,
-    even if the process dies mid-save (important for resumable checkpoints).
-    """
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def save_pretrained(model: LlamaForCausalLM, directory: str) -> list[str]:

@@ -1,8 +1,43 @@
 """One module per pipeline stage: data -> model -> trainer -> checkpoint directory.
 
 Each stage is a plain function `run(config, parent_dir, out_dir) -> result` that runs the same
-with or without Prefect; `python -m stages <stage> ...` runs one from the shell or torchrun."""
-from . import dpo, grpo, pretrain, sft
+with or without Prefect; `python -m stages <stage> ...` runs one from the shell or torchrun.
+The stage graph is the table below: the flows, the CLI and `python -m stages` all read it."""
+from __future__ import annotations
 
-STAGES = {"pretrain": pretrain.run, "sft": sft.run, "dpo": dpo.run, "grpo": grpo.run}
-PARENT_STAGE = {"sft": "pretrain", "dpo": "sft", "grpo": "sft"}
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # also its module, stages/<name>.py, and its trainer's registered name
+    parent: str | None  # the stage whose checkpoint directory it starts from
+    aligns: bool = False  # an alignment stage: the pipeline's last, chosen with --align
+
+    @property
+    def run(self) -> Callable:
+        """(config, parent_dir, out_dir) -> result on rank 0, None elsewhere. Imported when
+        first used, so reading the graph (the CLI's --help) does not import torch."""
+        return importlib.import_module(f"{__name__}.{self.name}").run
+
+
+STAGES = {s.name: s for s in (
+    Stage("pretrain", parent=None),
+    Stage("sft", parent="pretrain"),
+    Stage("dpo", parent="sft", aligns=True),
+    Stage("grpo", parent="sft", aligns=True),
+)}
+ALIGNERS = tuple(name for name, s in STAGES.items() if s.aligns)
+CHILDREN = tuple(name for name, s in STAGES.items() if s.parent)  # stages that can re-run on a parent
+
+
+def chain(align: str | None) -> list[str]:
+    """The pipeline's stages in order: the align stage (or none) and its ancestors."""
+    if align is None:
+        return [name for name, s in STAGES.items() if not s.aligns]
+    names = [align]
+    while STAGES[names[0]].parent:
+        names.insert(0, STAGES[names[0]].parent)
+    return names

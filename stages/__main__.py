@@ -15,17 +15,18 @@ from .config import load_config
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stages", description=__doc__)
-    ap.add_argument("stage", choices=sorted(STAGES))
+    ap.add_argument("stage", choices=list(STAGES))
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--config", help="YAML/JSON file laid over the preset")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--parent", help="the parent stage's checkpoint directory (not for pretrain)")
+    ap.add_argument("--parent", help="the parent stage's checkpoint directory (stages that have one)")
     ap.add_argument("--out", required=True, help="this stage's checkpoint directory")
     args = ap.parse_args(argv)
-    if args.stage != "pretrain" and not args.parent:
-        ap.error(f"stage {args.stage} needs --parent")
+    stage = STAGES[args.stage]
+    if stage.parent and not args.parent:
+        ap.error(f"stage {args.stage} needs --parent (a {stage.parent} checkpoint directory)")
     config = load_config(args.preset, args.config, args.overrides)
-    result = STAGES[args.stage](config, args.parent, args.out)
+    result = stage.run(config, args.parent, args.out)
     if result is not None:  # rank 0
         print(json.dumps({k: result[k] for k in ("stage", "path", "content_hash")}))
     if dist_utils.detect().enabled:

@@ -1,7 +1,12 @@
-"""Pipeline configuration: pydantic models, YAML presets, dotted-key overrides (design.md §5).
+"""Pipeline configuration: pydantic models, YAML presets, dotted-key overrides.
 
-Prefect validates flow parameters with these models and draws them as a form in its UI, so
-every field has a default and a description where the name alone does not say enough."""
+The trainers' own settings models are embedded, not copied: a stage's `train` section is
+`trainers.TrainingArgs` plus the optimizer, batch and launch settings, and `dpo`/`grpo` are
+`DPOArgs`/`GRPOArgs` plus their data and loop. The classes hold the defaults a bare trainer
+has; the YAML presets (stages/presets/) hold the pipeline's choices (schedule, checkpoint
+interval, sizes). Prefect validates flow parameters with these models and draws them as a form
+in its UI, so every field has a default and a description where the name alone does not say
+enough."""
 from __future__ import annotations
 
 import hashlib
@@ -10,16 +15,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from trainers.args import Settings, TrainingArgs
+from trainers.dpo import DPOArgs
+from trainers.grpo import GRPOArgs
+from trainers.rewards import DEFAULT_REWARDS
 
 PRESET_DIR = Path(__file__).parent / "presets"
+# Sections every stage's output depends on: the model, the tokenizer, the demo data, evaluation.
+SHARED_KEYS = ("model", "vocab_size", "demo", "eval")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
-
-
-class DataConfig(Strict):
+class DataConfig(Settings):
     source: str = Field("demo", description="'demo' (built-in task) or a local file/dir: "
                                             "jsonl, json, parquet, csv, or a datasets save_to_disk directory")
     val_source: str | None = Field(None, description="held-out data; default: split val_fraction off source")
@@ -29,74 +37,54 @@ class DataConfig(Strict):
     on_bad_rows: Literal["error", "skip"] = "error"
 
 
-class TrainConfig(Strict):
+class TrainConfig(TrainingArgs):
+    """The trainer's loop settings (`trainers.TrainingArgs`: steps, accumulation, precision,
+    clipping, schedule, checkpoints) plus what the stage builds around the trainer."""
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    warmup_steps: int = 10
     batch_size: int = Field(16, gt=0, description="per process, per micro-step")
-    grad_accum_steps: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, description="optimizer steps; overrides max_epochs")
-    max_epochs: int = 1
-    max_grad_norm: float | None = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    log_interval: int = 10
-    eval_interval: int | None = None
-    save_interval: int | None = Field(50, description="steps between resumable checkpoints")
-    keep_last: int = 2
-    seed: int = 0
-    compile: bool = False
     nproc_per_node: int = Field(1, ge=1, description=">1 launches the stage with torchrun")
     nnodes: int = Field(1, ge=1)
 
 
-class EvalConfig(Strict):
+class EvalConfig(Settings):
+    """Held-out evaluation of every stage (stages/evaluation.py). Part of every stage's cache
+    key: changing it re-runs the stages whose numbers it changes."""
     max_prompts: int = Field(64, description="held-out prompts for the task metrics")
     max_new_tokens: int = 16
     reward_samples: int = Field(8, ge=0, description="sampled completions per prompt for the held-out mean reward (0: greedy)")
-
-
-class PretrainConfig(Strict):
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-
-
-class SFTConfig(Strict):
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-
-
-class DPOConfig(Strict):
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig(lr=1e-4, warmup_steps=0)
-    beta: float = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    label_smoothing: float = 0.0
-    precompute_ref_log_probs: bool = True
-
-
-class GRPOConfig(Strict):
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig(lr=1e-4, warmup_steps=0, batch_size=4)
-    num_generations: int = 8
-    max_completion_length: int = 16
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    beta: float = 0.04
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo"
-    num_iterations: int = 1
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    reward_funcs: list[str] = ["exact_match", "format"]
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the held-out reward")
+    reward_funcs: list[str] = Field(DEFAULT_REWARDS, min_length=1,
+                                    description="reward functions of the held-out reward (by default GRPO's)")
     reward_weights: list[float] | None = None
 
 
-class DemoConfig(Strict):
+class StageConfig(Settings):
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class PretrainConfig(StageConfig):
+    pass
+
+
+class SFTConfig(StageConfig):
+    pass
+
+
+class DPOConfig(DPOArgs, StageConfig):
+    """DPO's settings (`trainers.dpo.DPOArgs`) beside its data and training loop."""
+    train: TrainConfig = TrainConfig(lr=1e-4)
+
+
+class GRPOConfig(GRPOArgs, StageConfig):
+    """GRPO's settings (`trainers.grpo.GRPOArgs`) beside its data and training loop."""
+    train: TrainConfig = TrainConfig(lr=1e-4, batch_size=4)
+
+
+class DemoConfig(Settings):
     seed: int = 0
     pretrain_docs: int = 4000
     sft_examples: int = 2000
@@ -105,7 +93,7 @@ class DemoConfig(Strict):
     eval_prompts: int = 100
 
 
-class PipelineConfig(Strict):
+class PipelineConfig(Settings):
     preset: str = "tiny"
     model: str = Field("tiny", description="built-in model preset (models.PRESETS)")
     vocab_size: int = Field(1024, description="tokenizer trained on the pretraining corpus")
@@ -120,8 +108,16 @@ class PipelineConfig(Strict):
     dpo: DPOConfig = DPOConfig()
     grpo: GRPOConfig = GRPOConfig()
 
-    def stage(self, name: str) -> BaseModel:
+    def stage(self, name: str) -> StageConfig:
         return getattr(self, name)
+
+    def stage_key(self, stage: str) -> dict:
+        """What a stage's output depends on: its own section and the shared ones (its cache key)."""
+        dumped = self.model_dump(mode="json")
+        return {"stage": stage, stage: dumped[stage], **{k: dumped[k] for k in SHARED_KEYS}}
+
+    def stage_hash(self, stage: str) -> str:
+        return config_hash(self.stage_key(stage))
 
     def resolved_run_id(self) -> str:
         return self.run_id or self.preset

@@ -1,12 +1,20 @@
-"""The stage hand-off: one checkpoint directory per stage (design.md §2).
+"""The stage hand-off: one checkpoint directory per stage (docs/handoff.md). Each path has
+one writer:
 
     <runs>/<run-id>/<stage>/
-      model.safetensors  config.json  tokenizer.json  metrics.jsonl
-      manifest.json      written last: a directory without it is incomplete
-      state/             resumable training state of an unfinished stage
+      model.safetensors  config.json  tokenizer.json
+                         the stage (`save_stage`), after training
+      metrics.jsonl      the trainer's metrics logger, as it trains
+      ref_logps/         DPO's trainer: its reference log-prob cache
+      curves.png         the flow, after the stage (flows/report.py)
+      manifest.json      the stage (`write_manifest`), last: a directory without it is incomplete
+      state/             the trainer: resumable checkpoints (trainers/checkpoint.py)
+      work/              the stage's run (`prepare_out_dir`, `work_file`): what state/ was
+                         written for (fingerprint.json), pretraining's tokenizer in progress,
+                         the config torchrun's processes read (launch_config.json)
 
 A stage only ever writes inside its own directory, so a failing stage cannot damage its
-parent's checkpoint."""
+parent's checkpoint. state/ and work/ stay local (a URL gets state/ mirrored on its own)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,21 +24,21 @@ from pathlib import Path
 
 import torch
 
-from models import Tokenizer, load_pretrained
-from trainers.checkpoint import CHECKPOINT_DIR, sha256_file, write_json_atomic
+from models import Tokenizer, load_pretrained, save_pretrained
+from models.files import read_seal, seal, verify_seal, write_json_atomic
+from trainers.checkpoint import CHECKPOINT_DIR
 
 MANIFEST = "manifest.json"
+WORK_DIR = "work"
 FINGERPRINT = "fingerprint.json"
-WEIGHT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+LAUNCH_CONFIG = "launch_config.json"
+TOKENIZER = "tokenizer.json"
+WEIGHT_FILES = ("model.safetensors", "config.json", TOKENIZER)
+OPTIONAL_FILES = ("metrics.jsonl",)  # sealed too when present, but not part of content_hash
 
 
 class StageDirError(RuntimeError):
     """A stage directory is incomplete or a file in it does not match its recorded sha256."""
-
-
-def file_hashes(out_dir: Path) -> dict[str, str]:
-    names = [*WEIGHT_FILES, "metrics.jsonl"]
-    return {n: sha256_file(out_dir / n) for n in names if (out_dir / n).exists()}
 
 
 def content_hash(sha256: dict[str, str]) -> str:
@@ -40,37 +48,35 @@ def content_hash(sha256: dict[str, str]) -> str:
 
 
 def write_manifest(out_dir: Path, fields: dict) -> dict:
-    """Hash every file and write manifest.json last; from here on the directory is complete."""
-    sha = file_hashes(out_dir)
-    missing = [n for n in WEIGHT_FILES if n not in sha]
+    """Hash every file and write manifest.json last (with the content hash derived from the
+    same digests); from here on the directory is complete."""
+    missing = [n for n in WEIGHT_FILES if not (out_dir / n).exists()]
     if missing:
         raise StageDirError(f"{out_dir}: cannot complete the stage, missing {', '.join(missing)}")
-    manifest = {**fields, "sha256": sha, "content_hash": content_hash(sha)}
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    return manifest
+    names = [*WEIGHT_FILES, *(n for n in OPTIONAL_FILES if (out_dir / n).exists())]
+    return seal(out_dir, MANIFEST, fields, names, derive=lambda sha: {"content_hash": content_hash(sha)})
 
 
 def read_manifest(stage_dir: str | Path) -> dict:
-    path = Path(stage_dir) / MANIFEST
-    if not path.exists():
-        raise StageDirError(f"{stage_dir} is not a complete stage directory: {MANIFEST} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StageDirError(f"{path} is not valid JSON: {e}") from e
+    """The manifest as recorded, without checking the files (cheap: for listings)."""
+    return read_seal(stage_dir, MANIFEST, StageDirError)
 
 
 def verify(stage_dir: str | Path) -> dict:
     """The manifest, after checking every recorded sha256; the error names the bad file."""
-    stage_dir = Path(stage_dir)
-    manifest = read_manifest(stage_dir)
-    for name, digest in manifest["sha256"].items():
-        path = stage_dir / name
-        if not path.exists():
-            raise StageDirError(f"{path} is listed in the manifest but missing")
-        if sha256_file(path) != digest:
-            raise StageDirError(f"{path} does not match the sha256 recorded in {stage_dir / MANIFEST}")
-    return manifest
+    return verify_seal(stage_dir, MANIFEST, StageDirError)
+
+
+def work_file(out_dir: Path, name: str) -> Path:
+    """A file of the stage's own work/ directory (created on first use)."""
+    (out_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    return out_dir / WORK_DIR / name
+
+
+def discard_progress(out_dir: Path) -> None:
+    """Forget an unfinished run: the trainer's checkpoints and the stage's work files."""
+    for name in (CHECKPOINT_DIR, WORK_DIR):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
 def prepare_out_dir(out_dir: Path, config_hash: str, parent_hash: str | None) -> None:
@@ -78,18 +84,28 @@ def prepare_out_dir(out_dir: Path, config_hash: str, parent_hash: str | None) ->
     only when it was written for this same config and parent (then a retry resumes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    state = out_dir / CHECKPOINT_DIR
     fingerprint = {"config_hash": config_hash, "parent_hash": parent_hash}
-    fp_path = state / FINGERPRINT
-    if state.exists() and (not fp_path.exists() or json.loads(fp_path.read_text()) != fingerprint):
-        shutil.rmtree(state)
-    state.mkdir(exist_ok=True)
-    write_json_atomic(fp_path, fingerprint)
+    path = out_dir / WORK_DIR / FINGERPRINT
+    if not path.exists() or json.loads(path.read_text()) != fingerprint:
+        discard_progress(out_dir)
+    write_json_atomic(work_file(out_dir, FINGERPRINT), fingerprint)
+
+
+def save_stage(out_dir: Path, model: torch.nn.Module, tokenizer: Tokenizer) -> None:
+    """The files a child stage loads (`load_stage`); the manifest comes after them."""
+    save_pretrained(model, str(out_dir))
+    tokenizer.save(str(out_dir / TOKENIZER))
 
 
 def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer, manifest) of a verified stage directory."""
     manifest = verify(stage_dir)
     model = load_pretrained(str(stage_dir), device=device)
-    tokenizer = Tokenizer.load(str(Path(stage_dir) / "tokenizer.json"))
+    tokenizer = Tokenizer.load(str(Path(stage_dir) / TOKENIZER))
     return model, tokenizer, manifest
+
+
+def stage_result(ref: str | Path, manifest: dict) -> dict:
+    """What a stage hands the next one (and the flow): where it is and what it contains."""
+    return {"stage": manifest["stage"], "path": str(ref), "content_hash": manifest["content_hash"],
+            "metrics": manifest["metrics"], "timings": manifest["timings"]}

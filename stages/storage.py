@@ -16,13 +16,14 @@ import json
 import os
 from pathlib import Path
 
+from models.files import write_json_atomic
 from trainers.checkpoint import CHECKPOINT_DIR, META_FILE
 
 from . import handoff
 
 PART_SUFFIX = ".part"
-# Not part of the published stage: state/ is mirrored on its own (mirror_checkpoint).
-LOCAL_ONLY = (CHECKPOINT_DIR, "launch_config.json")
+# Not part of the published stage: state/ (with work/'s fingerprint) is mirrored on its own.
+LOCAL_ONLY = (CHECKPOINT_DIR, handoff.WORK_DIR)
 
 
 def is_url(ref: str | Path) -> bool:
@@ -109,7 +110,7 @@ def localize(ref: str | Path) -> Path:
     fs, root = _fs(str(ref))
     for name in manifest["sha256"]:
         fs.get_file(f"{root.rstrip('/')}/{name}", str(local / name))
-    (local / handoff.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_json_atomic(local / handoff.MANIFEST, manifest)
     try:
         handoff.verify(local)
     except handoff.StageDirError as e:
@@ -144,7 +145,7 @@ def mirror_checkpoint(local: Path, step_dir: Path, url: str) -> None:
     another pod resumes from here (`restore_checkpoint`)."""
     state = local / CHECKPOINT_DIR
     remote_state = join(url, CHECKPOINT_DIR)
-    put_file(state / handoff.FINGERPRINT, join(remote_state, handoff.FINGERPRINT))
+    put_file(handoff.work_file(local, handoff.FINGERPRINT), join(url, handoff.WORK_DIR, handoff.FINGERPRINT))
     files = sorted((p for p in step_dir.iterdir() if p.is_file()), key=lambda p: p.name == META_FILE)
     for path in files:
         put_file(path, join(remote_state, step_dir.name, path.name))
@@ -161,22 +162,22 @@ def restore_checkpoint(url: str, local: Path) -> str | None:
     earlier attempt mirrored to `url`, if it was written for the same config and parent (the
     fingerprint prepare_out_dir just wrote). Returns its name, or None."""
     state = local / CHECKPOINT_DIR
-    if any(p.name.startswith("step-") for p in state.iterdir()):
+    if state.is_dir() and any(p.name.startswith("step-") for p in state.iterdir()):
+        return None
+    fs, remote_fingerprint = _fs(join(url, handoff.WORK_DIR, handoff.FINGERPRINT))
+    try:
+        if json.loads(fs.cat_file(remote_fingerprint)) != json.loads(handoff.work_file(local, handoff.FINGERPRINT).read_text()):
+            return None
+    except FileNotFoundError:  # nothing was mirrored yet
         return None
     fs, root = _fs(join(url, CHECKPOINT_DIR))
-    try:
-        remote_fingerprint = json.loads(fs.cat_file(f"{root}/{handoff.FINGERPRINT}"))
-    except FileNotFoundError:
-        return None
-    if remote_fingerprint != json.loads((state / handoff.FINGERPRINT).read_text()):
-        return None
     complete = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)
                       if fs.exists(f"{p.rstrip('/')}/{META_FILE}"))
     if not complete:
         return None
     name = complete[-1]
     tmp = state / f"{name}.tmp"
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     for path in fs.ls(f"{root}/{name}", detail=False):
         fs.get_file(path, str(tmp / path.rstrip("/").rsplit("/", 1)[-1]))
     tmp.rename(state / name)  # the trainer verifies its sha256s when it loads it

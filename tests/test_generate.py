@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import LlamaForCausalLM, ModelConfig, generate
-from models.generate import top_k_filter, top_p_filter
+from models.generate import completion_mask, top_k_filter, top_p_filter
 
 VOCAB = 97
 
@@ -148,3 +148,9 @@ def test_top_p_filter_keeps_smallest_set(p, kept):
     assert renorm.sum().item() == pytest.approx(1.0)
     ratio = renorm[0].item() / probs[0, kept[0]].item()
     assert math.isclose(ratio, 1 / probs[0, kept].sum().item(), rel_tol=1e-5)
+
+
+def test_completion_mask_covers_up_to_the_first_eos():
+    EOS, PAD = 1, 0
+    ids = torch.tensor([[5, 6, EOS, PAD, PAD], [5, EOS, EOS, 7, 8], [5, 6, 7, 8, 9], [EOS, PAD, PAD, PAD, PAD]])
+    assert completion_mask(ids, EOS).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]

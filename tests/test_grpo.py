@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from models import LlamaForCausalLM, generate, get_preset
+from models import LlamaForCausalLM, generate, generate_text, get_preset
 from trainers import grpo as grpo_module
-from trainers.grpo import (GRPOTrainer, collate_prompts, combine_rewards, completion_logits, completion_mask,
-                           completion_targets, group_advantages, grpo_loss, kl_k3)
+from trainers.grpo import (GRPOTrainer, collate_prompts, combine_rewards, completion_logits, completion_targets,
+                           group_advantages, grpo_loss, kl_k3)
 from trainers.logprobs import token_logps
 from trainers.rewards import (answers_match, contains, exact_match, final_answer, format_reward, get_reward,
                               register_reward, reward_name)
@@ -41,6 +41,7 @@ def one_thread():
 
 class LetterTokenizer:
     """Token i >= 2 decodes to a letter ("A" is 2); PAD and EOS are special and vanish."""
+    pad_id, eos_id = PAD, EOS
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(ord("A") + i - 2) if i > EOS else ("" if skip_special_tokens else "_") for i in ids)
@@ -87,7 +88,12 @@ def row_seeded_generate(model, input_ids, attention_mask=None, max_new_tokens=8,
     return torch.stack(rows)
 
 
-def make_trainer(items, batch_size=2, beta=0.04, generate_fn=generate, reward_funcs=None, lr=3e-3,
+def row_seeded(group_size: int):
+    """`generate_text` sampling with `row_seeded_generate`."""
+    return functools.partial(generate_text, sample=functools.partial(row_seeded_generate, group_size=group_size))
+
+
+def make_trainer(items, batch_size=2, beta=0.04, generate_fn=generate_text, reward_funcs=None, lr=3e-3,
                  optimizer="adam", **kwargs) -> GRPOTrainer:
     policy = tiny_policy()
     ref = copy.deepcopy(policy) if beta else None
@@ -97,7 +103,7 @@ def make_trainer(items, batch_size=2, beta=0.04, generate_fn=generate, reward_fu
     # distinct_letters differs between almost any two samples: no step has all-zero advantages.
     reward_funcs = [distinct_letters] if reward_funcs is None else list(reward_funcs)
     return GRPOTrainer(policy, ref, opt, prompt_loader(items, batch_size), reward_funcs, generate_fn=generate_fn,
-                       tokenizer=LetterTokenizer(), eos_token_id=EOS, pad_token_id=PAD, beta=beta,
+                       tokenizer=LetterTokenizer(), beta=beta,
                        device="cpu", progress_bar=False, **kwargs)
 
 
@@ -179,11 +185,6 @@ def test_k3_kl_by_hand():
     loss, metrics = grpo_loss(logps, logps, ref, torch.zeros(1), torch.ones(1, 2), beta=0.04)
     assert loss.item() == pytest.approx(0.04 * 0.25)
     assert metrics["kl"].item() == pytest.approx(0.25)
-
-
-def test_completion_mask_covers_up_to_the_first_eos():
-    ids = torch.tensor([[5, 6, EOS, PAD, PAD], [5, EOS, EOS, 7, 8], [5, 6, 7, 8, 9], [EOS, PAD, PAD, PAD, PAD]])
-    assert completion_mask(ids, EOS).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
 def test_collate_prompts_left_pads_and_keeps_columns():
@@ -325,7 +326,7 @@ def test_reference_stays_frozen_and_beta_zero_needs_none():
     assert "kl" not in no_ref.training_step([next(iter(no_ref.train_loader))])
     with pytest.raises(ValueError, match="ref_model"):
         GRPOTrainer(tiny_policy(), None, torch.optim.SGD(tiny_policy().parameters(), lr=0.1), [], ["contains"],
-                    generate_fn=generate, tokenizer=LetterTokenizer(), eos_token_id=EOS, pad_token_id=PAD, beta=0.04)
+                    generate_fn=generate_text, tokenizer=LetterTokenizer(), beta=0.04)
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
@@ -338,7 +339,7 @@ def test_accumulation_equals_one_big_generation_batch(loss_type):
     for batch_size, accum in ((2, 1), (1, 2)):
         trainer = make_trainer(items, batch_size=batch_size, grad_accum_steps=accum, max_steps=1, loss_type=loss_type,
                                optimizer="sgd", lr=1.0, max_grad_norm=None,
-                               generate_fn=functools.partial(row_seeded_generate, group_size=4))
+                               generate_fn=row_seeded(4))
         start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         metrics = trainer.training_step(list(trainer.train_loader))
         runs.append(({k: v - start[k] for k, v in trainer.model.state_dict().items()}, metrics))

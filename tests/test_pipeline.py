@@ -9,7 +9,7 @@ import pytest
 
 from flows.cli import main as cli
 from flows.pipeline import alignment_pipeline, run_stage
-from stages import handoff
+from stages import handoff, storage
 from stages.config import load_config
 
 
@@ -79,6 +79,25 @@ def test_rerun_skips_completed_stages_and_force_reruns_only_dpo(runs):
     assert [s for s, r in again["stages"].items() if r.get("skipped")] == ["pretrain", "sft"]
     assert handoff.read_manifest(again["stages"]["dpo"]["path"])["created_at"] >= before["dpo"]
     assert again["stages"]["sft"]["content_hash"] == dpo["stages"]["sft"]["content_hash"]
+
+
+def test_an_eval_setting_reruns_every_stage_a_grpo_setting_only_grpo(runs):
+    """The flow's skip check under changed settings: the held-out numbers of every stage depend
+    on `eval`, so an eval setting invalidates them all; a GRPO training setting changes only
+    GRPO's cache key, so pretrain and SFT still skip."""
+    config, _, grpo = runs
+    stages = grpo["stages"]
+
+    def still_complete(**overrides) -> dict[str, bool]:
+        changed = load_config("tiny", overrides={"runs_dir": config.runs_dir, "run_id": "e2e", **overrides})
+        parents = {"pretrain": None, "sft": stages["pretrain"]["content_hash"], "grpo": stages["sft"]["content_hash"]}
+        return {s: storage.is_complete(stages[s]["path"], changed.stage_hash(s), parents[s]) for s in parents}
+
+    assert still_complete() == {"pretrain": True, "sft": True, "grpo": True}
+    assert still_complete(**{"eval.temperature": 0.7}) == {"pretrain": False, "sft": False, "grpo": False}
+    assert still_complete(**{"eval.reward_funcs": ["exact_match"]}) == {"pretrain": False, "sft": False, "grpo": False}
+    assert still_complete(**{"grpo.temperature": 0.7}) == {"pretrain": True, "sft": True, "grpo": False}
+    assert still_complete(**{"grpo.reward_weights": [1.0, 0.5]}) == {"pretrain": True, "sft": True, "grpo": False}
 
 
 def test_run_stage_on_an_earlier_sft_directory(runs):

@@ -20,7 +20,7 @@ from stages import STAGES, handoff, storage
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, small_config):
     out = tmp_path_factory.mktemp("parent") / "pretrain"
-    STAGES["pretrain"](small_config(), None, out)
+    STAGES["pretrain"].run(small_config(), None, out)
     return out
 
 
@@ -33,7 +33,7 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, pretrained
     """local: the retry finds the stage's own state/. bucket: the stage publishes to a URL and
     the retry runs elsewhere (an empty cache), resuming from the checkpoints it mirrored there."""
     config = small_config()
-    STAGES["sft"](config, pretrained, tmp_path / "straight")
+    STAGES["sft"].run(config, pretrained, tmp_path / "straight")
 
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -55,7 +55,7 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, pretrained
     assert not (state.parent / handoff.MANIFEST).exists()  # an interrupted stage never looks complete
 
     monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "second-pod"))
-    result = STAGES["sft"](config, pretrained, out)  # what the flow's retry does
+    result = STAGES["sft"].run(config, pretrained, out)  # what the flow's retry does
     assert result["metrics"]["resumed_from_step"] >= 4
     straight, resumed = weights(tmp_path / "straight"), weights(storage.localize(out))
     for name in straight:
@@ -108,7 +108,7 @@ def test_two_nodes_join_one_rendezvous_as_the_multi_node_job_does(tmp_path, pret
     common = {"runs_dir": str(tmp_path), "sft.train.optimizer": "sgd", "sft.train.lr": 0.05,
               "sft.train.max_steps": 3, "sft.train.max_grad_norm": None}
     out = tmp_path / "nodes" / "sft"
-    other_node = torchrun_command("sft", out / "launch_config.json", str(pretrained), str(out), nproc=1, nnodes=2,
+    other_node = torchrun_command("sft", handoff.work_file(out, handoff.LAUNCH_CONFIG), str(pretrained), str(out), nproc=1, nnodes=2,
                                   run_id="nodes", preset="tiny", log_dir=tmp_path / "other-node-logs")
     node = subprocess.Popen(other_node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

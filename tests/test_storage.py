@@ -61,7 +61,7 @@ def test_stages_hand_off_through_an_fsspec_runs_dir(runs_url, tmp_path, monkeypa
 def test_a_corrupt_remote_file_is_named_and_never_loaded(runs_url, tmp_path, monkeypatch, small_config):
     monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "cache"))
     url = f"{runs_url}/r/pretrain"
-    STAGES["pretrain"](small_config(), None, url)
+    STAGES["pretrain"].run(small_config(), None, url)
     fs, root = fsspec.core.url_to_fs(url)
     fs.pipe_file(f"{root}/tokenizer.json", b"{}")
     monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "fresh"))

@@ -1,11 +1,14 @@
-"""Training loops and algorithms, usable without Prefect (design.md §1, §3).
+"""Training loops and algorithms, usable without Prefect (docs/training.md, docs/algorithms.md).
 
     from trainers import SFTTrainer, configure_optimizer, create_trainer
 """
-from .base import BaseTrainer, EarlyStopping, NonFiniteLossError, logits_of, unwrap
+from .args import TrainingArgs
+from .base import BaseTrainer, NonFiniteLossError
+from .early_stopping import EarlyStopping
+from .modules import logits_of, unwrap
 from .checkpoint import CheckpointError, latest_checkpoint
-from .dpo import DPOTrainer, dpo_loss
-from .grpo import GRPOTrainer, group_advantages, grpo_loss
+from .dpo import DPOArgs, DPOTrainer, dpo_loss
+from .grpo import GRPOArgs, GRPOTrainer, group_advantages, grpo_loss
 from .optim import configure_optimizer, create_scheduler, get_parameter_groups
 from .registry import create_trainer, get_trainer_class, register_trainer
 from .rewards import get_reward, register_reward
@@ -17,7 +20,7 @@ register_trainer("dpo", DPOTrainer)
 register_trainer("grpo", GRPOTrainer)
 
 __all__ = [
-    "BaseTrainer", "SFTTrainer", "PretrainTrainer", "EarlyStopping", "NonFiniteLossError",
+    "TrainingArgs", "DPOArgs", "GRPOArgs", "BaseTrainer", "SFTTrainer", "PretrainTrainer", "EarlyStopping", "NonFiniteLossError",
     "CheckpointError", "configure_optimizer", "create_scheduler", "get_parameter_groups",
     "create_trainer", "get_trainer_class", "register_trainer", "latest_checkpoint", "logits_of", "unwrap",
     "DPOTrainer", "dpo_loss", "GRPOTrainer", "group_advantages", "grpo_loss", "get_reward", "register_reward",

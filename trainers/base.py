@@ -1,10 +1,11 @@
-"""BaseTrainer: the loop mechanics every algorithm shares (design.md §3).
+"""BaseTrainer: the loop mechanics every algorithm shares (docs/training.md).
 
 A subclass supplies two things:
   * `count_items(batch)`: how many items (tokens for SFT, pairs for DPO) the batch's loss sums
     over. It is read on the CPU batch before the forward pass.
   * `compute_loss(model, batch) -> (loss_sum, metric_sums)`: the *sum* of per-item losses and
-    optional per-item metric sums (divided by the step's item count when logged).
+    optional metric sums (divided by the step's item count when logged, or `(sum, count)`
+    pairs for means over another unit, see `MetricSums`).
 
 Why sums: with variable-length sequences, averaging each micro-batch and then averaging the
 averages weights short sequences more than long ones. Here every micro-batch's loss sum is
@@ -15,110 +16,43 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .metrics import MetricsLogger
+from .args import TrainingArgs
+from .early_stopping import EarlyStopping
+from .metrics import MetricsLogger, MetricSums
+from .modules import unwrap
+from .optim import create_scheduler
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is left as it was."""
 
 
-@dataclass
-class EarlyStopping:
-    """Stop when `metric` has not improved by more than `min_delta` for `patience` evaluations."""
-    metric: str = "val_loss"
-    mode: str = "min"
-    patience: int = 3
-    min_delta: float = 0.0
-    best: float | None = None
-    bad_evals: int = 0
-
-    def __post_init__(self):
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"early stopping mode must be 'min' or 'max', got {self.mode!r}")
-
-    def update(self, value: float) -> bool:
-        """Record an evaluation; True when training should stop."""
-        improved = self.best is None or (
-            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
-        )
-        if improved:
-            self.best, self.bad_evals = value, 0
-        else:
-            self.bad_evals += 1
-        return self.bad_evals >= self.patience
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """Models return logits directly or an object carrying `.logits` (Hugging Face)."""
-    return output if isinstance(output, torch.Tensor) else output.logits
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside torch.compile and DDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-_AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BaseTrainer:
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        train_loader,
-        val_loader=None,
-        scheduler=None,
-        device: str | torch.device | None = None,
-        max_epochs: int = 1,
-        max_steps: int | None = None,
-        grad_accum_steps: int = 1,
-        max_grad_norm: float | None = 1.0,
-        use_amp: bool = False,
-        amp_dtype: str | torch.dtype = "bfloat16",
-        log_interval: int = 10,
-        eval_interval: int | None = None,
-        save_dir: str | Path | None = None,
-        save_interval: int | None = None,
-        keep_last: int | None = 3,
-        on_checkpoint: Callable[[Path], None] | None = None,
-        early_stopping: EarlyStopping | None = None,
-        seed: int | None = None,
-        compile: bool | str = False,
-        tensorboard: bool = False,
-        progress_bar: bool = True,
-    ):
-        if grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-        if max_steps is None and max_epochs is None:
-            raise ValueError("set max_steps or max_epochs")
-        if seed is not None:
-            seed_everything(seed)
+    """`args` (a `TrainingArgs`) or its fields as keywords; keywords win. `scheduler` is an LR
+    scheduler you built yourself; without one the trainer builds `args.schedule` when training
+    starts. `on_checkpoint(step_dir)` runs on the main rank after each checkpoint is complete."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, val_loader=None,
+                 args: TrainingArgs | None = None, *, scheduler=None, device: str | torch.device | None = None,
+                 save_dir: str | Path | None = None, on_checkpoint: Callable[[Path], None] | None = None,
+                 early_stopping: EarlyStopping | None = None, **settings):
+        self.args = args = TrainingArgs.build(args, **settings)
+        if args.seed is not None:
+            ckpt.seed_everything(args.seed)
 
         self.dist = dist_utils.detect()
         self.device = torch.device(device) if device is not None else dist_utils.default_device(self.dist)
@@ -127,30 +61,23 @@ class BaseTrainer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.max_epochs, self.max_steps = max_epochs, max_steps
-        self.grad_accum_steps = grad_accum_steps
-        self.max_grad_norm = max_grad_norm
-        self.log_interval, self.eval_interval = log_interval, eval_interval
         self.save_dir = Path(save_dir) if save_dir is not None else None
-        self.save_interval, self.keep_last = save_interval, keep_last
-        self.on_checkpoint = on_checkpoint  # main rank, after a checkpoint is complete (e.g. copy it off the machine)
+        self.on_checkpoint = on_checkpoint
         self.early_stopping = early_stopping
-        self.progress_bar, self.tensorboard = progress_bar, tensorboard
 
-        self.amp_dtype = _AMP_DTYPES[amp_dtype] if isinstance(amp_dtype, str) else amp_dtype
-        self.use_amp = use_amp
+        self.use_amp = args.precision != "fp32"
+        self.amp_dtype = _AMP_DTYPES.get(args.precision)
         # fp16 has a narrow exponent range: small gradients underflow unless the loss is scaled
         # up first; bf16 keeps fp32's range and needs no scaler.
-        self.scaler = (torch.amp.GradScaler(self.device.type)
-                       if use_amp and self.amp_dtype == torch.float16 else None)
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
 
         model.to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if self.dist.enabled:
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if compile:  # True: the default inductor backend; a string names another backend
-            model = torch.compile(model) if compile is True else torch.compile(model, backend=compile)
+        if args.compile:  # True: the default inductor backend; a string names another backend
+            model = torch.compile(model) if args.compile is True else torch.compile(model, backend=args.compile)
         self.model = model
 
         self.global_step = 0
@@ -202,22 +129,34 @@ class BaseTrainer:
                 for k, v in batch.items()}
 
     def estimated_total_steps(self) -> int | None:
-        """Training steps this run will take (the progress bar's total; an LR schedule needs
-        this times `updates_per_step`)."""
-        per_epoch = None
+        """Training steps this run will take: max_steps, else epochs × steps per epoch (None
+        when the loader has no length)."""
+        if self.args.max_steps is not None:
+            return self.args.max_steps
         try:
-            per_epoch = math.ceil(len(self.train_loader) / self.grad_accum_steps)
+            return math.ceil(len(self.train_loader) / self.args.grad_accum_steps) * self.args.max_epochs
         except TypeError:  # an iterable loader has no length
-            pass
-        by_epochs = per_epoch * self.max_epochs if (per_epoch is not None and self.max_epochs) else None
-        candidates = [s for s in (self.max_steps, by_epochs) if s is not None]
-        return min(candidates) if candidates else None
+            return None
+
+    def build_scheduler(self):
+        """`args.schedule` over the optimizer updates this run will make (training steps ×
+        `updates_per_step`); called by `train` before a checkpoint restores its state."""
+        steps = self.estimated_total_steps()
+        if steps is None and self.args.schedule != "constant":
+            raise ValueError(f"schedule {self.args.schedule!r} needs the number of steps: set max_steps "
+                             "(the train loader has no length)")
+        return create_scheduler(self.optimizer, self.args.schedule, warmup_steps=self.args.warmup_steps,
+                                total_steps=(steps or 1) * self.updates_per_step, min_lr_ratio=self.args.min_lr_ratio)
+
+    def on_train_begin(self) -> None:
+        """Work a subclass does once before the first step, on every rank at the same point
+        (after a resume has restored the state); DPO scores its reference here."""
 
     # ---- one optimizer step ----
 
     def _micro_batches(self, it: Iterator) -> list[dict]:
         batches = []
-        for _ in range(self.grad_accum_steps):
+        for _ in range(self.args.grad_accum_steps):
             try:
                 batches.append(next(it))
             except StopIteration:
@@ -237,7 +176,7 @@ class BaseTrainer:
         denom = n_items / self.dist.world_size
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        metric_sums: dict[str, torch.Tensor] = {}
+        sums = MetricSums()
         for i, batch in enumerate(micro):
             batch = self.to_device(batch)
             last = i == len(micro) - 1
@@ -249,13 +188,10 @@ class BaseTrainer:
                 scaled = loss / denom
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().double()
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.detach().double()
+            sums.add(metrics)
 
-        names = sorted(metric_sums)
-        reduced = dist_utils.all_reduce_sum(torch.stack([loss_sum] + [metric_sums[k] for k in names]))
-        values = (reduced / n_items).tolist()
-        loss_value = values[0]
+        (loss_total,), metric_means = sums.reduce([loss_sum], n_items, self.device)
+        loss_value = loss_total / n_items
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             where = self.last_checkpoint or "none was saved"
@@ -267,7 +203,7 @@ class BaseTrainer:
             # The gradients are multiplied by the loss scale; clip the true gradients.
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.params, self.max_grad_norm if self.max_grad_norm else float("inf"))
+            self.params, self.args.max_grad_norm or float("inf"))
         stepped = True
         if self.scaler is not None:
             scale_before = self.scaler.get_scale()
@@ -282,7 +218,7 @@ class BaseTrainer:
 
         out = {"loss": loss_value, "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
                "items": n_items, "tokens": n_tokens}
-        out.update(zip(names, values[1:]))
+        out.update(metric_means)
         if self.scaler is not None:
             out["loss_scale"] = self.scaler.get_scale()
             out["skipped_step"] = float(not stepped)
@@ -298,22 +234,17 @@ class BaseTrainer:
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        metric_sums: dict[str, torch.Tensor] = {}
-        n_items = 0
+        n_items = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = MetricSums()
         for batch in self.val_loader:
             n_items += self.count_items(batch)
             with self.autocast():
                 loss, metrics = self.compute_loss(self.model, self.to_device(batch))
             loss_sum += loss.double()
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.double()
-        names = sorted(metric_sums)
-        packed = torch.stack([loss_sum, torch.tensor(float(n_items), dtype=torch.float64, device=self.device)]
-                             + [metric_sums[k] for k in names])
-        reduced = dist_utils.all_reduce_sum(packed).tolist()
-        total = max(reduced[1], 1.0)
-        result = {"val_loss": reduced[0] / total}
-        result.update({f"val_{k}": v / total for k, v in zip(names, reduced[2:])})
+            sums.add(metrics)
+        (loss_total, total), metric_means = sums.reduce([loss_sum, n_items], None, self.device)
+        result = {"val_loss": loss_total / max(total, 1.0)}
+        result.update({f"val_{k}": v for k, v in metric_means.items()})
         self.model.train(was_training)
         return result
 
@@ -330,11 +261,8 @@ class BaseTrainer:
         ckpt.save_rng(tmp, self.dist.rank, ckpt.rng_state(), self.epoch_start_rng)
         if self.is_main:
             ckpt.save_state(tmp, unwrap(self.model), {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "extra": self.extra_state(),
-            })
+                **{k: v.state_dict() if v is not None else None for k, v in self._stateful().items()},
+                "extra": self.extra_state()})
         dist_utils.barrier()
         final = ckpt.step_dir(self.save_dir, self.global_step)
         if self.is_main:
@@ -343,21 +271,22 @@ class BaseTrainer:
                 "tokens_seen": self.tokens_seen,
                 "world_size": self.dist.world_size, "last_eval": self.last_eval,
                 "early_stopping": asdict(self.early_stopping) if self.early_stopping else None,
-            }, self.keep_last)
+            }, self.args.keep_last)
             if self.on_checkpoint is not None:
                 self.on_checkpoint(final)
         dist_utils.barrier()
         self.last_checkpoint = final
         return final
 
+    def _stateful(self) -> dict:
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
         meta, state, rng = ckpt.load(path, unwrap(self.model), self.dist.rank)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        for key, obj in self._stateful().items():
+            if obj is not None and state[key] is not None:
+                obj.load_state_dict(state[key])
         self.load_extra_state(state.get("extra") or {})
         self.global_step, self.epoch = meta["step"], meta["epoch"]
         self.batches_in_epoch = meta["batches_in_epoch"]
@@ -394,9 +323,9 @@ class BaseTrainer:
         return it
 
     def _done(self) -> bool:
-        if self.max_steps is not None and self.global_step >= self.max_steps:
-            return True
-        return self.max_epochs is not None and self.epoch >= self.max_epochs
+        if self.args.max_steps is not None:
+            return self.global_step >= self.args.max_steps
+        return self.epoch >= self.args.max_epochs
 
     def _evaluate_and_log(self, logger: MetricsLogger) -> bool:
         """Evaluate, log, and tell whether early stopping says to stop."""
@@ -415,15 +344,18 @@ class BaseTrainer:
 
         `resume_from`: a checkpoint directory, or "latest" for the newest one in save_dir
         (a fresh start when there is none)."""
+        if self.scheduler is None and self.args.schedule is not None:
+            self.scheduler = self.build_scheduler()
         if resume_from == "latest":
             resume_from = ckpt.latest_checkpoint(self.save_dir) if self.save_dir else None
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             self.resumed_from_step = self.global_step
+        self.on_train_begin()
 
         logger = MetricsLogger(self.save_dir, self.is_main, self.estimated_total_steps(),
-                               initial_step=self.global_step, progress_bar=self.progress_bar,
-                               tensorboard=self.tensorboard)
+                               initial_step=self.global_step, progress_bar=self.args.progress_bar,
+                               tensorboard=self.args.tensorboard)
         self.model.train()
         last: dict[str, float] = {}
         window_tokens, window_start = 0.0, time.perf_counter()
@@ -436,7 +368,7 @@ class BaseTrainer:
                     if not micro:  # the epoch is exhausted
                         self.epoch += 1
                         self.batches_in_epoch = 0
-                        if self.val_loader is not None and not self.eval_interval:
+                        if self.val_loader is not None and not self.args.eval_interval:
                             stop = self._evaluate_and_log(logger)
                         break
                     last = self.training_step(micro)
@@ -445,14 +377,14 @@ class BaseTrainer:
                     window_tokens += last["tokens"]
                     self.tokens_seen += last["tokens"]
                     logger.advance()
-                    if self.global_step % self.log_interval == 0:
+                    if self.global_step % self.args.log_interval == 0:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
                         logger.log(self.global_step, {**last, "epoch": self.epoch,
                                                       "tokens_per_s": window_tokens / elapsed})
                         window_tokens, window_start = 0.0, time.perf_counter()
-                    if self.eval_interval and self.global_step % self.eval_interval == 0:
+                    if self.args.eval_interval and self.global_step % self.args.eval_interval == 0:
                         stop = self._evaluate_and_log(logger)
-                    if self.save_interval and self.global_step % self.save_interval == 0:
+                    if self.args.save_interval and self.global_step % self.args.save_interval == 0:
                         self.save_checkpoint()
             if self.val_loader is not None and self.last_eval.get("step") != self.global_step:
                 self._evaluate_and_log(logger)

@@ -9,11 +9,10 @@
 
 A checkpoint is written into `step-N.tmp/` and renamed when complete, so a crash leaves
 either a whole checkpoint or a `.tmp` directory that nothing reads. `trainer_state.json`
-is written last and records every other file's sha256, which `load` verifies."""
+is written last and records every other file's sha256, which `load` verifies (models.files
+`seal`/`verify_seal`, shared with the stage hand-off)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import re
@@ -25,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from models.files import atomic_write, seal, verify_seal
+
 CHECKPOINT_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 META_FILE = "trainer_state.json"  # written last: a checkpoint directory with it is complete
@@ -34,50 +35,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or altered; the message names the file."""
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 # --- weights ---
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """safetensors cannot hold two names for one storage; `save_model` drops duplicates
     of tied weights and `load_weights` re-ties them."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
 
 
-def load_weights(model: torch.nn.Module, path: Path, expected_sha256: str | None = None) -> None:
-    if expected_sha256 is not None:
-        verify_sha256(path, expected_sha256)
+def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot load weights from {path}: {e}") from e
 
 
-def verify_sha256(path: Path, expected: str) -> None:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise CheckpointError(
-            f"checkpoint file {path} is corrupt: sha256 {actual} does not match the recorded {expected}"
-        )
-
-
 # --- RNG ---
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
 
 def rng_state() -> dict:
     """Python, numpy and torch RNG states as tensors/ints (weights_only-loadable)."""
@@ -150,9 +129,7 @@ def save_state(tmp: Path, model: torch.nn.Module, training_state: dict) -> None:
 
 def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:
     """Hash every file, write trainer_state.json last, rename into place, prune old ones."""
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    meta = dict(meta, sha256={name: sha256_file(tmp / name) for name in files})
-    write_json_atomic(tmp / META_FILE, meta)
+    seal(tmp, META_FILE, meta, [p.name for p in tmp.iterdir() if p.is_file()])
     final = tmp.with_suffix("")
     if final.exists():  # a re-save of the same step (e.g. after resume) replaces it whole
         shutil.rmtree(final)
@@ -163,20 +140,10 @@ def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:
     return final
 
 
-def read_meta(path: Path) -> dict:
-    meta_path = path / META_FILE
-    try:
-        return json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {meta_path}: {e}") from e
-
-
 def load(path: Path, model: torch.nn.Module, rank: int) -> tuple[dict, dict, dict]:
     """Verify every recorded sha256, load the weights into `model`, and return
     (meta, training_state, rng) for the trainer to restore."""
-    meta = read_meta(path)
-    for name, digest in meta["sha256"].items():
-        verify_sha256(path / name, digest)
+    meta = verify_seal(path, META_FILE, CheckpointError)
     load_weights(model, path / "model.safetensors")
     device = next(model.parameters()).device
     state_path = path / "training_state.pt"

@@ -1,4 +1,4 @@
-"""Direct Preference Optimization (design.md §4).
+"""Direct Preference Optimization (docs/algorithms.md).
 
 Batches (what `collate_pairs` builds), all right-padded [B, L] int64 tensors:
 
@@ -10,7 +10,7 @@ on padding, so `logp(y|x)` sums only the completion's tokens. A batch may also c
 `ref_chosen_logps` / `ref_rejected_logps` (fp32 [B]); when present they are used instead of
 running the reference model. That is how precomputed reference log-probs reach the loss.
 
-Precomputed reference log-probs: before the first step (lazily, on the first batch), the
+Precomputed reference log-probs: before the first step (`on_train_begin`, or a first `evaluate`), the
 reference scores every pair of the training and validation loaders once. A pair is looked up
 by `pair_keys`, the sha256 of its unpadded chosen and rejected token ids and labels, so the
 lookup does not depend on shuffling, batching or sharding. The table is saved as safetensors
@@ -23,25 +23,26 @@ a rank different pairs each epoch).
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
+from typing import Literal, get_args
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .base import BaseTrainer, logits_of
+from .args import Settings
+from .base import BaseTrainer
 from .logprobs import IGNORE_INDEX, sequence_logps
-from .reference import freeze_reference
+from .modules import logits_of
+from .reference import ReferenceLogps, data_fingerprint, freeze_reference, keys_to_tensor, reference_fingerprint
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+LOSS_TYPES = get_args(DPOLossType)
 SIDES = ("chosen", "rejected")
 
 
@@ -60,6 +61,19 @@ def check_loss_config(beta: float, loss_type: str, label_smoothing: float) -> No
                          f"got {label_smoothing}")
     if loss_type in ("ipo", "hinge") and label_smoothing != 0.0:
         raise ValueError(f"label_smoothing applies to 'sigmoid' and 'robust' only, not {loss_type!r}")
+
+
+class DPOArgs(Settings):
+    """DPO's own settings (the loop's are `TrainingArgs`)."""
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
+    loss_type: DPOLossType = "sigmoid"
+    label_smoothing: float = Field(0.0, description="ε: the believed rate of flipped labels (sigmoid, robust)")
+    precompute_ref_log_probs: bool = Field(True, description="score the reference once before training")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DPOArgs":
+        check_loss_config(self.beta, self.loss_type, self.label_smoothing)
+        return self
 
 
 def dpo_loss(
@@ -190,76 +204,6 @@ def pair_keys(batch: dict) -> list[bytes]:
     return keys
 
 
-# ---- the reference log-prob cache ----
-
-def reference_fingerprint(model: nn.Module, scoring: str) -> str:
-    """sha256 of the reference's weights (names, dtypes, shapes, bytes) and of how it is run."""
-    h = hashlib.sha256(scoring.encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def data_fingerprint(keys: list[bytes]) -> str:
-    """sha256 of the set of pair keys: independent of order, batching and sharding."""
-    return hashlib.sha256(b"".join(sorted(set(keys)))).hexdigest()
-
-
-def keys_to_tensor(keys: list[bytes]) -> torch.Tensor:
-    """Pair keys as uint8 [N, 32], the form safetensors and collectives carry."""
-    return torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 32).copy())
-
-
-def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, concatenated in rank order (ranks may hold different counts)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    count = torch.tensor([t.shape[0]], device=t.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = t.new_zeros((max(counts), *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    gathered = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
-
-
-class ReferenceLogps:
-    """Reference (chosen, rejected) log-probs by pair key: `keys` uint8 [N, 32], `logps` fp32 [N, 2]."""
-
-    def __init__(self, keys: torch.Tensor, logps: torch.Tensor):
-        self.keys, self.logps = keys, logps
-        self.index = {bytes(k): i for i, k in enumerate(keys.numpy())}
-
-    @classmethod
-    def from_rows(cls, keys: list[bytes], logps: torch.Tensor) -> "ReferenceLogps":
-        """De-duplicated (a DistributedSampler repeats pairs to even out shards) and sorted."""
-        rows = dict(zip(keys, logps))
-        ordered = sorted(rows)
-        logps = torch.stack([rows[k] for k in ordered]) if ordered else torch.zeros((0, 2))
-        return cls(keys_to_tensor(ordered), logps)
-
-    def lookup(self, keys: list[bytes]) -> torch.Tensor:
-        try:
-            return self.logps[[self.index[k] for k in keys]]
-        except KeyError:
-            raise KeyError("a batch holds a pair the reference did not score before training; the "
-                           "loaders must yield the same pairs every epoch") from None
-
-    def save(self, path: Path, metadata: dict[str, str]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"keys": self.keys, "logps": self.logps}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)  # a crash mid-write never leaves a file that looks complete
-
-    @classmethod
-    def load(cls, path: Path) -> "ReferenceLogps":
-        tensors = load_file(str(path))
-        return cls(tensors["keys"], tensors["logps"])
-
-
 # ---- the trainer ----
 
 class DPOTrainer(BaseTrainer):
@@ -272,18 +216,16 @@ class DPOTrainer(BaseTrainer):
     `save_dir/ref_logps`; with neither set the scores stay in memory only."""
 
     def __init__(self, model: nn.Module, ref_model: nn.Module, optimizer: torch.optim.Optimizer, train_loader,
-                 val_loader=None, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 precompute_ref_log_probs: bool = True, ref_cache_dir: str | Path | None = None, **base_kwargs):
-        check_loss_config(beta, loss_type, label_smoothing)
+                 val_loader=None, dpo: DPOArgs | None = None, *, ref_cache_dir: str | Path | None = None,
+                 **kwargs):
+        self.dpo = DPOArgs.build(dpo, **DPOArgs.take(kwargs))
         policy_params = {id(p) for p in model.parameters()}
         if any(id(p) in policy_params for p in ref_model.parameters()):
             # Freezing the reference would freeze these policy weights too.
             raise ValueError("ref_model shares parameters with the policy; pass a separate copy "
                              "(load the parent checkpoint again, or copy.deepcopy the policy)")
-        super().__init__(model, optimizer, train_loader, val_loader=val_loader, **base_kwargs)
+        super().__init__(model, optimizer, train_loader, val_loader, **kwargs)
         self.ref_model = freeze_reference(ref_model, device=self.device)
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.precompute_ref_log_probs = precompute_ref_log_probs
         if ref_cache_dir is None and self.save_dir is not None:
             ref_cache_dir = self.save_dir / "ref_logps"
         self.ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else None
@@ -297,11 +239,19 @@ class DPOTrainer(BaseTrainer):
     def count_tokens(self, batch: dict) -> int:
         return int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
 
+    def on_train_begin(self) -> None:
+        if self.dpo.precompute_ref_log_probs:
+            self.precompute_reference_logps()
+
+    def evaluate(self) -> dict[str, float]:
+        self.on_train_begin()  # a no-op once scored: evaluation may come first
+        return super().evaluate()
+
     def to_device(self, batch: dict) -> dict:
-        """Attach the cached reference log-probs while the batch is still on the CPU, where
+        """Attach the precomputed reference log-probs while the batch is still on the CPU, where
         hashing its pairs needs no device synchronisation."""
-        if self.precompute_ref_log_probs:
-            ref = self.precompute_reference_logps().lookup(pair_keys(batch))
+        if self.ref_logps is not None:
+            ref = self.ref_logps.lookup(pair_keys(batch))
             batch = {**batch, "ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]}
         return super().to_device(batch)
 
@@ -310,8 +260,8 @@ class DPOTrainer(BaseTrainer):
         ref_chosen, ref_rejected = self.reference_logps(batch)
         policy_chosen, policy_rejected, chosen_lengths, rejected_lengths = concatenated_logps(model, batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.dpo.beta, loss_type=self.dpo.loss_type,
+            label_smoothing=self.dpo.label_smoothing, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
         metrics = {
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
@@ -335,8 +285,8 @@ class DPOTrainer(BaseTrainer):
     def precompute_reference_logps(self) -> ReferenceLogps:
         """Score the training and validation pairs once (or load them from the disk cache).
 
-        Every rank must call it at the same point (it exchanges rows between ranks); the
-        first `to_device` does. Iterating a shuffling loader draws from the global RNG, so the
+        Every rank must call it at the same point (it exchanges rows between ranks):
+        `on_train_begin` does. Iterating a shuffling loader draws from the global RNG, so the
         RNG is restored afterwards and training sees the order it would have seen without
         this pass."""
         if self.ref_logps is not None:
@@ -381,7 +331,7 @@ class DPOTrainer(BaseTrainer):
         return path, {"reference_sha256": ref, "data_sha256": data, "scoring": scoring}
 
     def _gather_keys(self, keys: list[bytes]) -> list[bytes]:
-        gathered = _all_gather_rows(keys_to_tensor(keys).to(self.device)).cpu().numpy()
+        gathered = dist_utils.all_gather_rows(keys_to_tensor(keys).to(self.device)).cpu().numpy()
         return [bytes(k) for k in gathered]
 
     @torch.no_grad()
@@ -395,4 +345,4 @@ class DPOTrainer(BaseTrainer):
                     chosen, rejected, _, _ = concatenated_logps(self.ref_model, super().to_device(batch))
                 rows.append(torch.stack([chosen, rejected], dim=1).float())
         logps = torch.cat(rows) if rows else torch.zeros((0, 2), device=self.device)
-        return ReferenceLogps.from_rows(self._gather_keys(keys), _all_gather_rows(logps).cpu())
+        return ReferenceLogps.from_rows(self._gather_keys(keys), dist_utils.all_gather_rows(logps).cpu())

@@ -1,4 +1,4 @@
-"""Group Relative Policy Optimization (design.md §4).
+"""Group Relative Policy Optimization (docs/algorithms.md).
 
 One trainer step is one generation round: every prompt batch of the step (one per
 accumulation step) gets `num_generations` sampled completions per prompt, which are scored,
@@ -6,8 +6,9 @@ turned into group-relative advantages, and then optimised `num_iterations` times
 BaseTrainer's accumulation, clipping, AMP and DDP. The optimizer and the LR scheduler step once
 per update, so a scheduler built for N trainer steps needs `total_steps = N * num_iterations`.
 
-Generation is injected (`generate_fn`, with `models.generate`'s signature) and so is the
-tokenizer that decodes completions for the reward functions: trainers stay model-agnostic.
+Generation is injected (`generate_fn`, with `models.generate_text`'s signature: prompt ids in,
+a `Generation` with completion ids, masks and texts out) and so is the tokenizer it decodes
+with: trainers stay model-agnostic.
 
 Rollout batches, one per prompt batch, hold B·G rows of prompt + completion:
     input_ids [N, P+T], attention_mask [N, P+T], completion_mask [N, T] (1 up to and including
@@ -19,21 +20,46 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Literal, get_args
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from . import distributed as dist_utils
-from .base import BaseTrainer, logits_of, unwrap
+from .args import Settings
+from .base import BaseTrainer
+from .modules import logits_of, unwrap
 from .logprobs import IGNORE_INDEX, token_logps
 from .reference import freeze_reference
-from .rewards import get_reward, reward_name
+from .rewards import DEFAULT_REWARDS, get_reward, resolve_reward_weights, reward_name
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
+GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ScaleRewards = Literal["group", "batch", "none"]
+LOSS_TYPES, SCALE_REWARDS = get_args(GRPOLossType), get_args(ScaleRewards)
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask", "prompt")
-# Per-token statistics averaged over the active completion tokens of a step.
-TOKEN_STATS = ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "entropy")
+
+
+class GRPOArgs(Settings):
+    """GRPO's own settings (the loop's are `TrainingArgs`)."""
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (a group)")
+    max_completion_length: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs divide logits by it too")
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    beta: float = Field(0.04, ge=0, description="k3 KL penalty towards the reference (0: no reference model)")
+    epsilon: float = Field(0.2, ge=0, description="clip range below 1")
+    epsilon_high: float | None = Field(None, ge=0, description="clip range above 1 (default: epsilon)")
+    loss_type: GRPOLossType = "dapo"
+    num_iterations: int = Field(1, ge=1, description="updates per generation round")
+    scale_rewards: ScaleRewards = "group"
+    reward_funcs: list[str] = Field(DEFAULT_REWARDS, min_length=1, description="registered reward names")
+    reward_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "GRPOArgs":
+        resolve_reward_weights(self.reward_funcs, self.reward_weights)
+        return self
 
 
 # ---- the maths, as pure functions ----
@@ -111,7 +137,7 @@ def loss_items(mask: torch.Tensor, loss_type: str, max_completion_length: int | 
 def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, epsilon_low: float = 0.2,
               epsilon_high: float = 0.2, beta: float = 0.04, loss_type: str = "dapo",
               max_completion_length: int | None = None, num_items: float | None = None):
-    """Clipped surrogate + β·KL (k3), normalised per `loss_type` (design.md §4).
+    """Clipped surrogate + β·KL (k3), normalised per `loss_type` (docs/algorithms.md).
 
     Per-token tensors are [B, T] over completion tokens, `advantages` [B]. `num_items`
     overrides the normaliser, in the unit of `loss_items`; for dapo it is the active tokens of
@@ -130,13 +156,6 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, epsilon_
 def combine_rewards(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum over reward functions [N, F] -> [N]; NaN (not applicable) counts as absent."""
     return torch.nansum(per_function * weights, dim=1)
-
-
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 on tokens up to and including the first EOS, 0 after it (generate pads there)."""
-    is_eos = (completion_ids == eos_token_id).long()
-    eos_before = is_eos.cumsum(-1) - is_eos
-    return (eos_before == 0).long()
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -190,65 +209,44 @@ class GRPOTrainer(BaseTrainer):
     to 1 each. `epsilon_high` defaults to `epsilon` (DAPO's clip-higher sets it larger)."""
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None, optimizer, train_loader,
-                 reward_funcs, reward_weights=None, *, generate_fn, tokenizer, eos_token_id: int,
-                 pad_token_id: int, num_generations: int = 8, max_completion_length: int = 64,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.04,
-                 loss_type: str = "dapo", num_iterations: int = 1, scale_rewards: str = "group",
-                 **base_kwargs):
-        if (ref_model is None) != (beta == 0):
-            raise ValueError(f"ref_model must be given exactly when beta != 0 (beta={beta}, "
+                 reward_funcs=None, reward_weights=None, *, generate_fn, tokenizer, grpo: GRPOArgs | None = None,
+                 **kwargs):
+        self.grpo = args = GRPOArgs.build(grpo, **GRPOArgs.take(kwargs))
+        if (ref_model is None) != (args.beta == 0):
+            raise ValueError(f"ref_model must be given exactly when beta != 0 (beta={args.beta}, "
                              f"ref_model {'missing' if ref_model is None else 'given'})")
-        if num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 for a group std, got {num_generations}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (log-probs divide by it), got {temperature}")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-        if scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-        if not reward_funcs:
-            raise ValueError("GRPO needs at least one reward function")
-        if num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-        reward_weights = [1.0] * len(reward_funcs) if reward_weights is None else list(reward_weights)
-        if len(reward_weights) != len(reward_funcs):
-            raise ValueError(f"{len(reward_weights)} reward weights for {len(reward_funcs)} reward functions")
-        super().__init__(model, optimizer, train_loader, **base_kwargs)
+        super().__init__(model, optimizer, train_loader, **kwargs)
 
         self.ref_model = freeze_reference(ref_model, device=self.device) if ref_model is not None else None
-        self.reward_funcs = [get_reward(f) if isinstance(f, str) else f for f in reward_funcs]
-        self.reward_names = [f if isinstance(f, str) else reward_name(f) for f in reward_funcs]
-        self.reward_weights = torch.tensor(reward_weights, dtype=torch.float32)
+        funcs = args.reward_funcs if reward_funcs is None else list(reward_funcs)
+        self.reward_funcs = [get_reward(f) if isinstance(f, str) else f for f in funcs]
+        self.reward_names = [f if isinstance(f, str) else reward_name(f) for f in funcs]
+        weights = args.reward_weights if reward_weights is None else reward_weights
+        self.reward_weights = torch.tensor(resolve_reward_weights(funcs, weights), dtype=torch.float32)
         self.generate_fn, self.tokenizer = generate_fn, tokenizer
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.num_generations, self.max_completion_length = num_generations, max_completion_length
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.epsilon_low = epsilon
-        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        self.beta, self.loss_type = beta, loss_type
-        self.num_iterations, self.scale_rewards = num_iterations, scale_rewards
-        self.updates_per_step = num_iterations
+        self.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+        self.updates_per_step = args.num_iterations
 
     # ---- BaseTrainer hooks, on rollout batches ----
 
     def count_items(self, batch: dict) -> int:
-        return loss_items(batch["completion_mask"], self.loss_type, self.max_completion_length)
+        return loss_items(batch["completion_mask"], self.grpo.loss_type, self.grpo.max_completion_length)
 
     def compute_loss(self, model, batch):
+        g = self.grpo
         logits = completion_logits(model, batch)
-        logps = token_logps(logits, completion_targets(batch), self.temperature)
+        logps = token_logps(logits, completion_targets(batch), g.temperature)
         # With a single update the rollouts were sampled by these very weights: ρ is exactly 1.
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        losses, stats = grpo_token_losses(logps, old, batch.get("ref_logps"), batch["advantages"],
-                                          self.epsilon_low, self.epsilon_high, self.beta)
+        # num_items=1: the loss summed in `loss_items` units; the trainer divides by the step's total.
+        loss, stats = grpo_loss(logps, old, batch.get("ref_logps"), batch["advantages"], batch["completion_mask"],
+                                g.epsilon, self.epsilon_high, g.beta, g.loss_type, g.max_completion_length, num_items=1)
         mask = batch["completion_mask"].to(logps.dtype)
         with torch.no_grad():
-            stats["entropy"] = token_entropy(logits.float() / self.temperature)
-        # Token sums plus the token count: training_step turns them into per-token means.
-        sums = {k: (v * mask).sum() for k, v in stats.items()}
-        sums["completion_tokens"] = mask.sum()
-        return loss_sum(losses, mask, self.loss_type), sums
+            stats["entropy"] = (token_entropy(logits.float() / g.temperature) * mask).sum() / mask.sum().clamp(min=1)
+        # Per-token means whatever the loss's unit: (mean × tokens, tokens) sums over the step.
+        tokens = mask.sum()
+        return loss, {k: (v * tokens, tokens) for k, v in stats.items()}
 
     # ---- one step: generate, score, optimise ----
 
@@ -269,10 +267,9 @@ class GRPOTrainer(BaseTrainer):
             records.append(record)
             gen_seconds += seconds
         scored = self._clock()
-        for _ in range(self.num_iterations):
+        for _ in range(self.grpo.num_iterations):
             metrics = super().training_step(rollouts)
         end = self._clock()
-        metrics = self._token_means(metrics)
         metrics.update(self._rollout_metrics(records, {
             "generation": gen_seconds, "scoring": scored - start - gen_seconds, "optimization": end - scored}))
         return metrics
@@ -280,53 +277,46 @@ class GRPOTrainer(BaseTrainer):
     def _rollout(self, batch: dict, generator: torch.Generator) -> tuple[dict, dict, float]:
         """Sample and score one prompt batch and add the log-probs the updates compare against:
         (rollout batch, per-row record for the metrics, generation seconds)."""
-        G = self.num_generations
+        g = self.grpo
         t0 = self._clock()
-        sequences, prompt_mask = self._generate(batch, G, self.temperature, generator)
+        generation = self._generate(batch, g.num_generations, g.temperature, generator)
         gen_seconds = self._clock() - t0
-        completions = sequences[:, prompt_mask.shape[1]:]
-        mask = completion_mask(completions, self.eos_token_id)
-        per_function = self._score(batch, completions, mask, G)
+        mask = generation.completion_mask
+        per_function = self._score(batch, generation.texts, g.num_generations)
         rewards = combine_rewards(per_function, self.reward_weights)
         rollout = {
-            "input_ids": sequences,
-            "attention_mask": torch.cat([prompt_mask, mask], dim=1),
+            "input_ids": generation.sequences,
+            "attention_mask": torch.cat([generation.prompt_mask, mask], dim=1),
             "completion_mask": mask,
-            "advantages": group_advantages(rewards, G, self.scale_rewards).to(self.device),
+            "advantages": group_advantages(rewards, g.num_generations, g.scale_rewards).to(self.device),
         }
         policy = unwrap(self.model)
         with torch.no_grad(), self.autocast():
-            if self.num_iterations > 1:  # later updates need the sampling policy's log-probs
+            if g.num_iterations > 1:  # later updates need the sampling policy's log-probs
                 rollout["old_logps"] = token_logps(completion_logits(policy, rollout),
-                                                   completion_targets(rollout), self.temperature)
+                                                   completion_targets(rollout), g.temperature)
             if self.ref_model is not None:
                 rollout["ref_logps"] = token_logps(completion_logits(self.ref_model, rollout),
-                                                   completion_targets(rollout), self.temperature)
+                                                   completion_targets(rollout), g.temperature)
         record = {"rewards": rewards, "per_function": per_function, "lengths": mask.sum(-1).cpu(),
-                  "truncated": ~(completions == self.eos_token_id).any(-1).cpu()}
+                  "truncated": ~generation.ended.cpu()}
         return rollout, record, gen_seconds
 
-    def _generate(self, batch: dict, repeats: int, temperature: float,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each prompt `repeats` times in a row: (prompt + completion ids, prompt mask)."""
-        ids = batch["prompt_input_ids"].to(self.device).repeat_interleave(repeats, dim=0)
-        prompt_mask = batch["prompt_attention_mask"].to(self.device).repeat_interleave(repeats, dim=0)
+    def _generate(self, batch: dict, repeats: int, temperature: float, generator: torch.Generator | None):
+        """Each prompt `repeats` times in a row, through the injected `generate_fn`."""
+        prompts = [row[m.bool()].tolist() for row, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
         with self.autocast():
-            sequences = self.generate_fn(
-                unwrap(self.model), ids, attention_mask=prompt_mask, max_new_tokens=self.max_completion_length,
-                temperature=temperature, top_k=self.top_k, top_p=self.top_p, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, use_cache=True, generator=generator)
-        return sequences, prompt_mask
+            return self.generate_fn(unwrap(self.model), self.tokenizer, repeat_each(prompts, repeats),
+                                    max_new_tokens=self.grpo.max_completion_length, temperature=temperature,
+                                    top_k=self.grpo.top_k, top_p=self.grpo.top_p, generator=generator)
 
-    def _score(self, batch: dict, completions: torch.Tensor, mask: torch.Tensor, repeats: int) -> torch.Tensor:
+    def _score(self, batch: dict, texts: list[str], repeats: int) -> torch.Tensor:
         """Rewards [N, F] of each reward function, NaN where a function returned None."""
         if "prompt" in batch:
             prompts = list(batch["prompt"])
         else:
             prompts = [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
                        for row, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
-        texts = [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-                 for row, n in zip(completions.cpu(), mask.sum(-1).tolist())]
         columns = {k: repeat_each(v, repeats) for k, v in batch.items() if k not in PROMPT_KEYS}
         prompts = repeat_each(prompts, repeats)
         scores = []
@@ -344,20 +334,13 @@ class GRPOTrainer(BaseTrainer):
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    @staticmethod
-    def _token_means(metrics: dict[str, float]) -> dict[str, float]:
-        """BaseTrainer divides metric sums by the step's loss items (sequences, tokens, ...
-        per loss_type); dividing by the token count, divided alike, gives per-token means."""
-        tokens = metrics.pop("completion_tokens")
-        return {k: (v / tokens if k in TOKEN_STATS else v) for k, v in metrics.items()}
-
     def _rollout_metrics(self, records: list[dict], seconds: dict[str, float]) -> dict[str, float]:
         """Reward, completion-length and timing metrics of the step, over all ranks."""
         rewards = torch.cat([r["rewards"] for r in records]).double()
         per_function = torch.cat([r["per_function"] for r in records]).double()
         lengths = torch.cat([r["lengths"] for r in records]).double()
         truncated = torch.cat([r["truncated"] for r in records]).double()
-        group_std = rewards.view(-1, self.num_generations).std(dim=1)
+        group_std = rewards.view(-1, self.grpo.num_generations).std(dim=1)
         applicable = ~per_function.isnan()
         totals = [rewards.sum(), rewards.square().sum(), rewards.numel(), (group_std < 1e-6).sum(),
                   group_std.numel(), lengths.sum(), truncated.sum(),
@@ -400,9 +383,7 @@ class GRPOTrainer(BaseTrainer):
             return {}
         scores = []
         for batch in self.val_loader:
-            sequences, prompt_mask = self._generate(batch, 1, 0.0, None)
-            completions = sequences[:, prompt_mask.shape[1]:]
-            scores.append(self._score(batch, completions, completion_mask(completions, self.eos_token_id), 1))
+            scores.append(self._score(batch, self._generate(batch, 1, 0.0, None).texts, 1))
         per_function = torch.cat(scores).double()
         rewards = combine_rewards(per_function, self.reward_weights.double())
         packed = torch.cat([torch.tensor([float(rewards.sum()), rewards.numel()], dtype=torch.float64),

@@ -1,12 +1,16 @@
-"""Where metrics go: a progress bar, `metrics.jsonl`, and optionally TensorBoard.
-Only rank 0 constructs a live logger; other ranks get one that drops everything."""
+"""Metrics: summed over a step's micro-batches and ranks (`MetricSums`), then logged to a
+progress bar, `metrics.jsonl`, and optionally TensorBoard (`MetricsLogger`: only rank 0
+constructs a live logger; other ranks get one that drops everything)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+
+from . import distributed as dist_utils
 
 _BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s")
 
@@ -63,3 +67,33 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class MetricSums:
+    """A step's (or an evaluation's) metrics, summed over micro-batches. `compute_loss` returns
+    each metric as a sum over its loss items, or as a `(sum, count)` pair when it is a mean
+    over another unit (GRPO's per-token statistics under a per-sequence loss)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            total, count = value if isinstance(value, tuple) else (value, None)
+            self.sums[name] = self.sums.get(name, 0) + total.detach().double()
+            if count is not None:
+                self.counts[name] = self.counts.get(name, 0) + torch.as_tensor(count).detach().double()
+
+    def reduce(self, extra: list[torch.Tensor], n_items: float | None, device) -> tuple[list[float], dict]:
+        """All-reduce `extra` and the sums in one collective: (extra totals, metric means). A
+        plain sum is divided by `n_items` (default: the last of `extra`)."""
+        names, paired = sorted(self.sums), sorted(self.counts)
+        values = [*extra, *(self.sums[k] for k in names), *(self.counts[k] for k in paired)]
+        packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+        reduced = dist_utils.all_reduce_sum(packed).tolist()
+        totals = reduced[:len(extra)]
+        sums = dict(zip(names, reduced[len(extra):]))
+        counts = dict(zip(paired, reduced[len(extra) + len(names):]))
+        divisor = n_items if n_items is not None else totals[-1]
+        return totals, {k: v / max(counts.get(k, divisor), 1.0) for k, v in sums.items()}

@@ -33,6 +33,7 @@ from typing import Callable
 RewardFn = Callable[..., list]
 
 _REGISTRY: dict[str, RewardFn] = {}
+DEFAULT_REWARDS = ["exact_match", "format"]  # the demo task's: a right answer, in the answer format
 
 # A number as people write it in word problems: optional sign, thousands commas, decimals.
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -54,6 +55,16 @@ def get_reward(name: str) -> RewardFn:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def resolve_reward_weights(funcs: list, weights: list[float] | None) -> list[float]:
+    """One weight per reward function (1 each by default)."""
+    if not funcs:
+        raise ValueError("GRPO needs at least one reward function")
+    weights = [1.0] * len(funcs) if weights is None else list(weights)
+    if len(weights) != len(funcs):
+        raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
+    return weights
 
 
 def reward_name(fn: RewardFn) -> str:

@@ -6,7 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import BaseTrainer, logits_of
+from .base import BaseTrainer
+from .modules import logits_of
 from .logprobs import IGNORE_INDEX, shift_labels
 
 

@@ -18,8 +18,7 @@ from safetensors.torch import save_file
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_grpo import (EOS, PAD, LetterTokenizer, prompt_items, prompt_loader,  # noqa: E402
-                       row_seeded_generate, tiny_policy)
+from test_grpo import LetterTokenizer, prompt_items, prompt_loader, row_seeded, tiny_policy  # noqa: E402
 
 from trainers.distributed import exit_worker  # noqa: E402
 from trainers.grpo import GRPOTrainer  # noqa: E402
@@ -46,8 +45,8 @@ def main() -> None:
     trainer = LastMetricsTrainer(
         policy, copy.deepcopy(policy), torch.optim.SGD(policy.parameters(), lr=0.5),
         prompt_loader(items, GLOBAL_BATCH // ACCUM // world, sampler=sampler), ["contains"],
-        generate_fn=functools.partial(row_seeded_generate, group_size=GENERATIONS), tokenizer=LetterTokenizer(),
-        eos_token_id=EOS, pad_token_id=PAD, num_generations=GENERATIONS, max_completion_length=6,
+        generate_fn=row_seeded(GENERATIONS), tokenizer=LetterTokenizer(),
+        num_generations=GENERATIONS, max_completion_length=6,
         num_iterations=2, beta=0.04, loss_type="dapo", device="cpu", max_steps=2, grad_accum_steps=ACCUM,
         max_grad_norm=1.0, seed=0, progress_bar=False)
     trainer.train()

@@ -1,0 +1,183 @@
+"""A stage's run, from its parent to its published checkpoint directory. A stage module reads:
+
+    with StageRun("sft", config, parent, out) as stage:   # process group, verified parent, out dir
+        model, tok = stage.load_parent()
+        trainer = stage.trainer(model, tok, collate_causal_lm)  # data, loaders, optimizer, trainer
+        stage.train(trainer, tok)                           # train (resuming), held-out evaluation
+    return stage.result                                     # set on a clean exit: directory written
+
+On a clean exit rank 0 writes the weights, the tokenizer and, last, the manifest (stages.handoff),
+then publishes the directory when it lives at a URL (stages.storage). On an exception nothing
+is written: a retry resumes from the trainer's last checkpoint in `state/`."""
+from __future__ import annotations
+
+import functools
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models import Tokenizer
+from trainers import configure_optimizer, create_trainer
+from trainers import distributed as dist_utils
+from trainers import BaseTrainer, unwrap
+
+from . import data as data_mod
+from . import handoff, storage
+from .config import PipelineConfig, StageConfig, TrainConfig
+from .evaluation import heldout_metrics
+
+VERSIONED = ("alignflow", "torch", "safetensors", "tokenizers", "datasets", "pydantic")
+
+
+class StageRun:
+    def __init__(self, stage: str, config: PipelineConfig, parent_ref: str | Path | None, out_ref: str | Path):
+        self.stage, self.config = stage, config
+        self.out_ref = str(out_ref)  # where the stage is published: a path, or an fsspec URL
+        self.out_dir = storage.local_dir(out_ref)  # where it is worked on
+        self.parent_ref = str(parent_ref) if parent_ref else None  # as given: the lineage recorded
+        self.parent_dir: Path | None = None  # a verified local copy of the parent
+        self.parent_manifest: dict | None = None
+        self.dist = dist_utils.detect()
+        self.device = torch.device(config.device) if config.device else dist_utils.default_device(self.dist)
+        self.started = time.time()
+        self.data_notes: dict[str, dict] = {}
+        self.outcome: dict | None = None  # what train() produced, written on exit
+        self.result: dict | None = None  # rank 0, after a clean exit: what the next stage needs
+
+    @property
+    def settings(self) -> StageConfig:
+        return self.config.stage(self.stage)
+
+    @property
+    def train_cfg(self) -> TrainConfig:
+        return self.settings.train
+
+    @property
+    def parent_hash(self) -> str | None:
+        return self.parent_manifest["content_hash"] if self.parent_manifest else None
+
+    # ---- set up and finish ----
+
+    def __enter__(self) -> "StageRun":
+        """Join the process group (if torchrun started us), fetch and verify the parent, prepare
+        the local working directory (a retry at a URL first restores the mirrored checkpoint)."""
+        dist_utils.setup(self.device)
+        if self.parent_ref is not None:
+            if self.dist.local_rank == 0:  # one download per node
+                storage.localize(self.parent_ref)
+            dist_utils.barrier()
+            self.parent_dir = storage.local_dir(self.parent_ref)
+            self.parent_manifest = handoff.verify(self.parent_dir)
+        if self.dist.is_main:
+            handoff.prepare_out_dir(self.out_dir, self.config.stage_hash(self.stage), self.parent_hash)
+            if storage.is_url(self.out_ref):
+                storage.restore_checkpoint(self.out_ref, self.out_dir)
+        dist_utils.barrier()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self._write()
+        return False
+
+    def _write(self) -> None:
+        if self.outcome is None:
+            raise RuntimeError(f"stage {self.stage} ended without training")
+        if self.dist.is_main:
+            handoff.save_stage(self.out_dir, self.outcome["model"], self.outcome["tokenizer"])
+            manifest = handoff.write_manifest(self.out_dir, self._manifest_fields())
+            if storage.is_url(self.out_ref):
+                storage.publish(self.out_dir, self.out_ref)
+            self.result = handoff.stage_result(self.out_ref, manifest)
+        dist_utils.barrier()
+
+    def _manifest_fields(self) -> dict:
+        o, seconds = self.outcome, self.outcome["train_seconds"]
+        tokens = o["metrics"].get("tokens", 0.0)
+        parent = ({"path": self.parent_ref, "content_hash": self.parent_hash, "stage": self.parent_manifest["stage"]}
+                  if self.parent_manifest else None)
+        return {
+            "stage": self.stage,
+            "run_id": self.config.resolved_run_id(),
+            "config": self.config.stage_key(self.stage),
+            "config_hash": self.config.stage_hash(self.stage),
+            "parent": parent,
+            "data": self.data_notes,
+            "metrics": {**o["metrics"], **o["evaluation"]},
+            "timings": {"wall_seconds": round(time.time() - self.started, 2), "train_seconds": round(seconds, 2),
+                        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None},
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "versions": package_versions(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    # ---- what every stage builds the same way ----
+
+    def load_parent(self) -> tuple[torch.nn.Module, Tokenizer]:
+        model, tok, _ = handoff.load_stage(self.parent_dir, self.device)
+        return model, tok
+
+    def load_data(self, tok: Tokenizer, train_raw: data_mod.RawSplit | None = None):
+        """(train, val) of this stage's data; `train_raw` when the caller already read it."""
+        cfg, demo = self.settings.data, self.config.demo
+        train = (data_mod.tokenize(self.stage, train_raw, tok, cfg) if train_raw is not None
+                 else data_mod.prepare(self.stage, cfg, demo, tok, "train"))
+        val = data_mod.prepare(self.stage, cfg, demo, tok, "val")
+        for split, loaded in (("train", train), ("val", val)):
+            self.data_notes[split] = {"origin": loaded.origin, "rows": len(loaded.dataset), "skipped_bad_rows": loaded.skipped,
+                                      "dropped_too_long": loaded.dropped_too_long,
+                                      "fingerprint": getattr(loaded.dataset, "_fingerprint", None)}
+        if len(train.dataset) == 0:
+            raise data_mod.DataError(f"{train.origin}: no training examples left ({train.skipped} bad rows skipped, "
+                                     f"{train.dropped_too_long} over data.max_length={cfg.max_length} dropped; "
+                                     f"pretraining needs text for one block of max_length tokens)")
+        return train, val
+
+    def _loader(self, dataset, collate, shuffle: bool) -> DataLoader:
+        """A DistributedSampler even in one process: its order is a function of (seed, epoch), and
+        N ranks with batch B together see exactly the batches one process sees with batch N*B."""
+        t = self.train_cfg
+        sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                     shuffle=shuffle, seed=t.seed or 0)
+        return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=collate)
+
+    def trainer(self, model: torch.nn.Module, tok: Tokenizer, collate, train_raw: data_mod.RawSplit | None = None,
+                **algorithm) -> BaseTrainer:
+        """This stage's trainer (`trainers.create_trainer(stage)`) on this stage's data.
+        `collate(items, pad_id)` builds a batch; `algorithm`: the trainer's own arguments."""
+        train, val = self.load_data(tok, train_raw)
+        collate = functools.partial(collate, pad_id=tok.pad_id)
+        t = self.train_cfg
+        mirror = (functools.partial(storage.mirror_checkpoint, self.out_dir, url=self.out_ref)
+                  if storage.is_url(self.out_ref) else None)  # a retry in another pod resumes from the bucket
+        return create_trainer(
+            self.stage, model=model,
+            optimizer=configure_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas),
+            train_loader=self._loader(train.dataset, collate, shuffle=True),
+            val_loader=self._loader(val.dataset, collate, shuffle=False) if len(val.dataset) else None,
+            args=t, device=self.device, save_dir=self.out_dir, on_checkpoint=mirror, **algorithm)
+
+    def train(self, trainer: BaseTrainer, tok: Tokenizer) -> None:
+        """Train (resuming from this stage's last checkpoint), then evaluate on held-out prompts."""
+        started = time.time()
+        metrics = trainer.train(resume_from="latest")
+        seconds = time.time() - started
+        model = unwrap(trainer.model)
+        evaluation = heldout_metrics(self.config, self.settings.data, model, tok) if self.dist.is_main else {}
+        self.outcome = {"model": model, "tokenizer": tok, "metrics": metrics, "evaluation": evaluation,
+                        "train_seconds": seconds}
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,80 @@
+"""Settings as pydantic models: each setting, its default and its validation written once.
+
+`TrainingArgs` holds the loop's settings (what every algorithm shares); each algorithm module
+has its own (`trainers.dpo.DPOArgs`, `trainers.grpo.GRPOArgs`). A trainer takes them as objects
+or as plain keywords (the seeds' API: `SFTTrainer(model=..., max_epochs=3, use_amp=True)`),
+and the pipeline's configuration embeds the same classes, so a setting has one default
+whether it comes from a YAML preset or a Python call."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["fp32", "bf16", "fp16"]
+ScheduleName = Literal["cosine", "linear", "constant", "wsd"]
+_AMP_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
+
+
+class Settings(BaseModel):
+    """A settings model: a misspelt key is an error, not a silently ignored default."""
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def take(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Pop this model's fields out of `kwargs` (the rest is somebody else's)."""
+        return {name: kwargs.pop(name) for name in list(kwargs) if name in cls.model_fields}
+
+    @classmethod
+    def build(cls, given: BaseModel | None = None, **overrides: Any):
+        """`given` (this model, or a config that embeds it) with keyword overrides on top."""
+        base = given.model_dump(include=set(cls.model_fields)) if given is not None else {}
+        return cls.model_validate({**base, **overrides})
+
+
+class TrainingArgs(Settings):
+    """The loop: how long, how many micro-batches per step, precision, clipping, LR schedule,
+    logging and checkpoints."""
+    max_epochs: int | None = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; when set it replaces max_epochs")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, description="clip the global gradient norm to this (None: no clipping)")
+    precision: Precision = Field("fp32", description="bf16: autocast; fp16: autocast with a GradScaler")
+    schedule: ScheduleName | None = Field(None, description="LR schedule the trainer builds once it knows how many "
+                                                            "updates it makes; None: the optimizer's LR throughout")
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    log_interval: int = Field(10, ge=1)
+    eval_interval: int | None = Field(None, ge=1, description="steps between evaluations (None: each epoch)")
+    save_interval: int | None = Field(None, ge=1, description="steps between resumable checkpoints")
+    keep_last: int | None = Field(2, ge=1, description="checkpoints kept (None: all)")
+    seed: int | None = Field(0, description="seeds Python, numpy and torch at construction (None: leave them)")
+    compile: bool | str = Field(False, description="torch.compile the model (a string names the backend)")
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_amp_keywords(cls, data: Any) -> Any:
+        """The seeds' `use_amp=True, amp_dtype="float16"` spelling of `precision`."""
+        if not isinstance(data, dict) or ("use_amp" not in data and "amp_dtype" not in data):
+            return data
+        data = dict(data)
+        use_amp, dtype = data.pop("use_amp", False), data.pop("amp_dtype", "bfloat16")
+        name = str(dtype).removeprefix("torch.")
+        if name not in _AMP_NAMES:
+            raise ValueError(f"amp_dtype must be bfloat16 or float16, got {dtype!r}")
+        if use_amp:
+            data["precision"] = _AMP_NAMES[name]
+        return data
+
+    @model_validator(mode="after")
+    def _has_an_end(self) -> "TrainingArgs":
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("set max_steps or max_epochs")
+        return self
+
+    @property
+    def epoch_limit(self) -> int | None:
+        """As in Hugging Face's Trainer, max_steps replaces the epoch limit rather than racing it."""
+        return None if self.max_steps is not None else self.max_epochs
