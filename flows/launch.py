@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from stages import handoff, storage
+from stages import storage
 from stages.config import PipelineConfig
 
 
@@ -91,9 +91,9 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
     t = config.stage(stage).train
     local = storage.local_dir(out_ref)
     local.mkdir(parents=True, exist_ok=True)
-    config_file = handoff.work_file(local, handoff.LAUNCH_CONFIG)  # every node reads the same one
+    log_dir = Path(tempfile.mkdtemp(prefix="alignflow-torchrun-"))  # ours: removed when torchrun ends
+    config_file = log_dir / "config.json"
     config_file.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-    log_dir = Path(tempfile.mkdtemp(prefix="alignflow-torchrun-"))
     cmd = torchrun_command(stage, config_file, parent, out_ref, t.nproc_per_node, t.nnodes,
                            config.resolved_run_id(), config.preset, log_dir)
     logger.info("launching: %s", " ".join(cmd))

@@ -10,8 +10,7 @@ one writer:
       manifest.json      the stage (`write_manifest`), last: a directory without it is incomplete
       state/             the trainer: resumable checkpoints (trainers/checkpoint.py)
       work/              the stage's run (`prepare_out_dir`, `work_file`): what state/ was
-                         written for (fingerprint.json), pretraining's tokenizer in progress,
-                         the config torchrun's processes read (launch_config.json)
+                         written for (fingerprint.json), pretraining's tokenizer in progress
 
 A stage only ever writes inside its own directory, so a failing stage cannot damage its
 parent's checkpoint. state/ and work/ stay local (a URL gets state/ mirrored on its own)."""
@@ -31,7 +30,6 @@ from trainers.checkpoint import CHECKPOINT_DIR
 MANIFEST = "manifest.json"
 WORK_DIR = "work"
 FINGERPRINT = "fingerprint.json"
-LAUNCH_CONFIG = "launch_config.json"
 TOKENIZER = "tokenizer.json"
 WEIGHT_FILES = ("model.safetensors", "config.json", TOKENIZER)
 OPTIONAL_FILES = ("metrics.jsonl",)  # sealed too when present, but not part of content_hash

@@ -108,13 +108,15 @@ def test_two_nodes_join_one_rendezvous_as_the_multi_node_job_does(tmp_path, pret
     common = {"runs_dir": str(tmp_path), "sft.train.optimizer": "sgd", "sft.train.lr": 0.05,
               "sft.train.max_steps": 3, "sft.train.max_grad_norm": None}
     out = tmp_path / "nodes" / "sft"
-    other_node = torchrun_command("sft", handoff.work_file(out, handoff.LAUNCH_CONFIG), str(pretrained), str(out), nproc=1, nnodes=2,
+    config = small_config(**common, **{"sft.train.batch_size": 4, "sft.train.nnodes": 2})
+    node_config = tmp_path / "node-config.json"  # every node resolves the same config
+    node_config.write_text(config.model_dump_json())
+    other_node = torchrun_command("sft", node_config, str(pretrained), str(out), nproc=1, nnodes=2,
                                   run_id="nodes", preset="tiny", log_dir=tmp_path / "other-node-logs")
     node = subprocess.Popen(other_node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        two = run_stage(stage="sft", config=small_config(**common, **{"sft.train.batch_size": 4, "sft.train.nnodes": 2}),
-                        parent=str(pretrained), run_id="nodes")
+        two = run_stage(stage="sft", config=config, parent=str(pretrained), run_id="nodes")
         assert node.wait(timeout=120) == 0
     finally:
         if node.poll() is None:

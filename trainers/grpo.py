@@ -29,8 +29,8 @@ from torch import nn
 from . import distributed as dist_utils
 from .args import Settings
 from .base import BaseTrainer
-from .modules import logits_of, unwrap
 from .logprobs import IGNORE_INDEX, token_logps
+from .modules import logits_of, unwrap
 from .reference import freeze_reference
 from .rewards import DEFAULT_REWARDS, get_reward, resolve_reward_weights, reward_name
 
@@ -204,9 +204,10 @@ def repeat_each(values, times: int) -> list:
 class GRPOTrainer(BaseTrainer):
     """GRPO on prompt batches (see `collate_prompts`); see the module docstring for a step.
 
-    `ref_model` is None exactly when beta == 0; otherwise it is frozen and kept out of DDP and
-    the optimizer. `reward_funcs` are registered names or callables; `reward_weights` default
-    to 1 each. `epsilon_high` defaults to `epsilon` (DAPO's clip-higher sets it larger)."""
+    Settings: `grpo` (a `GRPOArgs`) or its fields as keywords. `ref_model` is None exactly when
+    beta == 0; otherwise it is frozen and kept out of DDP and the optimizer. `reward_funcs` /
+    `reward_weights`, when given, replace the settings' names and may hold callables.
+    `epsilon_high` defaults to `epsilon` (DAPO's clip-higher sets it larger)."""
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None, optimizer, train_loader,
                  reward_funcs=None, reward_weights=None, *, generate_fn, tokenizer, grpo: GRPOArgs | None = None,

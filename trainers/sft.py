@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import BaseTrainer
-from .modules import logits_of
 from .logprobs import IGNORE_INDEX, shift_labels
+from .modules import logits_of
 
 
 def next_token_labels(batch: dict) -> torch.Tensor:
