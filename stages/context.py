@@ -133,9 +133,11 @@ class StageRun:
                                       "dropped_too_long": loaded.dropped_too_long,
                                       "fingerprint": getattr(loaded.dataset, "_fingerprint", None)}
         if len(train.dataset) == 0:
-            raise data_mod.DataError(f"{train.origin}: no training examples left ({train.skipped} bad rows skipped, "
-                                     f"{train.dropped_too_long} over data.max_length={cfg.max_length} dropped; "
-                                     f"pretraining needs text for one block of max_length tokens)")
+            why = (f"too little text for one block of data.max_length={cfg.max_length} tokens"
+                   if data_mod.KINDS[self.stage].packs else
+                   f"{train.dropped_too_long} rows longer than data.max_length={cfg.max_length} dropped, "
+                   f"{train.skipped} bad rows skipped")
+            raise data_mod.DataError(f"{train.origin}: no training examples left ({why})")
         return train, val
 
     def _loader(self, dataset, collate, shuffle: bool) -> DataLoader:

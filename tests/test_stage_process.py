@@ -128,3 +128,15 @@ def test_two_nodes_join_one_rendezvous_as_the_multi_node_job_does(tmp_path, pret
     for name in single:
         torch.testing.assert_close(nodes[name], single[name], atol=1e-5, rtol=0, msg=name)
     assert handoff.read_manifest(two["stages"]["sft"]["path"])["world_size"] == 2
+
+
+def test_a_stage_left_with_no_training_rows_fails_before_training(tmp_path, pretrained, small_config):
+    """Every row longer than data.max_length: with max_steps set this used to spin forever at
+    step 0; now it is a DataError naming the file and why, and nothing is written."""
+    data = tmp_path / "long.jsonl"
+    data.write_text('{"prompt": "What is two plus two, in many words?", "completion": "Four, said at length."}\n' * 5)
+    config = small_config(**{"sft.data.source": str(data), "sft.data.max_length": 10, "sft.train.max_steps": 3})
+    with pytest.raises(ValueError, match=r"long\.jsonl: no training examples left \(4 rows longer than "
+                                         r"data\.max_length=10 dropped, 0 bad rows skipped\)"):
+        STAGES["sft"].run(config, pretrained, tmp_path / "sft")
+    assert not (tmp_path / "sft" / handoff.MANIFEST).exists()
