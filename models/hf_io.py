@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 from .config import ModelConfig
-from .files import atomic_write  # also re-exported: models.tokenizer imports it from here
+from .files import atomic_write
 from .llama import LlamaForCausalLM
 
 CONFIG_NAME = "config.json"

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, pre_tokenizers
 
-from .hf_io import atomic_write
+from .files import atomic_write
 
 PAD = "<|pad|>"
 BOS = "<|bos|>"
