@@ -94,13 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args):
-    from stages.config import load_config
+    from stages.config import load_config, parse_override
 
-    overrides = list(args.overrides)
-    if args.run_id:
-        overrides.append(f"run_id={args.run_id}")
-    if args.runs_dir:
-        overrides.append(f"runs_dir={args.runs_dir}")
+    overrides = dict(parse_override(item) for item in args.overrides)
+    # Names, not YAML: --run-id 2024 is the string "2024".
+    overrides.update({key: value for key, value in (("run_id", args.run_id), ("runs_dir", args.runs_dir)) if value})
     return load_config(args.preset, args.config, overrides)
 
 

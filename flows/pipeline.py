@@ -12,7 +12,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from stages import ALIGNERS, CHILDREN, STAGES, chain, handoff, storage
+from stages import ALIGNERS, CHILDREN, STAGES, chain, check_parent, handoff, storage
 from stages.config import PipelineConfig, load_config
 
 from . import report
@@ -120,9 +120,7 @@ def run_stage(stage: ChildStage, config: PipelineConfig | None = None, parent: s
         raise ValueError("run_stage needs parent: the checkpoint directory (path or URL) of the parent stage")
     config = resolve(config, preset, overrides)
     manifest = handoff.verify(storage.localize(parent))
-    expected = STAGES[stage].parent
-    if manifest["stage"] != expected:
-        raise ValueError(f"{stage} trains on a {expected} checkpoint, but {parent} holds a {manifest['stage']} stage")
+    check_parent(stage, manifest, parent)
     run_id = run_id or f"{manifest.get('run_id', 'run')}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = config.model_copy(update={"run_id": run_id})
     run_dir = storage.join(config.runs_dir, run_id)

@@ -41,3 +41,11 @@ def chain(align: str | None) -> list[str]:
     while STAGES[names[0]].parent:
         names.insert(0, STAGES[names[0]].parent)
     return names
+
+
+def check_parent(stage: str, parent_manifest: dict, parent_ref) -> None:
+    """A stage trains only on a checkpoint of its parent stage (the flows and `python -m
+    stages` both ask here)."""
+    expected, found = STAGES[stage].parent, parent_manifest.get("stage")
+    if found != expected:
+        raise ValueError(f"{stage} trains on a {expected} checkpoint, but {parent_ref} holds a {found} stage")

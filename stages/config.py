@@ -41,8 +41,8 @@ class TrainConfig(TrainingArgs):
     """The trainer's loop settings (`trainers.TrainingArgs`: steps, accumulation, precision,
     clipping, schedule, checkpoints) plus what the stage builds around the trainer."""
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     batch_size: int = Field(16, gt=0, description="per process, per micro-step")
     nproc_per_node: int = Field(1, ge=1, description=">1 launches the stage with torchrun")
@@ -52,8 +52,8 @@ class TrainConfig(TrainingArgs):
 class EvalConfig(Settings):
     """Held-out evaluation of every stage (stages/evaluation.py). Part of every stage's cache
     key: changing it re-runs the stages whose numbers it changes."""
-    max_prompts: int = Field(64, description="held-out prompts for the task metrics")
-    max_new_tokens: int = 16
+    max_prompts: int = Field(64, ge=1, description="held-out prompts for the task metrics")
+    max_new_tokens: int = Field(16, ge=1)
     reward_samples: int = Field(8, ge=0, description="sampled completions per prompt for the held-out mean reward (0: greedy)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the held-out reward")
     reward_funcs: list[str] = Field(DEFAULT_REWARDS, min_length=1,
@@ -86,11 +86,11 @@ class GRPOConfig(GRPOArgs, StageConfig):
 
 class DemoConfig(Settings):
     seed: int = 0
-    pretrain_docs: int = 4000
-    sft_examples: int = 2000
-    preference_pairs: int = 1000
-    grpo_prompts: int = 400
-    eval_prompts: int = 100
+    pretrain_docs: int = Field(4000, ge=1)
+    sft_examples: int = Field(2000, ge=1)
+    preference_pairs: int = Field(1000, ge=1)
+    grpo_prompts: int = Field(400, ge=1)
+    eval_prompts: int = Field(100, ge=1)
 
 
 class PipelineConfig(Settings):

@@ -25,8 +25,8 @@ from trainers import configure_optimizer, create_trainer
 from trainers import distributed as dist_utils
 from trainers import BaseTrainer, unwrap
 
+from . import check_parent, handoff, storage
 from . import data as data_mod
-from . import handoff, storage
 from .config import PipelineConfig, StageConfig, TrainConfig
 from .evaluation import heldout_metrics
 
@@ -72,6 +72,7 @@ class StageRun:
             dist_utils.barrier()
             self.parent_dir = storage.local_dir(self.parent_ref)
             self.parent_manifest = handoff.verify(self.parent_dir)
+            check_parent(self.stage, self.parent_manifest, self.parent_ref)
         if self.dist.is_main:
             handoff.prepare_out_dir(self.out_dir, self.config.stage_hash(self.stage), self.parent_hash)
             if storage.is_url(self.out_ref):

@@ -140,3 +140,10 @@ def test_a_stage_left_with_no_training_rows_fails_before_training(tmp_path, pret
                                          r"data\.max_length=10 dropped, 0 bad rows skipped\)"):
         STAGES["sft"].run(config, pretrained, tmp_path / "sft")
     assert not (tmp_path / "sft" / handoff.MANIFEST).exists()
+
+
+def test_python_m_stages_refuses_a_parent_of_the_wrong_stage(tmp_path, pretrained, small_config):
+    """DPO on a pretrain checkpoint is refused by the stage itself, as `alignflow stage` refuses it."""
+    with pytest.raises(ValueError, match=f"dpo trains on a sft checkpoint, but {pretrained} holds a pretrain stage"):
+        STAGES["dpo"].run(small_config(), pretrained, tmp_path / "dpo")
+    assert not (tmp_path / "dpo").exists()
