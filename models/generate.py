@@ -118,10 +118,6 @@ class Generation:
     texts: list[str]               # each completion up to its EOS, special tokens dropped
     ended: torch.Tensor            # [N] bool: the completion emitted EOS (else max_new_tokens cut it)
 
-    @property
-    def completion_ids(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_mask.shape[1]:]
-
 
 def generate_text(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,

@@ -243,11 +243,12 @@ class GRPOTrainer(BaseTrainer):
         loss, stats = grpo_loss(logps, old, batch.get("ref_logps"), batch["advantages"], batch["completion_mask"],
                                 g.epsilon, self.epsilon_high, g.beta, g.loss_type, g.max_completion_length, num_items=1)
         mask = batch["completion_mask"].to(logps.dtype)
-        with torch.no_grad():
-            stats["entropy"] = (token_entropy(logits.float() / g.temperature) * mask).sum() / mask.sum().clamp(min=1)
-        # Per-token means whatever the loss's unit: (mean × tokens, tokens) sums over the step.
         tokens = mask.sum()
-        return loss, {k: (v * tokens, tokens) for k, v in stats.items()}
+        # Per-token means whatever the loss's unit: (sum, tokens) pairs, reduced over the step.
+        metrics = {k: (v * tokens, tokens) for k, v in stats.items()}
+        with torch.no_grad():
+            metrics["entropy"] = ((token_entropy(logits.float() / g.temperature) * mask).sum(), tokens)
+        return loss, metrics
 
     # ---- one step: generate, score, optimise ----
 
