@@ -9,14 +9,17 @@ adding one entry there, and its demo rows to `demo.DEMO_ROWS`. The kinds, in TRL
   grpo      `prompt` (string or message list) + any columns the reward functions read
   eval      `prompt` + `answer`
 `read` loads and validates one split, `tokenize` tokenises it, `prepare` does both. Bad rows
-raise `DataError` naming the file, the row and the column, or (on_bad_rows: skip) are dropped."""
+raise `DataError` naming the file, the row and the column, or (on_bad_rows: skip) are dropped;
+so are lines of jsonl or csv that cannot be read (not UTF-8, not JSON), named by their line."""
 from __future__ import annotations
 
+import csv
+import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 # The hubs are unreachable here and never needed: everything is local files.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -51,7 +54,94 @@ class LoadedData(RawSplit):
 
 # ---------------------------------------------------------------- loading
 
-def _read(source: str) -> datasets.Dataset:
+@dataclass
+class Place:
+    """Where a split's rows are in their file, for errors to name them."""
+    rows: list[int] | None = None   # each row's number in the file (None: its index)
+    lines: list[int] | None = None  # each file row's line (jsonl and csv)
+    skipped: int = 0                # unreadable lines dropped under on_bad_rows=skip
+
+    def name(self, i: int) -> str:
+        row = i if self.rows is None else self.rows[i]
+        return f"row {row}" + ("" if self.lines is None else f" (line {self.lines[row]})")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, None) per line, or (number, text with U+FFFD, why) for one that is not
+    UTF-8: read as bytes and decoded line by line, so a bad byte costs its line, not the file."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            encoding = "utf-8-sig" if number == 1 else "utf-8"  # -sig: drop a byte order mark
+            try:
+                yield number, raw.decode(encoding), None
+            except UnicodeDecodeError as e:
+                why = f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                yield number, raw.decode(encoding, "replace"), why
+
+
+def _json_object(text: str) -> dict | str:
+    """The row on a line of jsonl, or what is wrong with the line."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"  # some msgs end in "at"
+    return row if isinstance(row, dict) else "not a JSON object"
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
+    """(line number, row or what is wrong) per line; blank lines are no rows."""
+    for number, text, problem in _lines(path):
+        if problem or text.strip():
+            yield number, problem or _json_object(text)
+
+
+def _csv_rows(source: str, path: Path) -> Iterator[tuple[int, dict | str]]:
+    """(line number, row or what is wrong) per record after the header; blank lines are no rows."""
+    csv.field_size_limit(2**31 - 1)  # not 128 KiB: a field may be a whole document
+    lines = list(_lines(path))
+    reader = csv.reader(text for _, text, _ in lines)
+    header, n_rows, start = None, 0, 0
+    for record in reader:
+        # The lines read for this record (a quoted field may span several); one not UTF-8 spoils it.
+        first, start = start, reader.line_num
+        problem = next((why for _, _, why in lines[first:start] if why), None)
+        if not record:  # a blank line
+            continue
+        if header is None:
+            if problem:
+                raise DataError(f"{source}: line {first + 1} (the header): {problem}")
+            header = record
+            continue
+        n_rows += 1
+        yield first + 1, problem or (dict(zip(header, record)) if len(record) == len(header) else
+                                     f"{len(record)} fields where the header has {len(header)}")
+    if header and not n_rows:
+        raise DataError(f"{source}: a header but no rows")
+
+
+def _from_lines(source: str, parsed: Iterable[tuple[int, dict | str]], on_bad_rows: str
+                ) -> tuple[datasets.Dataset, Place]:
+    """The rows of a jsonl or csv file; a line that is no row raises, or is skipped and counted."""
+    rows, lines, skipped = [], [], 0
+    for number, row in parsed:
+        if isinstance(row, str):
+            if on_bad_rows == "error":
+                raise DataError(f"{source}: line {number}: {row}")
+            skipped += 1
+        else:
+            rows.append(row)
+            lines.append(number)
+    if not rows:
+        raise DataError(f"{source}: no readable rows ({skipped} bad lines skipped)" if skipped else
+                        f"{source}: empty, no rows")
+    # As the json builder did: a key missing from a row is None there, and a column of mixed
+    # types is kept (as JSON) for validation to name the row rather than failing the file.
+    columns = dict.fromkeys(key for row in rows for key in row)
+    table = {column: [row.get(column) for row in rows] for column in columns}
+    return datasets.Dataset.from_dict(table, on_mixed_types="use_json"), Place(lines=lines, skipped=skipped)
+
+
+def _read(source: str, on_bad_rows: str) -> tuple[datasets.Dataset, Place]:
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file or directory")
@@ -59,33 +149,42 @@ def _read(source: str) -> datasets.Dataset:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             raise DataError(f"{source}: holds several splits ({', '.join(loaded)}); point at one of them")
-        return loaded
-    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        return loaded, Place()
+    if path.stat().st_size == 0:
+        raise DataError(f"{source}: empty, no rows")
+    # jsonl and csv are read here, line by line, so a bad line is named (or skipped) by its number.
+    if path.suffix == ".jsonl":
+        return _from_lines(source, _jsonl_rows(path), on_bad_rows)
+    if path.suffix == ".csv":
+        return _from_lines(source, _csv_rows(source, path), on_bad_rows)
+    builder = {".json": "json", ".parquet": "parquet"}.get(path.suffix)
     if builder is None:
         raise DataError(f"{source}: unsupported file type {path.suffix!r} (use jsonl, json, parquet, csv or a "
                         "save_to_disk directory)")
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train"), Place()
     except Exception as e:  # the builders raise many types; the user needs the file name
         raise DataError(f"{source}: cannot be read as {path.suffix[1:]}: {e}") from e
 
 
 def load_split(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str
-               ) -> tuple[datasets.Dataset, str, list[int] | None]:
-    """The raw rows of one split, where they came from, and their row numbers in the file (None: all
-    of it) for errors to name. Without `val_source`, `val_fraction` splits the file the same every run."""
+               ) -> tuple[datasets.Dataset, str, Place]:
+    """The raw rows of one split, where they came from, and where they are in it for errors to
+    name (lines dropped as bad count in the train split). Without `val_source`, `val_fraction`
+    splits the file the same every run."""
     if cfg.source == "demo":
         rows = demo.demo_data(kind, split, demo_cfg, demo_cfg.seed)
-        return datasets.Dataset.from_list(rows), f"demo:{kind}/{split}", None
+        return datasets.Dataset.from_list(rows), f"demo:{kind}/{split}", Place()
     if split == "val" and cfg.val_source:
-        return _read(cfg.val_source), cfg.val_source, None
-    ds = _read(cfg.source)
+        ds, place = _read(cfg.val_source, cfg.on_bad_rows)
+        return ds, cfg.val_source, place
+    ds, place = _read(cfg.source, cfg.on_bad_rows)
     if cfg.val_fraction <= 0 or len(ds) < 2:
-        return (ds, cfg.source, None) if split == "train" else (ds.select([]), cfg.source, [])
+        return (ds, cfg.source, place) if split == "train" else (ds.select([]), cfg.source, Place())
     order = random.Random(demo_cfg.seed).sample(range(len(ds)), len(ds))
     n_val = max(1, round(len(ds) * cfg.val_fraction))
     rows = sorted(order[:n_val] if split == "val" else order[n_val:])
-    return ds.select(rows), cfg.source, rows
+    return ds.select(rows), cfg.source, Place(rows, place.lines, place.skipped if split == "train" else 0)
 
 
 # ---------------------------------------------------------------- validation
@@ -144,7 +243,7 @@ def row_problem(kind: str, row: dict) -> Problem | None:
 
 
 def validate(ds: datasets.Dataset, kind: str, origin: str, on_bad_rows: str,
-             file_rows: list[int] | None = None) -> tuple[datasets.Dataset, int]:
+             place: Place | None = None) -> tuple[datasets.Dataset, int]:
     """Missing columns always fail; bad rows fail (naming the file's row) or are skipped and counted."""
     spec = KINDS[kind]
     if not any(all(c in ds.column_names for c in option) for option in spec.columns):
@@ -155,9 +254,7 @@ def validate(ds: datasets.Dataset, kind: str, origin: str, on_bad_rows: str,
     bad = [i for i, row in enumerate(ds) if spec.row_problem(row) is not None]
     if bad and on_bad_rows == "error":
         column, what = spec.row_problem(ds[bad[0]])
-        row_number = file_rows[bad[0]] if file_rows is not None else bad[0]
-        line = f" (line {row_number + 1})" if origin.endswith(".jsonl") else ""
-        raise DataError(f"{origin}: row {row_number}{line}: column '{column}' {what}")
+        raise DataError(f"{origin}: {(place or Place()).name(bad[0])}: column '{column}' {what}")
     return _without(ds, bad)
 
 
@@ -278,9 +375,9 @@ KINDS: dict[str, DataKind] = {
 
 def read(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str) -> RawSplit:
     """Load one split of one stage's data and validate it (an empty split is returned as it is)."""
-    ds, origin, file_rows = load_split(kind, cfg, demo_cfg, split)
-    ds, skipped = validate(ds, kind, origin, cfg.on_bad_rows, file_rows) if len(ds) else (ds, 0)
-    return RawSplit(ds, origin, skipped)
+    ds, origin, place = load_split(kind, cfg, demo_cfg, split)
+    ds, skipped = validate(ds, kind, origin, cfg.on_bad_rows, place) if len(ds) else (ds, 0)
+    return RawSplit(ds, origin, place.skipped + skipped)
 
 
 def tokenize(kind: str, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> LoadedData:

@@ -9,11 +9,13 @@ A function returns None for a row it does not apply to (say, a row without a ref
 answer); the trainer leaves such rows out of that function's mean and out of the weighted sum.
 Functions take `**columns` so they ignore the columns they do not use.
 
-Register your own and name it in the trainer (or a config):
+Register your own and name it in the trainer (or a config), with the columns it reads: the
+GRPO stage refuses data that lacks one, since the function would score nothing and training
+would go on silently on the other functions alone:
 
     from trainers.rewards import register_reward
 
-    @register_reward("brevity")
+    @register_reward("brevity")  # reads no column; a function needing `answer`: columns=("answer",)
     def brevity(prompts, completions, **columns):
         return [1.0 if len(c) < 200 else 0.0 for c in completions]
 
@@ -33,6 +35,7 @@ from typing import Callable
 RewardFn = Callable[..., list]
 
 _REGISTRY: dict[str, RewardFn] = {}
+_COLUMNS: dict[str, tuple[str, ...]] = {}  # the data columns each registered function reads
 DEFAULT_REWARDS = ["exact_match", "format"]  # the demo task's: a right answer, in the answer format
 
 # A number as people write it in word problems: optional sign, thousands commas, decimals.
@@ -42,10 +45,12 @@ _ANSWER_LINE = re.compile(r"^[ \t]*answer[ \t]*:[ \t]*(.*?)[ \t]*$", re.IGNORECA
 ANSWER_FORMAT = r"(?m)^Answer: *-?\d+(?:,\d{3})*(?:\.\d+)?\s*\Z"
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: make a reward function available as `get_reward(name)`."""
+def register_reward(name: str, columns: tuple[str, ...] = ()) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make a reward function available as `get_reward(name)`; `columns` are the
+    data columns it reads (see `required_columns`)."""
     def decorator(fn: RewardFn) -> RewardFn:
         _REGISTRY[name] = fn
+        _COLUMNS[name] = tuple(columns)
         return fn
     return decorator
 
@@ -55,6 +60,16 @@ def get_reward(name: str) -> RewardFn:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def required_columns(names: list[str]) -> dict[str, list[str]]:
+    """{column: [the named reward functions that read it]} for registered functions."""
+    needs: dict[str, list[str]] = {}
+    for name in names:
+        get_reward(name)  # an unknown name fails here, naming the registered ones
+        for column in _COLUMNS[name]:
+            needs.setdefault(column, []).append(name)
+    return needs
 
 
 def resolve_reward_weights(funcs: list, weights: list[float] | None) -> list[float]:
@@ -99,7 +114,7 @@ def answers_match(predicted: str, expected) -> bool:
     return bool(numbers) and _as_number(numbers[-1]) == target
 
 
-@register_reward("exact_match")
+@register_reward("exact_match", columns=("answer",))
 def exact_match(prompts, completions, answer=None, **columns) -> list[float | None]:
     """1.0 when the completion's final answer equals the `answer` column, None without one."""
     if answer is None:
@@ -108,7 +123,7 @@ def exact_match(prompts, completions, answer=None, **columns) -> list[float | No
             for c, a in zip(completions, answer)]
 
 
-@register_reward("contains")
+@register_reward("contains", columns=("target",))
 def contains(prompts, completions, target=None, **columns) -> list[float | None]:
     """1.0 when the completion contains the `target` column's string, None without one."""
     if target is None:
