@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -50,10 +51,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> str:
     """`obj` as JSON through `atomic_write`. Sorted keys and indentation make the files
-    diffable and their bytes stable for the same content."""
+    diffable and their bytes stable for the same content. Strict JSON: a NaN or infinite
+    float (a metric with nothing to average) is written as null, since other readers (jq,
+    JavaScript, strict parsers) reject Python's bare NaN."""
+    def finite(value):
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, Mapping):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            json.dump(finite(obj), f, indent=2, sort_keys=True, allow_nan=False)
 
     return atomic_write(path, write)
 
@@ -100,15 +112,20 @@ def read_seal(directory: str | os.PathLike, record_name: str, error: type[Except
         raise error(f"cannot read {path}: {e}") from e
 
 
-def verify_seal(directory: str | os.PathLike, record_name: str, error: type[Exception]) -> dict:
+def verify_seal(directory: str | os.PathLike, record_name: str, error: type[Exception],
+                required: Iterable[str] = ()) -> dict:
     """The record, after re-hashing every file it lists. Raises `error` naming the record for
-    a missing or malformed record, and naming the file for a missing or altered one."""
+    a missing or malformed record or one that leaves out a `required` file (an unlisted file
+    would otherwise be trusted unchecked), and naming the file for a missing or altered one."""
     directory = Path(directory)
     record_path = directory / record_name
     record = read_seal(directory, record_name, error)
     digests = record.get(SHA256_KEY) if isinstance(record, dict) else None
     if not isinstance(digests, dict):
         raise error(f"{record_path} records no {SHA256_KEY} digests")
+    unlisted = [name for name in required if name not in digests]
+    if unlisted:
+        raise error(f"{record_path} does not list {', '.join(unlisted)} in {SHA256_KEY}: cannot verify it")
     for name, expected in digests.items():
         path = directory / name
         if not path.is_file():
