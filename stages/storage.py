@@ -100,15 +100,17 @@ def localize(ref: str | Path) -> Path:
         return Path(ref)
     manifest = read_manifest(ref)
     local = cache_dir(str(ref))
+    names = _download_names(join(ref, handoff.MANIFEST), manifest, local)  # before anything is fetched
     try:
-        if handoff.verify(local)["content_hash"] == manifest["content_hash"]:
+        if handoff.verify(local)["content_hash"] == manifest.get("content_hash"):
             return local
     except handoff.StageDirError:
         pass
     local.mkdir(parents=True, exist_ok=True)
     (local / handoff.MANIFEST).unlink(missing_ok=True)
     fs, root = _fs(str(ref))
-    for name in manifest["sha256"]:
+    for name in names:
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(f"{root.rstrip('/')}/{name}", str(local / name))
     write_json_atomic(local / handoff.MANIFEST, manifest)
     try:
@@ -117,6 +119,28 @@ def localize(ref: str | Path) -> Path:
         (local / handoff.MANIFEST).unlink(missing_ok=True)
         raise handoff.StageDirError(f"downloading {ref}: {e}") from e
     return local
+
+
+def _download_names(manifest_url: str, manifest, local: Path) -> list[str]:
+    """The file names a remote manifest lists, each checked to land inside `local`: the manifest
+    comes from the bucket, and a crafted name (`../../x.sh`, `/etc/x`, a path through a symlink
+    in the cache) must not make `localize` write anywhere else."""
+    digests = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(digests, dict):
+        raise handoff.StageDirError(f"{manifest_url} records no sha256 map of its files")
+    root = local.resolve()
+    for name in digests:
+        parts = name.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in name or "\0" in name or ":" in parts[0]:
+            why = "not a plain relative path"  # also: absolute, Windows separators, drive letters
+        elif links := [p for i in range(len(parts)) if (p := local.joinpath(*parts[:i + 1])).is_symlink()]:
+            why = f"{links[0]} is a symlink, which the download would follow"
+        elif not (local / name).resolve().is_relative_to(root):
+            why = f"it resolves outside {local}"
+        else:
+            continue
+        raise handoff.StageDirError(f"{manifest_url}: refusing sha256 entry {name!r}: {why}")
+    return list(digests)
 
 
 def publish(local: Path, url: str) -> None:

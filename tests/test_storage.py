@@ -82,3 +82,74 @@ def test_publish_uploads_the_manifest_last_and_not_the_state(tmp_path, monkeypat
                                                                    real_put(path, target)))
     storage.publish(local, url)
     assert written == ["model.safetensors", "manifest.json"]  # manifest last; state/ is mirrored on its own
+
+
+def remote_stage(url: str, extra: dict[str, bytes] = {}, sha256=None) -> dict:
+    """A published stage in a memory:// bucket (placeholder bytes: only the hand-off is tested);
+    `extra` adds files that the manifest lists after the weights, `sha256` replaces the map."""
+    import hashlib
+    import json
+
+    fs, root = fsspec.core.url_to_fs(url)
+    files = {**{name: name.encode() for name in handoff.WEIGHT_FILES}, **extra}
+    for name, data in files.items():
+        if name:  # an empty name is only listed: there is no such remote file
+            fs.pipe_file(f"{root}/{name}", data)
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    manifest = {"stage": "sft", "content_hash": handoff.content_hash(digests), "sha256": digests}
+    if sha256 is not None:
+        manifest["sha256"] = sha256
+    if sha256 == "missing":
+        del manifest["sha256"]
+    fs.pipe_file(f"{root}/{handoff.MANIFEST}", json.dumps(manifest).encode())
+    return manifest
+
+
+@pytest.mark.parametrize("entry", ["../../../../../escaped.sh", "ABSOLUTE", "a/../../b.sh", "..\\b.sh", "C:b.sh", ""])
+def test_localize_refuses_names_outside_the_stage_dir(tmp_path, monkeypatch, entry):
+    monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"memory://trav-{uuid.uuid4().hex[:8]}/r/sft"
+    entry = str(tmp_path / "absolute.sh") if entry == "ABSOLUTE" else entry
+    remote_stage(url, extra={entry: b"echo pwned"})
+    with pytest.raises(handoff.StageDirError) as info:
+        storage.localize(url)
+    message = str(info.value)
+    assert f"{url}/manifest.json" in message and repr(entry) in message, message
+    assert "\n" not in message
+    # Refused before anything was downloaded, inside the cache or out of it.
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "escaped.sh").exists() and not (tmp_path / "absolute.sh").exists()
+
+
+def test_localize_does_not_follow_a_symlink_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"memory://link-{uuid.uuid4().hex[:8]}/r/sft"
+    remote_stage(url, extra={"evil/run.sh": b"echo pwned"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    local = storage.cache_dir(url)
+    local.mkdir(parents=True)
+    (local / "evil").symlink_to(outside)
+    with pytest.raises(handoff.StageDirError, match=r"manifest\.json: refusing sha256 entry 'evil/run\.sh'.*symlink"):
+        storage.localize(url)
+    assert list(outside.iterdir()) == []
+    assert not (local / "config.json").exists()  # nothing downloaded
+
+
+@pytest.mark.parametrize("sha256", ["missing", ["model.safetensors"], "abc"])
+def test_localize_names_a_manifest_without_a_sha256_map(tmp_path, monkeypatch, sha256):
+    monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"memory://nomap-{uuid.uuid4().hex[:8]}/r/sft"
+    remote_stage(url, sha256=sha256)
+    with pytest.raises(handoff.StageDirError, match=rf"^{url}/manifest\.json records no sha256 map"):
+        storage.localize(url)
+
+
+def test_localize_downloads_a_well_formed_remote_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"memory://ok-{uuid.uuid4().hex[:8]}/r/sft"
+    manifest = remote_stage(url, extra={"metrics.jsonl": b"{}\n"})
+    local = storage.localize(url)
+    assert local == storage.cache_dir(url)
+    assert handoff.verify(local)["content_hash"] == manifest["content_hash"]
+    assert (local / "metrics.jsonl").read_bytes() == b"{}\n"
