@@ -119,6 +119,17 @@ class Generation:
     ended: torch.Tensor            # [N] bool: the completion emitted EOS (else max_new_tokens cut it)
 
 
+def context_length(model) -> int | None:
+    """Positions the model was built for, from its config (ours or a transformers one); None
+    when it does not say."""
+    config = getattr(model, "config", None)
+    for field in ("max_position_embeddings", "max_seq_len", "n_positions"):
+        value = getattr(config, field, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def generate_text(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                   sample=generate) -> Generation:
@@ -127,6 +138,14 @@ def generate_text(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
     The one path from prompts to completions that evaluation, `alignflow generate` and GRPO's
     rollouts share. `tokenizer` gives `eos_id`, `pad_id` and `decode`; `sample` is any function
     with `generate`'s signature."""
+    context = context_length(model)
+    if context is not None:
+        # Past its positions a model still runs (RoPE extrapolates) but samples garbage, with a
+        # KV cache sized for the whole prompt: refuse before spending the memory and the time.
+        for i, p in enumerate(prompts, 1):
+            if len(p) + max_new_tokens > context:
+                raise ValueError(f"prompt {i} has {len(p):,} tokens; with max_new_tokens={max_new_tokens} that "
+                                 f"exceeds the model's context of {context:,} positions")
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -154,3 +155,62 @@ def test_completion_mask_covers_up_to_the_first_eos():
     EOS, PAD = 1, 0
     ids = torch.tensor([[5, 6, EOS, PAD, PAD], [5, EOS, EOS, 7, 8], [5, 6, 7, 8, 9], [EOS, PAD, PAD, PAD, PAD]])
     assert completion_mask(ids, EOS).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+class IdTokenizer:
+    pad_id, eos_id = 0, 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_generate_text_refuses_prompts_past_the_context():
+    from models import generate_text
+
+    model = make_model()  # 256 positions
+    calls = []
+    sample = lambda *a, **kw: calls.append(1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^prompt 2 has 12,345 tokens; with max_new_tokens=48 that exceeds "
+                                         r"the model's context of 256 positions$"):
+        generate_text(model, IdTokenizer(), [[5] * 10, [5] * 12345], max_new_tokens=48, sample=sample)
+    with pytest.raises(ValueError, match=r"^prompt 1 has 250 tokens; with max_new_tokens=7"):
+        generate_text(model, IdTokenizer(), [[5] * 250], max_new_tokens=7, sample=sample)
+    assert calls == []  # refused before anything was generated
+    # Exactly filling the context is fine.
+    out = generate_text(model, IdTokenizer(), [[5] * 240, [6] * 3], max_new_tokens=16)
+    assert out.sequences.shape == (2, 256)
+
+
+def test_generate_text_without_a_known_context_does_not_check():
+    from models import generate_text
+
+    model = make_model()
+    model.config = object()  # a model whose config gives no positions: nothing to check against
+    seen = []
+
+    def sample(model, ids, **kw):
+        seen.append(ids.shape)
+        return torch.cat([ids, torch.full((ids.shape[0], 1), 2)], dim=1)
+
+    generate_text(model, IdTokenizer(), [[5] * 300], max_new_tokens=8, sample=sample)
+    assert seen == [(1, 300)]
+
+
+def test_cli_generate_names_a_prompt_past_the_context(tmp_path, capsys):
+    from flows.cli import main as cli
+    from models import get_preset, train_tokenizer
+    from stages import handoff
+
+    tok = train_tokenizer(["The quick brown fox jumps over the lazy dog."] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(get_preset("tiny", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=256))
+    stage = tmp_path / "sft"
+    handoff.save_stage(stage, model, tok)
+    handoff.write_manifest(stage, {"stage": "sft", "metrics": {}, "timings": {}})
+    capsys.readouterr()
+    assert cli(["generate", str(stage), "--prompt", "hi", "--prompt", "x" * 50_000]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert re.fullmatch(r"alignflow generate: error: prompt 2 has [\d,]+ tokens; with max_new_tokens=48 that "
+                        r"exceeds the model's context of 256 positions\n", err), err
