@@ -78,3 +78,44 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     fresh.load_checkpoint(good)
     assert fresh.global_step == meta["step"] == 4
     assert all(torch.isfinite(p).all() for p in fresh.model.parameters())
+
+
+def fail_saving_at_step(monkeypatch, trainer, step, error):
+    """torch.save raises `error` while the checkpoint of `step` is written (a full disk)."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if trainer.global_step == step and str(f).endswith("training_state.pt"):
+            with open(f, "wb") as out:  # the part that reached the disk before it filled up
+                out.write(b"PK\x03\x04 half a zip")
+            raise error
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_full_disk_during_save_removes_the_tmp_dir_and_names_the_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=4, save_interval=2)
+    fail_saving_at_step(monkeypatch, trainer, 4, OSError(28, "No space left on device"))
+    with pytest.raises(OSError) as info:
+        trainer.train()
+    assert info.value.errno == 28
+    assert str(info.value) == (f"[Errno 28] writing checkpoint {tmp_path / 'state' / 'step-00000004'} failed: "
+                               "No space left on device")
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["step-00000002"]  # no step-00000004.tmp
+    monkeypatch.undo()
+    # The previous complete checkpoint is intact: its sha256s verify and training resumes from it.
+    resumed = make_trainer(tmp_path, max_steps=4, save_interval=2)
+    assert resumed.train(resume_from="latest")["resumed_from_step"] == 2
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_zip_writer_failure_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=2, save_interval=2)
+    fail_saving_at_step(monkeypatch, trainer, 2, RuntimeError(
+        "[enforce fail at inline_container.cc:626] . unexpected pos 2574848 vs 2574736\nframe #0: c10::Error"))
+    with pytest.raises(CheckpointError) as info:
+        trainer.train()
+    assert str(info.value) == (f"writing checkpoint {tmp_path / 'state' / 'step-00000002'} failed (disk full?): "
+                               "[enforce fail at inline_container.cc:626] . unexpected pos 2574848 vs 2574736")
+    assert list((tmp_path / "state").iterdir()) == []

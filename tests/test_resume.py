@@ -1,10 +1,12 @@
 """A run killed with SIGKILL and resumed ends bitwise where an uninterrupted run ends."""
 import json
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -44,3 +46,32 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     straight_log = [json.loads(l)["loss"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     resumed_log = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert straight_log == resumed_log
+
+
+def make_trainer(save_dir, max_steps):
+    from conftest import SequenceDataset, loader, small_model
+    from trainers import SFTTrainer, configure_optimizer
+
+    model = small_model(seed=0)
+    return SFTTrainer(model=model, optimizer=configure_optimizer(model, lr=1e-2), device="cpu",
+                      train_loader=loader(SequenceDataset(32, seed=3), 4), max_steps=max_steps,
+                      save_dir=save_dir, save_interval=2, keep_last=2, log_interval=1, progress_bar=False)
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path):
+    make_trainer(tmp_path, max_steps=2).train()
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("a") as f:  # a crash in the middle of appending step 3's record
+        f.write('{"step": 3, "time": 1.5 "lo')
+    make_trainer(tmp_path, max_steps=4).train(resume_from="latest")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_damaged_metrics_line_before_the_last_is_named(tmp_path):
+    make_trainer(tmp_path, max_steps=2).train()
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0][:20], *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(metrics))}: line 1 is not a valid metrics record"):
+        make_trainer(tmp_path, max_steps=4).train(resume_from="latest")

@@ -255,23 +255,25 @@ class BaseTrainer:
         if self.save_dir is None:
             return None
         tmp = ckpt.step_dir(self.save_dir, self.global_step).with_suffix(".tmp")
-        if self.is_main:
-            tmp = ckpt.begin(self.save_dir, self.global_step)
-        dist_utils.barrier()
-        ckpt.save_rng(tmp, self.dist.rank, ckpt.rng_state(), self.epoch_start_rng)
-        if self.is_main:
-            ckpt.save_state(tmp, unwrap(self.model), {
-                **{k: v.state_dict() if v is not None else None for k, v in self._stateful().items()},
-                "extra": self.extra_state()})
-        dist_utils.barrier()
         final = ckpt.step_dir(self.save_dir, self.global_step)
+        with ckpt.writing(tmp):  # a failed write (full disk) leaves no step-N.tmp, and names the path
+            if self.is_main:
+                tmp = ckpt.begin(self.save_dir, self.global_step)
+            dist_utils.barrier()
+            ckpt.save_rng(tmp, self.dist.rank, ckpt.rng_state(), self.epoch_start_rng)
+            if self.is_main:
+                ckpt.save_state(tmp, unwrap(self.model), {
+                    **{k: v.state_dict() if v is not None else None for k, v in self._stateful().items()},
+                    "extra": self.extra_state()})
+            dist_utils.barrier()
+            if self.is_main:
+                ckpt.commit(tmp, {
+                    "step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                    "tokens_seen": self.tokens_seen,
+                    "world_size": self.dist.world_size, "last_eval": self.last_eval,
+                    "early_stopping": asdict(self.early_stopping) if self.early_stopping else None,
+                }, self.args.keep_last)
         if self.is_main:
-            ckpt.commit(tmp, {
-                "step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "tokens_seen": self.tokens_seen,
-                "world_size": self.dist.world_size, "last_eval": self.last_eval,
-                "early_stopping": asdict(self.early_stopping) if self.early_stopping else None,
-            }, self.args.keep_last)
             if self.on_checkpoint is not None:
                 self.on_checkpoint(final)
         dist_utils.barrier()

@@ -13,6 +13,7 @@ is written last and records every other file's sha256, which `load` verifies (mo
 `seal`/`verify_seal`, shared with the stage hand-off)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -32,7 +33,8 @@ META_FILE = "trainer_state.json"  # written last: a checkpoint directory with it
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or altered; the message names the file."""
+    """A checkpoint file is missing, truncated or altered, or could not be written; the
+    message names the file."""
 
 
 # --- weights ---
@@ -116,6 +118,35 @@ def begin(save_dir: str | os.PathLike, step: int) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+# torch.save's zip writer reports a short write (a full disk, a quota) as a RuntimeError.
+_ZIP_WRITER_ERRORS = ("PytorchStreamWriter", "inline_container", "unexpected pos", "file write failed")
+
+
+@contextlib.contextmanager
+def writing(tmp: Path):
+    """Around writing the checkpoint in `tmp` (step-N.tmp): on any failure remove the half-written
+    directory (nothing reads it, but it holds disk space the user is likely short of) and re-raise
+    with the checkpoint named. An OSError keeps its errno (ENOSPC stays visible); anything else
+    becomes a one-line CheckpointError."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: cleaned up, not reworded
+            raise
+        where = tmp.with_suffix("")
+        if isinstance(e, OSError):
+            cause = e.strerror or str(e)
+            if e.filename:
+                cause += f": {e.filename}"
+            message = f"writing checkpoint {where} failed: {cause}"
+            raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
+        cause = (str(e).strip().splitlines() or [""])[0]
+        if any(m in cause for m in _ZIP_WRITER_ERRORS):
+            raise CheckpointError(f"writing checkpoint {where} failed (disk full?): {cause}") from e
+        raise CheckpointError(f"writing checkpoint {where} failed: {type(e).__name__}: {cause}") from e
 
 
 def save_rng(tmp: Path, rank: int, current: dict, epoch_start: dict | None) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from models.files import atomic_write
+
 from . import distributed as dist_utils
 
 _BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s")
@@ -38,9 +40,24 @@ class MetricsLogger:
         so the file reads as one uninterrupted run."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), 1) if line.strip()]
+        kept = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+            except ValueError as e:
+                # A crash mid-append tears only the last line, which was written after the
+                # checkpoint anyway: drop it. Damage anywhere else is not ours to guess at.
+                if i == len(lines) - 1:
+                    break
+                why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                raise ValueError(f"{self.path}: line {n} is not a valid metrics record: {why}") from e
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))  # a crash here loses no line
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
