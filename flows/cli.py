@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -113,14 +114,42 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from stages.storage import is_url, local_dir
+    from stages import check_parent, storage
 
-    from .pipeline import run_stage
+    from .pipeline import new_run_id, run_stage
 
-    parent = args.parent if is_url(args.parent) else str(Path(args.parent).resolve())
-    out = run_stage(stage=args.name, config=resolve_config(args), parent=parent, run_id=args.run_id)
-    print((local_dir(out["run_dir"]) / "report.md").read_text())
+    parent = args.parent if storage.is_url(args.parent) else str(Path(args.parent).resolve())
+    config = resolve_config(args)
+    if not args.run_id:  # chosen here, so an interrupted re-run can be resumed by name
+        manifest = storage.read_manifest(parent)
+        check_parent(args.name, manifest, parent)
+        args.run_id = new_run_id(config.runs_dir, manifest, args.name)
+    out = run_stage(stage=args.name, config=config, parent=parent, run_id=args.run_id)
+    print((storage.local_dir(out["run_dir"]) / "report.md").read_text())
     return 0
+
+
+def resume_hint(args) -> str:
+    """What an interrupted `run` or `stage` left, and the command that continues it."""
+    from stages import chain, storage
+
+    from .pipeline import resume_point
+
+    try:
+        config = resolve_config(args)
+        if args.command == "run":
+            run_id, stages, again = config.resolved_run_id(), chain(None if args.align == "none" else args.align), \
+                "Re-running the same command"
+        else:
+            run_id, stages, again = args.run_id, [args.name], f"Re-running it with --run-id {args.run_id}"
+        point = resume_point(storage.join(config.runs_dir, run_id), stages)
+    except Exception:  # the hint must never hide the interruption itself
+        return "Re-running the same command resumes from the last checkpoint."
+    if point is None:
+        return f"Every stage of {run_id} is complete."
+    stage, step = point
+    where = f"from step {step} (its last checkpoint)" if step is not None else "from the start (no checkpoint yet)"
+    return f"{stage} of run {run_id} was not finished; {again} resumes it {where}."
 
 
 def cmd_eval(args) -> int:
@@ -214,11 +243,35 @@ COMMANDS = {"run": cmd_run, "stage": cmd_stage, "eval": cmd_eval, "generate": cm
             "runs": cmd_runs, "presets": cmd_presets, "deploy": cmd_deploy, "job-preview": cmd_job_preview}
 
 
+FLOW_COMMANDS = ("run", "stage")  # the ones that need a Prefect server
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so every `finally` (the run lock, the
+    torchrun process group, the embedded server) runs on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Interrupted()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        if args.command not in FLOW_COMMANDS:
+            return COMMANDS[args.command](args)
+        from .embedded_server import serving
+
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            with serving():
+                return COMMANDS[args.command](args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt as e:
+        print(f"alignflow {args.command}: interrupted. {resume_hint(args)}", file=sys.stderr)
+        return 143 if isinstance(e, Interrupted) else 130
+    except (ValueError, RuntimeError, OSError) as e:
         print(f"alignflow {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -17,12 +17,17 @@ import threading
 import time
 from pathlib import Path
 
-from stages import storage
+from stages import failures, lifeline, storage
 from stages.config import PipelineConfig
 
 
 class StageProcessError(RuntimeError):
-    """The stage's processes exited non-zero; the message carries the exit code and log tail."""
+    """The stage's processes exited non-zero; the message carries the exit code and log tail.
+    `permanent`: a rank failed in a way a retry cannot fix (stages.failures)."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir: str, nproc: int,
@@ -97,8 +102,12 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
     cmd = torchrun_command(stage, config_file, parent, out_ref, t.nproc_per_node, t.nnodes,
                            config.resolved_run_id(), config.preset, log_dir)
     logger.info("launching: %s", " ".join(cmd))
+    # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the group (finally
+    # below); the ranks watch our PID in case we are killed outright (stages.lifeline).
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", lifeline.ENV: str(os.getpid()),
+                                 failures.FAILURE_DIR_ENV: str(log_dir)})
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()
@@ -119,8 +128,10 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
             time.sleep(poll_seconds)
     finally:
         _kill_group(proc)
-    failures = rank_tracebacks(log_dir) if proc.returncode != 0 else ""
+    tracebacks = rank_tracebacks(log_dir) if proc.returncode != 0 else ""
+    permanent = failures.permanent_reasons(log_dir)
     shutil.rmtree(log_dir, ignore_errors=True)
     if proc.returncode != 0:
-        raise StageProcessError(f"stage {stage} failed: torchrun exited with code {proc.returncode}."
-                                + failures + "\nLast lines:\n" + "\n".join(tail))
+        reason = f" {permanent[0]}" if permanent else ""
+        raise StageProcessError(f"stage {stage} failed: torchrun exited with code {proc.returncode}.{reason}"
+                                + tracebacks + "\nLast lines:\n" + "\n".join(tail), permanent=bool(permanent))

@@ -9,7 +9,7 @@ import sys
 
 from trainers import distributed as dist_utils
 
-from . import STAGES
+from . import STAGES, failures, lifeline
 from .config import load_config
 
 
@@ -22,11 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent", help="the parent stage's checkpoint directory (stages that have one)")
     ap.add_argument("--out", required=True, help="this stage's checkpoint directory")
     args = ap.parse_args(argv)
+    lifeline.watch()  # under the flow's torchrun: end with the process that launched us
     stage = STAGES[args.stage]
     if stage.parent and not args.parent:
         ap.error(f"stage {args.stage} needs --parent (a {stage.parent} checkpoint directory)")
-    config = load_config(args.preset, args.config, args.overrides)
-    result = stage.run(config, args.parent, args.out)
+    try:
+        config = load_config(args.preset, args.config, args.overrides)
+        result = stage.run(config, args.parent, args.out)
+    except Exception as e:
+        failures.mark_permanent(e, dist_utils.detect().rank)
+        raise
     if result is not None:  # rank 0
         print(json.dumps({k: result[k] for k in ("stage", "path", "content_hash")}))
     if dist_utils.detect().enabled:
