@@ -6,6 +6,8 @@ check), retried on failure (the retry resumes from the stage's last training che
 launched through torchrun when it asks for more than one process."""
 from __future__ import annotations
 
+import re
+import secrets
 import time
 from typing import Any, Literal
 
@@ -14,6 +16,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from stages import ALIGNERS, CHILDREN, STAGES, chain, check_parent, handoff, storage
 from stages.config import PipelineConfig, load_config
+from stages.failures import is_permanent
+from stages.lock import DirLock
+from trainers.checkpoint import latest_checkpoint
 
 from . import report
 from .launch import run_torchrun
@@ -43,14 +48,25 @@ def publish(stage: str, run_id: str, result: dict) -> None:
                              description=f"{stage} training curves")
 
 
-@task(task_run_name="{stage}")
+def retryable(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry only what a retry can fix (stages.failures)."""
+    return not (isinstance(state.data, BaseException) and is_permanent(state.data))
+
+
+@task(task_run_name="{stage}", retry_condition_fn=retryable)
 def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir: str) -> dict:
     """One stage into `out_dir` (a path or an fsspec URL), unless it is already complete there."""
     logger = get_run_logger()
     parent_hash = parent["content_hash"] if parent else None
-    if storage.is_complete(out_dir, config.stage_hash(stage), parent_hash):
+    why = storage.why_incomplete(out_dir, config.stage_hash(stage), parent_hash)
+    if why is None:
         logger.info("%s is already complete for this config and parent: skipped", out_dir)
         return {**handoff.stage_result(out_dir, storage.read_manifest(out_dir)), "skipped": True}
+    if why.damaged:
+        logger.warning("%s: rebuilding %s from its last checkpoint (training it again if there is none)",
+                       why.reason, stage)
+    else:
+        logger.info("running %s: %s", stage, why.reason)
     parent_path = parent["path"] if parent else None
     t = config.stage(stage).train
     if t.nproc_per_node > 1 or t.nnodes > 1:
@@ -73,6 +89,37 @@ def run_chain(config: PipelineConfig, run_dir: str, stages: list[str], parent: d
         result = stage_task.with_options(retries=config.retries)(stage, config, parent, out)
         results[stage] = parent = result
     return results
+
+
+def new_run_id(runs_dir: str, parent_manifest: dict, stage: str, attempts: int = 100) -> str:
+    """A run directory name for a one-stage re-run that no other run has: `<parent run>-<stage>-
+    <time>-<random>`, its directory created here so a re-run started in the same second (in
+    this or another process) cannot take it too."""
+    base = f"{parent_manifest.get('run_id', 'run')}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for _ in range(attempts):
+        run_id = f"{base}-{secrets.token_hex(2)}"
+        run_dir = storage.join(runs_dir, run_id)
+        if storage.is_url(run_dir) and storage.subdirs(run_dir):
+            continue
+        try:
+            storage.local_dir(run_dir).mkdir(parents=True)
+            return run_id
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run directory name {base}-* in {runs_dir} after {attempts} tries")
+
+
+def resume_point(run_dir: str, stages: list[str]) -> tuple[str, int | None] | None:
+    """Where an interrupted run stands: its first stage without a manifest and the step of that
+    stage's last checkpoint (None: no checkpoint yet), or None when every stage is complete."""
+    for stage in stages:
+        out = storage.join(run_dir, stage)
+        try:
+            storage.read_manifest(out)
+        except handoff.StageDirError:
+            last = latest_checkpoint(storage.local_dir(out))
+            return stage, int(re.sub(r"\D", "", last.name)) if last else None
+    return None
 
 
 def write_report(run_dir: str, run_id: str, results: dict[str, dict]) -> str:
@@ -106,8 +153,9 @@ def alignment_pipeline(config: PipelineConfig | None = None, align: AlignStage =
     if unknown:
         raise ValueError(f"force names unknown stages {sorted(unknown)}; stages: {sorted(STAGES)}")
     run_dir = storage.join(config.runs_dir, config.resolved_run_id())
-    results = run_chain(config, run_dir, chain(None if align == "none" else align), None, force)
-    write_report(run_dir, config.resolved_run_id(), results)
+    with DirLock(storage.local_dir(run_dir), f"alignment-pipeline {config.resolved_run_id()}"):
+        results = run_chain(config, run_dir, chain(None if align == "none" else align), None, force)
+        write_report(run_dir, config.resolved_run_id(), results)
     return {"run_dir": run_dir, "stages": results}
 
 
@@ -121,9 +169,10 @@ def run_stage(stage: ChildStage, config: PipelineConfig | None = None, parent: s
     config = resolve(config, preset, overrides)
     manifest = handoff.verify(storage.localize(parent))
     check_parent(stage, manifest, parent)
-    run_id = run_id or f"{manifest.get('run_id', 'run')}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = run_id or new_run_id(config.runs_dir, manifest, stage)
     config = config.model_copy(update={"run_id": run_id})
     run_dir = storage.join(config.runs_dir, run_id)
-    results = run_chain(config, run_dir, [stage], handoff.stage_result(parent, manifest), [])
-    write_report(run_dir, run_id, results)
+    with DirLock(storage.local_dir(run_dir), f"run-stage {run_id}"):
+        results = run_chain(config, run_dir, [stage], handoff.stage_result(parent, manifest), [])
+        write_report(run_dir, run_id, results)
     return {"run_dir": run_dir, "stages": results}

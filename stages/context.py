@@ -29,6 +29,7 @@ from . import check_parent, handoff, storage
 from . import data as data_mod
 from .config import PipelineConfig, StageConfig, TrainConfig
 from .evaluation import heldout_metrics
+from .lock import DirLock
 
 VERSIONED = ("alignflow", "torch", "safetensors", "tokenizers", "datasets", "pydantic")
 
@@ -47,6 +48,7 @@ class StageRun:
         self.data_notes: dict[str, dict] = {}
         self.outcome: dict | None = None  # what train() produced, written on exit
         self.result: dict | None = None  # rank 0, after a clean exit: what the next stage needs
+        self.lock = DirLock(self.out_dir, f"stage {stage}")  # rank 0 holds it: one run per out dir
 
     @property
     def settings(self) -> StageConfig:
@@ -66,6 +68,14 @@ class StageRun:
         """Join the process group (if torchrun started us), fetch and verify the parent, prepare
         the local working directory (a retry at a URL first restores the mirrored checkpoint)."""
         dist_utils.setup(self.device)
+        try:
+            self._enter()
+        except BaseException:
+            self.lock.__exit__()
+            raise
+        return self
+
+    def _enter(self) -> None:
         if self.parent_ref is not None:
             if self.dist.local_rank == 0:  # one download per node
                 storage.localize(self.parent_ref)
@@ -74,15 +84,18 @@ class StageRun:
             self.parent_manifest = handoff.verify(self.parent_dir)
             check_parent(self.stage, self.parent_manifest, self.parent_ref)
         if self.dist.is_main:
+            self.lock.__enter__()  # before anything is written; a held lock fails here, naming its holder
             handoff.prepare_out_dir(self.out_dir, self.config.stage_hash(self.stage), self.parent_hash)
             if storage.is_url(self.out_ref):
                 storage.restore_checkpoint(self.out_ref, self.out_dir)
         dist_utils.barrier()
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self._write()
+        try:
+            if exc_type is None:
+                self._write()
+        finally:
+            self.lock.__exit__()
         return False
 
     def _write(self) -> None:
@@ -99,6 +112,10 @@ class StageRun:
     def _manifest_fields(self) -> dict:
         o, seconds = self.outcome, self.outcome["train_seconds"]
         tokens = o["metrics"].get("tokens", 0.0)
+        # No step trained in this attempt: a finished stage's output was rebuilt from its last
+        # checkpoint (its manifest was gone, or a file failed its sha256).
+        step = o["metrics"]["step"]
+        restored = step if o["metrics"].get("resumed_from_step") == step else None
         parent = ({"path": self.parent_ref, "content_hash": self.parent_hash, "stage": self.parent_manifest["stage"]}
                   if self.parent_manifest else None)
         return {
@@ -109,6 +126,7 @@ class StageRun:
             "parent": parent,
             "data": self.data_notes,
             "metrics": {**o["metrics"], **o["evaluation"]},
+            "restored_from_step": restored,
             "timings": {"wall_seconds": round(time.time() - self.started, 2), "train_seconds": round(seconds, 2),
                         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None},
             "world_size": self.dist.world_size,
@@ -167,9 +185,8 @@ class StageRun:
 
     def train(self, trainer: BaseTrainer, tok: Tokenizer) -> None:
         """Train (resuming from this stage's last checkpoint), then evaluate on held-out prompts."""
-        started = time.time()
         metrics = trainer.train(resume_from="latest")
-        seconds = time.time() - started
+        seconds = trainer.elapsed_seconds()  # of every attempt: tokens/s over all tokens seen
         model = unwrap(trainer.model)
         evaluation = heldout_metrics(self.config, self.settings.data, model, tok) if self.dist.is_main else {}
         self.outcome = {"model": model, "tokenizer": tok, "metrics": metrics, "evaluation": evaluation,

@@ -61,8 +61,9 @@ def read_manifest(stage_dir: str | Path) -> dict:
 
 
 def verify(stage_dir: str | Path) -> dict:
-    """The manifest, after checking every recorded sha256; the error names the bad file."""
-    return verify_seal(stage_dir, MANIFEST, StageDirError)
+    """The manifest, after checking every recorded sha256 (and that the weights, config and
+    tokenizer are among them); the error names the bad file."""
+    return verify_seal(stage_dir, MANIFEST, StageDirError, required=WEIGHT_FILES)
 
 
 def work_file(out_dir: Path, name: str) -> Path:

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from models.files import write_json_atomic
 from trainers.checkpoint import CHECKPOINT_DIR, META_FILE
 
 from . import handoff
+from .lock import LOCK_FILE
 
 PART_SUFFIX = ".part"
-# Not part of the published stage: state/ (with work/'s fingerprint) is mirrored on its own.
-LOCAL_ONLY = (CHECKPOINT_DIR, handoff.WORK_DIR)
+# Not part of the published stage: state/ (with work/'s fingerprint) is mirrored on its own;
+# the lock guards the local working copy only.
+LOCAL_ONLY = (CHECKPOINT_DIR, handoff.WORK_DIR, LOCK_FILE)
 
 
 def is_url(ref: str | Path) -> bool:
@@ -85,12 +88,31 @@ def checked_manifest(ref: str | Path) -> dict:
 
 def is_complete(ref: str | Path, config_hash: str, parent_hash: str | None) -> bool:
     """The pipeline's skip check: complete, for this config and this parent."""
+    return why_incomplete(ref, config_hash, parent_hash) is None
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    reason: str
+    damaged: bool  # a manifest is there, but a file it lists is missing or fails its sha256
+
+
+def why_incomplete(ref: str | Path, config_hash: str, parent_hash: str | None) -> Incomplete | None:
+    """Why a stage must (re)run; None when it is complete for this config and parent."""
     try:
-        manifest = checked_manifest(ref)
-    except handoff.StageDirError:
-        return False
-    parent = manifest.get("parent") or {}
-    return manifest.get("config_hash") == config_hash and parent.get("content_hash") == parent_hash
+        manifest = read_manifest(ref)
+    except handoff.StageDirError as e:
+        return Incomplete(str(e), damaged=False)
+    if not is_url(ref):  # a remote stage's files are checked by whoever downloads them (localize)
+        try:
+            handoff.verify(ref)
+        except handoff.StageDirError as e:
+            return Incomplete(str(e), damaged=True)
+    if manifest.get("config_hash") != config_hash:
+        return Incomplete(f"{ref} was built with other settings", damaged=False)
+    if (manifest.get("parent") or {}).get("content_hash") != parent_hash:
+        return Incomplete(f"{ref} was built on another parent", damaged=False)
+    return None
 
 
 def localize(ref: str | Path) -> Path:

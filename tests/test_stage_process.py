@@ -12,6 +12,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter
+
 from flows.launch import StageProcessError, torchrun_command
 from flows.pipeline import run_stage
 from stages import STAGES, handoff, storage
@@ -80,14 +83,19 @@ def test_two_ranks_through_torchrun_equal_one_process(tmp_path, pretrained, smal
 def test_a_failing_rank_s_traceback_reaches_the_flow(tmp_path, pretrained, small_config, prefect_harness):
     data = tmp_path / "sft.jsonl"
     data.write_text('{"prompt": "What is 1 plus 1?", "completion": "2"}\n{"prompt": "What is 2 plus 2?"}\n')
-    config = small_config(**{"runs_dir": str(tmp_path), "retries": 0, "sft.train.nproc_per_node": 2,
+    config = small_config(**{"runs_dir": str(tmp_path), "retries": 2, "sft.train.nproc_per_node": 2,
                              "sft.data.source": str(data)})
     state = run_stage(stage="sft", config=config, parent=str(pretrained), run_id="bad", return_state=True)
     assert state.is_failed()
     with pytest.raises(StageProcessError) as failure:
         state.result()
     message = str(failure.value)
-    assert "torchrun exited with code 1" in message
+    assert message.startswith("stage sft failed: torchrun exited with code 1. DataError: ")
+    # A DataError fails the same way every time: not retried, though retries=2.
+    assert failure.value.permanent
+    with get_client(sync_client=True) as client:
+        (task_run,) = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
+    assert task_run.run_count == 1
     # The first rank to fail shows its whole traceback, ending in the DataError that names the
     # file, row and column (the other rank may be stopped by torchrun before it prints one).
     blocks = message.split("\nLast lines:")[0].split("\nlocal rank ")[1:]

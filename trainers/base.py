@@ -89,6 +89,12 @@ class BaseTrainer:
         self.last_eval: dict[str, float] = {}
         self._resume_rng: dict | None = None  # set by load_checkpoint, used once by _epoch_iterator
         self.resumed_from_step: int | None = None
+        # Carried through checkpoints, so a stage restored from its last one reports the run's
+        # numbers, not those of an attempt that trained nothing: seconds spent training (all
+        # attempts) and the last step's loss, grad_norm and lr.
+        self.train_seconds = 0.0
+        self.last_step_metrics: dict[str, float] = {}
+        self._attempt_started = time.perf_counter()
         self.updates_per_step = 1  # optimizer (and LR schedule) steps per training step
 
     # ---- what subclasses provide ----
@@ -269,7 +275,8 @@ class BaseTrainer:
             if self.is_main:
                 ckpt.commit(tmp, {
                     "step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                    "tokens_seen": self.tokens_seen,
+                    "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed_seconds(),
+                    "last_step_metrics": self.last_step_metrics,
                     "world_size": self.dist.world_size, "last_eval": self.last_eval,
                     "early_stopping": asdict(self.early_stopping) if self.early_stopping else None,
                 }, self.args.keep_last)
@@ -293,6 +300,8 @@ class BaseTrainer:
         self.global_step, self.epoch = meta["step"], meta["epoch"]
         self.batches_in_epoch = meta["batches_in_epoch"]
         self.tokens_seen = meta.get("tokens_seen", 0.0)
+        self.train_seconds = meta.get("train_seconds", 0.0)
+        self.last_step_metrics = meta.get("last_step_metrics") or {}
         self.last_eval = meta.get("last_eval") or {}
         if self.early_stopping is not None and meta.get("early_stopping"):
             self.early_stopping = EarlyStopping(**meta["early_stopping"])
@@ -341,6 +350,10 @@ class BaseTrainer:
                            f"but evaluation returned {sorted(result)}")
         return self.early_stopping.update(result[self.early_stopping.metric])
 
+    def elapsed_seconds(self) -> float:
+        """Seconds spent in train() so far, over every attempt that led to this state."""
+        return self.train_seconds + time.perf_counter() - self._attempt_started
+
     def train(self, resume_from: str | Path | None = None) -> dict[str, float]:
         """Train until max_steps/max_epochs or early stopping; return the final metrics.
 
@@ -353,13 +366,13 @@ class BaseTrainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             self.resumed_from_step = self.global_step
+        self._attempt_started = time.perf_counter()
         self.on_train_begin()
 
         logger = MetricsLogger(self.save_dir, self.is_main, self.estimated_total_steps(),
                                initial_step=self.global_step, progress_bar=self.args.progress_bar,
                                tensorboard=self.args.tensorboard)
         self.model.train()
-        last: dict[str, float] = {}
         window_tokens, window_start = 0.0, time.perf_counter()
         stop = False
         try:
@@ -374,6 +387,7 @@ class BaseTrainer:
                             stop = self._evaluate_and_log(logger)
                         break
                     last = self.training_step(micro)
+                    self.last_step_metrics = {k: last[k] for k in ("loss", "grad_norm", "lr") if k in last}
                     self.global_step += 1
                     self.batches_in_epoch += len(micro)
                     window_tokens += last["tokens"]
@@ -394,7 +408,7 @@ class BaseTrainer:
                 self.save_checkpoint()
         finally:
             logger.close()
-        final = {k: v for k, v in last.items() if k in ("loss", "grad_norm", "lr")}
+        final = dict(self.last_step_metrics)
         final.update({k: v for k, v in self.last_eval.items() if k != "step"})
         final.update(step=self.global_step, epoch=self.epoch, tokens=self.tokens_seen,
                      resumed_from_step=self.resumed_from_step)

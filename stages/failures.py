@@ -1,0 +1,38 @@
+"""Which failures a retry can fix.
+
+A retry resumes a stage from its last checkpoint: worth it after a killed process, a lost
+node or flaky storage. Bad data, bad settings, a refused or damaged parent, a directory held
+by another run, or a loss gone NaN fail the same way every time; retrying them only repeats
+the traceback. The flow retries only what is not permanent (flows/pipeline.py). Under torchrun
+the flow sees only an exit code, so `python -m stages` leaves a marker file for it
+(`mark_permanent`) in $ALIGNFLOW_FAILURE_DIR."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FAILURE_DIR_ENV = "ALIGNFLOW_FAILURE_DIR"
+MARKER = "permanent-failure-rank{rank}.txt"
+
+
+def is_permanent(exc: BaseException) -> bool:
+    from trainers.base import NonFiniteLossError
+
+    from .handoff import StageDirError
+    from .lock import LockError
+
+    # ValueError covers DataError, pydantic's ValidationError and the parent check; KeyError
+    # and TypeError are bugs, which a retry does not fix either.
+    permanent = (ValueError, KeyError, TypeError, StageDirError, LockError, NonFiniteLossError)
+    return isinstance(exc, permanent) or getattr(exc, "permanent", False)
+
+
+def mark_permanent(exc: BaseException, rank: int) -> None:
+    """Leave the one-line reason where the launching flow looks (nothing when not launched by it)."""
+    directory = os.environ.get(FAILURE_DIR_ENV)
+    if directory and is_permanent(exc):
+        Path(directory, MARKER.format(rank=rank)).write_text(f"{type(exc).__name__}: {exc}\n")
+
+
+def permanent_reasons(directory: Path) -> list[str]:
+    return [p.read_text().strip() for p in sorted(directory.glob(MARKER.format(rank="*")))]
