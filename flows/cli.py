@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from stages import ALIGNERS, CHILDREN
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="alignflow", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Pretraining -> SFT -> DPO or GRPO as one resumable Prefect pipeline. Without "
                     "PREFECT_API_URL, flows run on Prefect's embedded server; with it, on that server.")
+    parser.add_argument("--debug", action="store_true", default=bool(os.environ.get("ALIGNFLOW_DEBUG")),
+                        help="show tracebacks of errors that are otherwise one line (also: ALIGNFLOW_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the full pipeline", description=(
@@ -255,12 +260,35 @@ def _terminate(signum, frame):
     raise Interrupted()
 
 
+class OneLineErrors(logging.Filter):
+    """A failure a retry cannot fix (bad data, a bad setting: stages.failures) is logged as its
+    one-line message; its traceback through Prefect's engine helps nobody. --debug keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from stages.failures import is_permanent
+
+        if record.exc_info and record.exc_info[1] is not None and is_permanent(record.exc_info[1]):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_prefect_tracebacks() -> None:
+    # On the loggers, not their handlers: Prefect installs its handlers when a flow starts.
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineErrors) for f in logger.filters):
+            logger.addFilter(OneLineErrors())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command not in FLOW_COMMANDS:
             return COMMANDS[args.command](args)
         from .embedded_server import serving
+
+        if not args.debug:
+            quiet_prefect_tracebacks()
 
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:
@@ -272,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignflow {args.command}: interrupted. {resume_hint(args)}", file=sys.stderr)
         return 143 if isinstance(e, Interrupted) else 130
     except (ValueError, RuntimeError, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"alignflow {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from trainers.args import Settings, TrainingArgs
 from trainers.dpo import DPOArgs
 from trainers.grpo import GRPOArgs
-from trainers.rewards import DEFAULT_REWARDS
+from trainers.rewards import DEFAULT_REWARDS, required_columns
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # Sections every stage's output depends on: the model, the tokenizer, the demo data, evaluation.
@@ -49,6 +49,9 @@ class TrainConfig(TrainingArgs):
     nnodes: int = Field(1, ge=1)
 
 
+EVAL_COLUMNS = ("answer",)  # what stages/evaluation.py hands each reward function
+
+
 class EvalConfig(Settings):
     """Held-out evaluation of every stage (stages/evaluation.py). Part of every stage's cache
     key: changing it re-runs the stages whose numbers it changes."""
@@ -59,6 +62,17 @@ class EvalConfig(Settings):
     reward_funcs: list[str] = Field(DEFAULT_REWARDS, min_length=1,
                                     description="reward functions of the held-out reward (by default GRPO's)")
     reward_weights: list[float] | None = None
+
+    @field_validator("reward_funcs")
+    @classmethod
+    def _held_out_rows_have_the_columns(cls, names: list[str]) -> list[str]:
+        # The held-out prompts carry only `answer`: a function reading another column would
+        # score no row, and the held-out reward would silently count it as 0.
+        unknown = {c: fns for c, fns in required_columns(names).items() if c not in EVAL_COLUMNS}
+        if unknown:
+            raise ValueError("the held-out prompts have only " + ", ".join(EVAL_COLUMNS) + "; " +
+                             "; ".join(f"{', '.join(fns)} reads {c!r}" for c, fns in unknown.items()))
+        return names
 
 
 class StageConfig(Settings):

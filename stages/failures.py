@@ -2,12 +2,13 @@
 
 A retry resumes a stage from its last checkpoint: worth it after a killed process, a lost
 node or flaky storage. Bad data, bad settings, a refused or damaged parent, a directory held
-by another run, or a loss gone NaN fail the same way every time; retrying them only repeats
-the traceback. The flow retries only what is not permanent (flows/pipeline.py). Under torchrun
+by another run, a read-only path, or a loss gone NaN fail the same way every time; retrying
+them only repeats the traceback. The flow retries only what is not permanent (flows/pipeline.py). Under torchrun
 the flow sees only an exit code, so `python -m stages` leaves a marker file for it
 (`mark_permanent`) in $ALIGNFLOW_FAILURE_DIR."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def is_permanent(exc: BaseException) -> bool:
     # ValueError covers DataError, pydantic's ValidationError and the parent check; KeyError
     # and TypeError are bugs, which a retry does not fix either.
     permanent = (ValueError, KeyError, TypeError, StageDirError, LockError, NonFiniteLossError)
-    return isinstance(exc, permanent) or getattr(exc, "permanent", False)
+    # A read-only or forbidden path stays so; a full disk may be freed meanwhile, so it is retried.
+    unwritable = isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    return isinstance(exc, permanent) or unwritable or getattr(exc, "permanent", False)
 
 
 def mark_permanent(exc: BaseException, rank: int) -> None:

@@ -59,6 +59,17 @@ def test_missing_state_file_is_named(tmp_path):
         make_trainer(tmp_path, max_steps=4).train(resume_from="latest")
 
 
+def test_a_record_that_leaves_out_the_weights_is_refused(tmp_path):
+    """A crafted trainer_state.json that does not list model.safetensors cannot vouch for it."""
+    make_trainer(tmp_path, max_steps=2).train()
+    record = latest_checkpoint(tmp_path) / "trainer_state.json"
+    meta = json.loads(record.read_text())
+    del meta["sha256"]["model.safetensors"]
+    record.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"{record} does not list model.safetensors"):
+        make_trainer(tmp_path, max_steps=4).train(resume_from="latest")
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=10, save_interval=2, keep_last=5)
     original = trainer.compute_loss

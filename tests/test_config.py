@@ -11,6 +11,7 @@ from stages.config import load_config
     ("sft.train.lr", -0.001), ("pretrain.train.lr", 0), ("sft.train.log_interval", 0),
     ("dpo.train.warmup_steps", -1), ("dpo.beta", 0), ("demo.sft_examples", -5), ("eval.max_prompts", -1),
     ("eval.reward_samples", -1), ("grpo.train.max_steps", 0), ("grpo.num_generations", 1),
+    ("eval.reward_funcs", ["contains"]),  # reads `target`, which the held-out prompts lack
 ])
 def test_a_bad_setting_fails_at_load_naming_its_key(key, value):
     with pytest.raises(ValidationError, match=key.replace(".", r"\.")):

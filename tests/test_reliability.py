@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from conftest import SMALL_PIPELINE
 from flows.cli import main as cli
 from flows.pipeline import alignment_pipeline, new_run_id
 from stages import STAGES, handoff
@@ -152,3 +153,26 @@ def test_only_failures_a_retry_can_fix_are_retried(finished, tmp_path, monkeypat
     with pytest.raises(ValueError, match="empty.jsonl: empty, no rows"):
         alignment_pipeline(config=bad, align="none")
     assert len(calls) == 1
+
+
+def test_a_read_only_stage_directory_is_one_line_naming_the_path_and_not_retried(finished, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """What `alignflow stage` prints when the runs directory turns read-only under it (simulated:
+    the tests run as root, for whom chmod does not make a directory read-only)."""
+    import errno
+
+    config, result = finished
+    attempts = []
+
+    def read_only(out_dir, *args):
+        attempts.append(out_dir)
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out_dir / "model.safetensors"))
+
+    monkeypatch.setattr(handoff, "save_stage", read_only)
+    sets = [arg for key, value in {**SMALL_PIPELINE, "retries": 2}.items() for arg in ("--set", f"{key}={value}")]
+    assert cli(["stage", "sft", "--parent", result["stages"]["pretrain"]["path"], "--runs-dir", str(tmp_path),
+                "--run-id", "ro", *sets]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"alignflow stage: error: [Errno 30] Read-only file system: "
+                       f"'{tmp_path / 'ro' / 'sft' / 'model.safetensors'}'")
+    assert len(attempts) == 1

@@ -30,6 +30,7 @@ from models.files import atomic_write, seal, verify_seal
 CHECKPOINT_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 META_FILE = "trainer_state.json"  # written last: a checkpoint directory with it is complete
+REQUIRED_FILES = ("model.safetensors", "training_state.pt", "rng-rank0.pt")  # its record must vouch for these
 
 
 class CheckpointError(RuntimeError):
@@ -174,7 +175,7 @@ def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:
 def load(path: Path, model: torch.nn.Module, rank: int) -> tuple[dict, dict, dict]:
     """Verify every recorded sha256, load the weights into `model`, and return
     (meta, training_state, rng) for the trainer to restore."""
-    meta = verify_seal(path, META_FILE, CheckpointError)
+    meta = verify_seal(path, META_FILE, CheckpointError, required=REQUIRED_FILES)
     load_weights(model, path / "model.safetensors")
     device = next(model.parameters()).device
     state_path = path / "training_state.pt"
