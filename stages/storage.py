@@ -57,6 +57,13 @@ def local_dir(ref: str | Path) -> Path:
     return cache_dir(str(ref)) if is_url(ref) else Path(ref)
 
 
+def exists(ref: str | Path) -> bool:
+    if not is_url(ref):
+        return Path(ref).exists()
+    fs, path = _fs(str(ref))
+    return fs.exists(path)
+
+
 def subdirs(ref: str | Path) -> list[str]:
     """Names of the directories in a (local or remote) directory, sorted; [] if it is missing."""
     if not is_url(ref):
@@ -99,6 +106,8 @@ class Incomplete:
 
 def why_incomplete(ref: str | Path, config_hash: str, parent_hash: str | None) -> Incomplete | None:
     """Why a stage must (re)run; None when it is complete for this config and parent."""
+    if not exists(join(ref, handoff.MANIFEST)):
+        return Incomplete(f"{ref} holds no finished stage yet", damaged=False)
     try:
         manifest = read_manifest(ref)
     except handoff.StageDirError as e:
