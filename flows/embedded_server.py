@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 from collections.abc import Iterator
 
 from stages import lifeline
+
+from .launch import stop_process_group
 
 STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind
@@ -66,19 +67,9 @@ def _start(timeout: float) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
         if proc.poll() != PORT_IN_USE:  # another process took the port in between: try another
             break
-    _stop(proc)
+    stop_process_group(proc, grace=5.0)
     raise RuntimeError(f"the embedded Prefect server did not start within {timeout:.0f} s "
                        f"(exit code {proc.poll()}); raise {STARTUP_ENV}, or set PREFECT_API_URL to a running server")
-
-
-def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait)
 
 
 @contextlib.contextmanager
@@ -98,7 +89,7 @@ def serving() -> Iterator[str | None]:
             finally:
                 _drain(timeout=5.0)
     finally:
-        _stop(proc)
+        stop_process_group(proc, grace=5.0)
 
 
 def _drain(timeout: float) -> None:

@@ -73,7 +73,7 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the whole process group (torchrun and its ranks), SIGKILL what is left."""
     if proc.poll() is not None:
         return
@@ -127,7 +127,7 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
         while proc.poll() is None:
             time.sleep(poll_seconds)
     finally:
-        _kill_group(proc)
+        stop_process_group(proc)
     tracebacks = rank_tracebacks(log_dir) if proc.returncode != 0 else ""
     permanent = failures.permanent_reasons(log_dir)
     shutil.rmtree(log_dir, ignore_errors=True)

@@ -6,7 +6,6 @@ check), retried on failure (the retry resumes from the stage's last training che
 launched through torchrun when it asks for more than one process."""
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from stages import ALIGNERS, CHILDREN, STAGES, chain, check_parent, handoff, sto
 from stages.config import PipelineConfig, load_config
 from stages.failures import is_permanent
 from stages.lock import DirLock
-from trainers.checkpoint import latest_checkpoint
+from trainers.checkpoint import latest_checkpoint, step_of
 
 from . import report
 from .launch import run_torchrun
@@ -118,7 +117,7 @@ def resume_point(run_dir: str, stages: list[str]) -> tuple[str, int | None] | No
             storage.read_manifest(out)
         except handoff.StageDirError:
             last = latest_checkpoint(storage.local_dir(out))
-            return stage, int(re.sub(r"\D", "", last.name)) if last else None
+            return stage, step_of(last) if last else None
     return None
 
 

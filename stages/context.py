@@ -71,7 +71,7 @@ class StageRun:
         try:
             self._enter()
         except BaseException:
-            self.lock.__exit__()
+            self.lock.release()
             raise
         return self
 
@@ -84,7 +84,7 @@ class StageRun:
             self.parent_manifest = handoff.verify(self.parent_dir)
             check_parent(self.stage, self.parent_manifest, self.parent_ref)
         if self.dist.is_main:
-            self.lock.__enter__()  # before anything is written; a held lock fails here, naming its holder
+            self.lock.acquire()  # before anything is written; a held lock fails here, naming its holder
             handoff.prepare_out_dir(self.out_dir, self.config.stage_hash(self.stage), self.parent_hash)
             if storage.is_url(self.out_ref):
                 storage.restore_checkpoint(self.out_ref, self.out_dir)
@@ -95,7 +95,7 @@ class StageRun:
             if exc_type is None:
                 self._write()
         finally:
-            self.lock.__exit__()
+            self.lock.release()
         return False
 
     def _write(self) -> None:

@@ -49,7 +49,7 @@ class DirLock:
         self.what = what
         self.held = False
 
-    def __enter__(self) -> "DirLock":
+    def acquire(self) -> "DirLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
                   "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
@@ -75,7 +75,13 @@ class DirLock:
             tmp.unlink(missing_ok=True)
         raise LockError(f"could not take {self.path}: other processes keep taking it")
 
-    def __exit__(self, *exc) -> None:
+    def release(self) -> None:
         if self.held and (_holder(self.path) or {}).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         self.held = False
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -93,11 +93,6 @@ def checked_manifest(ref: str | Path) -> dict:
     return read_manifest(ref) if is_url(ref) else handoff.verify(ref)
 
 
-def is_complete(ref: str | Path, config_hash: str, parent_hash: str | None) -> bool:
-    """The pipeline's skip check: complete, for this config and this parent."""
-    return why_incomplete(ref, config_hash, parent_hash) is None
-
-
 @dataclass(frozen=True)
 class Incomplete:
     reason: str

@@ -91,7 +91,7 @@ def test_an_eval_setting_reruns_every_stage_a_grpo_setting_only_grpo(runs):
     def still_complete(**overrides) -> dict[str, bool]:
         changed = load_config("tiny", overrides={"runs_dir": config.runs_dir, "run_id": "e2e", **overrides})
         parents = {"pretrain": None, "sft": stages["pretrain"]["content_hash"], "grpo": stages["sft"]["content_hash"]}
-        return {s: storage.is_complete(stages[s]["path"], changed.stage_hash(s), parents[s]) for s in parents}
+        return {s: storage.why_incomplete(stages[s]["path"], changed.stage_hash(s), parents[s]) is None for s in parents}
 
     assert still_complete() == {"pretrain": True, "sft": True, "grpo": True}
     assert still_complete(**{"eval.temperature": 0.7}) == {"pretrain": False, "sft": False, "grpo": False}

@@ -97,6 +97,11 @@ def step_dir(save_dir: str | os.PathLike, step: int) -> Path:
     return checkpoint_root(save_dir) / f"step-{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory `step-N`."""
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def list_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first. `.tmp` directories are never complete."""
     root = checkpoint_root(save_dir)
