@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from stages import ALIGNERS, CHILDREN
+from stages import ALIGNERS, CHILDREN, STAGES
 
 EPILOG = """examples:
   alignflow run                                   # tiny preset, demo data, pretrain -> sft -> dpo
@@ -19,6 +19,8 @@ EPILOG = """examples:
   alignflow stage dpo --parent runs/tiny/sft --set dpo.beta=0.5
   alignflow eval runs/tiny/dpo
   alignflow generate runs/tiny/sft --prompt "What is 3 plus 4?"
+  alignflow run --model /models/Qwen2.5-0.5B --start sft --preset hf-small \
+      --set sft.data.source=chat.jsonl --set dpo.data.source=prefs.jsonl
   alignflow runs
   alignflow deploy --runs-dir s3://bucket/runs    # pools + deployments on $PREFECT_API_URL
   alignflow job-preview --var gpu_count=8         # the Kubernetes job a GPU run would get
@@ -26,7 +28,8 @@ EPILOG = """examples:
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="configuration preset (stages/presets/*.yaml): tiny, gpt2-small")
+    p.add_argument("--preset", help="configuration preset (stages/presets/*.yaml): tiny, gpt2-small, hf-small "
+                                    "(default: hf-small with --model DIR, else tiny)")
     p.add_argument("--config", metavar="FILE", help="YAML file laid over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable: --set sft.train.lr=3e-4 --set dpo.beta=0.2")
@@ -49,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         "already complete for the same config and parent are skipped; a failed stage is retried "
         "(config.retries) and resumes from its last checkpoint. Writes RUNS_DIR/RUN_ID/report.md."))
     add_config_args(p)
+    p.add_argument("--model", help="a Hugging Face model directory to start from, or a built-in preset (tiny, "
+                                   "gpt2-small; default: the preset's)")
+    p.add_argument("--start", choices=list(STAGES), help="the first stage (default pretrain; with a Hugging Face "
+                                                         "model: sft, or pretrain to continue pretraining it)")
     p.add_argument("--align", choices=[*ALIGNERS, "none"], default="dpo", help="the alignment stage (default: dpo)")
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="re-run these stages even if complete")
 
@@ -59,12 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", required=True, help="the parent stage's checkpoint directory (path or fsspec URL)")
     add_config_args(p)
 
-    p = sub.add_parser("eval", help="verify a checkpoint directory and evaluate it on the held-out prompts")
+    p = sub.add_parser("eval", help="verify a checkpoint directory (or hash a Hugging Face model directory) and "
+                                    "evaluate it on the held-out prompts")
     p.add_argument("dir")
     add_config_args(p)
 
-    p = sub.add_parser("generate", help="sample from a checkpoint directory")
+    p = sub.add_parser("generate", help="sample from a checkpoint directory or a Hugging Face model directory")
     p.add_argument("dir")
+    add_config_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a user message; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -104,8 +113,12 @@ def resolve_config(args):
 
     overrides = dict(parse_override(item) for item in args.overrides)
     # Names, not YAML: --run-id 2024 is the string "2024".
-    overrides.update({key: value for key, value in (("run_id", args.run_id), ("runs_dir", args.runs_dir)) if value})
-    return load_config(args.preset, args.config, overrides)
+    named = (("run_id", args.run_id), ("runs_dir", args.runs_dir), ("model", getattr(args, "model", None)),
+             ("start", getattr(args, "start", None)))
+    overrides.update({key: value for key, value in named if value})
+    model = getattr(args, "model", None)
+    preset = args.preset or ("hf-small" if model and Path(model).is_dir() else "tiny")
+    return load_config(preset, args.config, overrides)
 
 
 def cmd_run(args) -> int:
@@ -126,7 +139,7 @@ def cmd_stage(args) -> int:
     parent = args.parent if storage.is_url(args.parent) else str(Path(args.parent).resolve())
     config = resolve_config(args)
     if not args.run_id:  # chosen here, so an interrupted re-run can be resumed by name
-        manifest = storage.read_manifest(parent)
+        manifest = storage.checked_manifest(parent)  # a plain Hugging Face model directory too
         check_parent(args.name, manifest, parent)
         args.run_id = new_run_id(config.runs_dir, manifest, args.name)
     out = run_stage(stage=args.name, config=config, parent=parent, run_id=args.run_id)
@@ -162,9 +175,11 @@ def cmd_eval(args) -> int:
     from stages.evaluation import heldout_metrics
 
     config = resolve_config(args)
-    model, tok, manifest = handoff.load_stage(storage.localize(args.dir))
-    print(f"{args.dir}: {manifest['stage']} stage, sha256 verified")
-    result = heldout_metrics(config, config.stage(manifest["stage"]).data, model, tok)
+    model, tok, manifest = handoff.load_stage(storage.localize(args.dir), options=config.hf)
+    what = "a Hugging Face model directory, files hashed" if manifest.get("external") else \
+        f"{manifest['stage']} stage, sha256 verified"
+    print(f"{args.dir}: {what}")
+    result = heldout_metrics(config, config.stage(manifest["stage"] or "sft").data, model, tok)
     for key in ("task_accuracy", "format_rate", "greedy_reward", "heldout_reward", "eval_prompts"):
         if key in result:
             print(f"  {key:16s} {result[key]:.4g}")
@@ -176,11 +191,11 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from models import generate_text, render_chat
+    from models import generate_text, prompt_ids
     from stages import handoff, storage
 
-    model, tok, _ = handoff.load_stage(storage.localize(args.dir))
-    prompts = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in args.prompt]
+    model, tok, _ = handoff.load_stage(storage.localize(args.dir), options=resolve_config(args).hf)
+    prompts = [prompt_ids(tok, [{"role": "user", "content": p}]) for p in args.prompt]
     out = generate_text(model, tok, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))
     for prompt, text in zip(args.prompt, out.texts):
@@ -215,7 +230,11 @@ def cmd_presets(args) -> int:
     from stages.config import PRESET_DIR, load_config
 
     for path in sorted(PRESET_DIR.glob("*.yaml")):
-        cfg = load_config(path.stem)
+        try:
+            cfg = load_config(path.stem)
+        except ValueError:  # it starts from a model the user gives
+            print(f"{path.stem:12s} settings for a Hugging Face model given with --model DIR")
+            continue
         size = PRESETS[cfg.model].num_parameters() / 1e6
         print(f"{path.stem:12s} model {cfg.model} ({size:.1f}M params before the vocabulary is set), "
               f"tokenizer vocab {cfg.vocab_size}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -94,7 +95,7 @@ def new_run_id(runs_dir: str, parent_manifest: dict, stage: str, attempts: int =
     """A run directory name for a one-stage re-run that no other run has: `<parent run>-<stage>-
     <time>-<random>`, its directory created here so a re-run started in the same second (in
     this or another process) cannot take it too."""
-    base = f"{parent_manifest.get('run_id', 'run')}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = f"{parent_manifest.get('run_id') or 'run'}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     for _ in range(attempts):
         run_id = f"{base}-{secrets.token_hex(2)}"
         run_dir = storage.join(runs_dir, run_id)
@@ -133,6 +134,17 @@ def write_report(run_dir: str, run_id: str, results: dict[str, dict]) -> str:
     return card
 
 
+def base_model(path: str) -> dict:
+    """The Hugging Face model directory a run starts from, as a parent: its files hashed (what
+    the first stage's skip check compares, so a changed base re-runs the stages after it)."""
+    if storage.is_url(path):
+        raise ValueError(f"model: {path} is a URL; a Hugging Face model to start from must be a local directory")
+    if not Path(path).is_dir():
+        raise ValueError(f"model: {path} is neither a built-in preset nor a directory")
+    absolute = str(Path(path).resolve())
+    return handoff.stage_result(absolute, handoff.verify(absolute))
+
+
 def resolve(config: PipelineConfig | None, preset: str, overrides: dict[str, Any] | None) -> PipelineConfig:
     """A whole config (Python callers, the CLI), or a preset plus dotted overrides (deployments and
     the UI form: {"runs_dir": "s3://bucket/runs", "dpo.beta": 0.3})."""
@@ -145,15 +157,18 @@ def resolve(config: PipelineConfig | None, preset: str, overrides: dict[str, Any
 def alignment_pipeline(config: PipelineConfig | None = None, align: AlignStage = "dpo",
                        force: list[str] | None = None, preset: str = "tiny",
                        overrides: dict[str, Any] | None = None) -> dict:
-    """pretrain -> SFT -> DPO or GRPO into runs_dir/run_id/<stage>/."""
+    """pretrain -> SFT -> DPO or GRPO into runs_dir/run_id/<stage>/, from `config.start` on: a run from
+    a Hugging Face model directory (`config.model`) hands it to its first stage as the parent."""
     config = resolve(config, preset, overrides)
     force = force or []
     unknown = set(force) - set(STAGES)
     if unknown:
         raise ValueError(f"force names unknown stages {sorted(unknown)}; stages: {sorted(STAGES)}")
+    stages = chain(None if align == "none" else align, config.start)
+    base = None if config.builtin_model else base_model(config.model)
     run_dir = storage.join(config.runs_dir, config.resolved_run_id())
     with DirLock(storage.local_dir(run_dir), f"alignment-pipeline {config.resolved_run_id()}"):
-        results = run_chain(config, run_dir, chain(None if align == "none" else align), None, force)
+        results = run_chain(config, run_dir, stages, base, force)
         write_report(run_dir, config.resolved_run_id(), results)
     return {"run_dir": run_dir, "stages": results}
 

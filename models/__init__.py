@@ -1,46 +1,24 @@
-"""Llama model, sampling, HF-format checkpoints and tokenizer for alignflow.
+"""Models, tokenizers, chat rendering, sampling and Hugging Face-format I/O for alignflow.
 
-Depends only on torch, safetensors, tokenizers and pydantic, so every stage and
-tool can import it without pulling in the pipeline.
-"""
+Depends on torch, safetensors, tokenizers, transformers and pydantic, never on the pipeline,
+so every stage and tool can import it."""
 
+from .chat import ChatTemplateError, prompt_ids, render_chat, stop_ids
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset
 from .generate import Generation, generate, generate_text
-from .hf_io import load_pretrained, save_pretrained
+from .hf_io import (BUILTIN, TRANSFORMERS, fit_vocabulary, load_model, load_pretrained, model_kind, save_model,
+                    save_pretrained)
 from .llama import KVCache, LlamaForCausalLM
-from .tokenizer import (
-    ASSISTANT,
-    BOS,
-    EOS,
-    PAD,
-    SPECIAL_TOKENS,
-    SYSTEM,
-    USER,
-    Tokenizer,
-    render_chat,
-    train_tokenizer,
-)
+from .tokenizer import (ASSISTANT, BOS, EOS, PAD, SPECIAL_TOKENS, SYSTEM, USER, Tokenizer, ensure_pad_token,
+                        load_tokenizer, train_tokenizer)
 
 __all__ = [
-    "ModelConfig",
-    "PRESETS",
-    "get_preset",
-    "flops_per_token",
-    "LlamaForCausalLM",
-    "KVCache",
-    "generate",
-    "generate_text",
-    "Generation",
-    "save_pretrained",
-    "load_pretrained",
-    "Tokenizer",
-    "train_tokenizer",
-    "render_chat",
-    "PAD",
-    "BOS",
-    "EOS",
-    "SYSTEM",
-    "USER",
-    "ASSISTANT",
-    "SPECIAL_TOKENS",
+    "ModelConfig", "PRESETS", "get_preset", "flops_per_token",
+    "LlamaForCausalLM", "KVCache",
+    "generate", "generate_text", "Generation",
+    "save_pretrained", "load_pretrained", "load_model", "save_model", "fit_vocabulary", "model_kind",
+    "BUILTIN", "TRANSFORMERS",
+    "Tokenizer", "train_tokenizer", "load_tokenizer", "ensure_pad_token",
+    "render_chat", "prompt_ids", "stop_ids", "ChatTemplateError",
+    "PAD", "BOS", "EOS", "SYSTEM", "USER", "ASSISTANT", "SPECIAL_TOKENS",
 ]

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .chat import stop_ids
 from .llama import KVCache, LlamaForCausalLM
 
 
@@ -44,25 +45,64 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counting only real ones, so a left-padded prompt starts at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _Decoder:
+    """One forward per generated token for either kind of model: the built-in one with its
+    KVCache, or a transformers model with its own cache (`past_key_values`), to which the
+    positions are passed explicitly (transformers counts them from the cache, not the mask)."""
+
+    def __init__(self, model, max_len: int, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        self.builtin = isinstance(model, LlamaForCausalLM)
+        self.cache = KVCache(model.config, max_len) if use_cache and self.builtin else None
+
+    def __call__(self, tokens: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] after `tokens` (of which `new` are not yet in the cache)."""
+        if self.builtin:
+            if self.use_cache:
+                return self.model(new, attention_mask=mask, kv_cache=self.cache)[:, -1]
+            return self.model(tokens, attention_mask=mask)[:, -1]
+        pos = positions(mask)
+        if not self.use_cache:
+            return self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
+        out = self.model(input_ids=new, attention_mask=mask, position_ids=pos[:, -new.shape[1]:],
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+
+def _stop_tensor(eos_token_id, device) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, device=device) if ids else None
+
+
 @torch.no_grad()
 def generate(
-    model: LlamaForCausalLM,
+    model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Continue left-padded prompts [B, P]; returns [B, P + T] with T <= max_new_tokens.
 
-    Stops once every row has emitted eos_token_id; a row's positions after its EOS
-    hold pad_token_id (eos_token_id if pad is None). use_cache=False recomputes the
-    whole prefix each step: slow, but the reference the cached path must match.
+    `model`: the built-in LlamaForCausalLM or a transformers causal LM. `eos_token_id`: one
+    stop token or several (EOS and an end-of-turn token). Stops once every row has emitted a
+    stop token; a row's positions after it hold pad_token_id (the first stop token if pad is
+    None). use_cache=False recomputes the whole prefix each step: slow, but the reference the
+    cached path must match.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -74,8 +114,9 @@ def generate(
     B, P = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    fill = pad_token_id if pad_token_id is not None else eos_token_id
-    cache = KVCache(model.config, P + max_new_tokens) if use_cache else None
+    stops = _stop_tensor(eos_token_id, input_ids.device)
+    fill = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops is not None else None)
+    decode = _Decoder(model, P + max_new_tokens, use_cache)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens, mask, new = input_ids, attention_mask, input_ids
 
@@ -83,28 +124,24 @@ def generate(
     model.eval()
     try:
         for _ in range(max_new_tokens):
-            if use_cache:
-                logits = model(new, attention_mask=mask, kv_cache=cache)
-            else:
-                logits = model(tokens, attention_mask=mask)
-            next_token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
+            next_token = sample_next(decode(tokens, new, mask), temperature, top_k, top_p, generator)
+            if stops is not None:
                 next_token = torch.where(finished, fill, next_token)
-                finished |= next_token == eos_token_id
+                finished |= torch.isin(next_token, stops)
             new = next_token[:, None]
             tokens = torch.cat([tokens, new], dim=1)
             mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
             # .all() syncs with the device; only pay for it when stopping is possible.
-            if eos_token_id is not None and finished.all():
+            if stops is not None and finished.all():
                 break
     finally:
         model.train(was_training)
     return tokens
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 on tokens up to and including the first EOS, 0 after it (generate pads there)."""
-    is_eos = (completion_ids == eos_token_id).long()
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """1 on tokens up to and including the first stop token, 0 after it (generate pads there)."""
+    is_eos = torch.isin(completion_ids, _stop_tensor(eos_token_id, completion_ids.device)).long()
     eos_before = is_eos.cumsum(-1) - is_eos
     return (eos_before == 0).long()
 
@@ -136,7 +173,8 @@ def generate_text(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
     """Prompt ids -> left-padded batch -> `sample` (default: `generate`) -> decoded completions.
 
     The one path from prompts to completions that evaluation, `alignflow generate` and GRPO's
-    rollouts share. `tokenizer` gives `eos_id`, `pad_id` and `decode`; `sample` is any function
+    rollouts share. `tokenizer` gives `eos_token_id`, `pad_token_id` and `decode` (a Hugging Face
+    tokenizer; its template's end-of-turn token stops a reply too, `models.chat.stop_ids`); `sample` is any function
     with `generate`'s signature."""
     context = context_length(model)
     if context is not None:
@@ -148,13 +186,14 @@ def generate_text(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
                                  f"exceeds the model's context of {context:,} positions")
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    pad, stops = tokenizer.pad_token_id, stop_ids(tokenizer)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     sequences = sample(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                       top_k=top_k, top_p=top_p, eos_token_id=stops, pad_token_id=pad,
                        generator=generator)
     completions = sequences[:, width:]
-    keep = completion_mask(completions, tokenizer.eos_id)
+    keep = completion_mask(completions, stops)
     texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
              for row, n in zip(completions.cpu(), keep.sum(-1).tolist())]
-    return Generation(sequences, mask, keep, texts, ended=(completions == tokenizer.eos_id).any(-1))
+    return Generation(sequences, mask, keep, texts, ended=torch.isin(completions, _stop_tensor(stops, completions.device)).any(-1))

@@ -1,13 +1,15 @@
-"""Save/load in the Hugging Face layout: config.json + model.safetensors."""
+"""Models on disk in the Hugging Face layout: the built-in model (config.json + model.safetensors,
+loadable by transformers' LlamaForCausalLM too) and any transformers causal LM."""
 
 import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file
+from safetensors.torch import save_model as save_safetensors
 
 from .config import ModelConfig
-from .files import atomic_write
+from .files import atomic_write, write_json_atomic
 from .llama import LlamaForCausalLM
 
 CONFIG_NAME = "config.json"
@@ -30,7 +32,7 @@ def save_pretrained(model: LlamaForCausalLM, directory: str) -> list[str]:
 
     # Weights first, so a config.json on disk always sits next to complete weights.
     weights = atomic_write(
-        os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_model(model, tmp, metadata={"format": "pt"})
+        os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_safetensors(model, tmp, metadata={"format": "pt"})
     )
     return [weights, atomic_write(os.path.join(directory, CONFIG_NAME), write_config)]
 
@@ -58,3 +60,67 @@ def load_pretrained(
     except Exception as e:
         raise ValueError(f"cannot load model weights {path}: {e}") from e
     return model.to(dtype=dtype) if dtype is not None else model
+
+
+# ---- any causal LM: the built-in one, or one of transformers' (AutoModelForCausalLM) ----
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+BUILTIN, TRANSFORMERS = "builtin", "transformers"  # how a directory's model is loaded (its manifest says)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    return BUILTIN if isinstance(model, LlamaForCausalLM) else TRANSFORMERS
+
+
+def _needs_remote_code(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            return "auto_map" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.device = "cpu", dtype: str = "float32",
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model saved in `directory`: the built-in class, or transformers' AutoModelForCausalLM with
+    weights in `dtype` and the given attention kernel ('sdpa', 'eager', 'flash_attention_2')."""
+    if kind == BUILTIN:
+        return load_pretrained(directory, device=device, dtype=DTYPES[dtype] if dtype != "float32" else None)
+    directory = os.path.abspath(directory)
+    if _needs_remote_code(directory) and not trust_remote_code:
+        raise ValueError(f"the model in {directory} needs code from its repository (auto_map in config.json); "
+                         "set hf.trust_remote_code: true if you trust it")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype],
+                                                     attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
+    except Exception as e:  # transformers raises many types; the user needs the directory
+        raise ValueError(f"cannot load a causal LM from {directory}: {e}") from e
+    return model.to(device)
+
+
+def fit_vocabulary(model: torch.nn.Module, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer gained a token (a padding token) the model lacks,
+    and record the padding id where a config keeps it."""
+    if model_kind(model) == TRANSFORMERS and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and hasattr(config, "pad_token_id"):
+            config.pad_token_id = tokenizer.pad_token_id
+
+
+def save_model(model: torch.nn.Module, directory: str, max_shard_size: str = "5GB") -> None:
+    """Weights (safetensors; shards with model.safetensors.index.json above `max_shard_size` for
+    transformers models), config.json and generation_config.json, in Hugging Face's layout."""
+    if model_kind(model) == BUILTIN:
+        save_pretrained(model, directory)
+        c = model.config
+        ids = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
+        write_json_atomic(os.path.join(directory, GENERATION_CONFIG_NAME), {k: v for k, v in ids.items() if v is not None})
+        return
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"expected a transformers model (unwrap compile/DDP first), got {type(model).__name__}")
+    model.save_pretrained(directory, max_shard_size=max_shard_size)

@@ -1,12 +1,17 @@
-"""Byte-level BPE tokenizer and the single chat template shared by every stage."""
+"""Tokenizers: one type for every model, a Hugging Face fast tokenizer (`PreTrainedTokenizerFast`).
 
+A Hugging Face model brings its own (`load_tokenizer`); the built-in model's is a byte-level
+BPE trained here on the pretraining corpus (`train_tokenizer`) and given a chat template of its
+own, so `AutoTokenizer.from_pretrained(stage_dir).apply_chat_template(messages)` gives exactly
+the ids alignflow trained on."""
+
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import tokenizers
 from tokenizers import decoders, pre_tokenizers
-
-from .files import atomic_write
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD = "<|pad|>"
 BOS = "<|bos|>"
@@ -16,71 +21,22 @@ USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 # Order fixes the ids: pad=0, bos=1, eos=2, then the role markers.
 SPECIAL_TOKENS = [PAD, BOS, EOS, SYSTEM, USER, ASSISTANT]
-ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
-TOKENIZER_NAME = "tokenizer.json"
+# <|bos|>, then per message <|role|> content <|eos|>; a prompt ends with <|assistant|>. The
+# assistant's content and its <|eos|> are what SFT learns (so the model learns to stop); the
+# generation tags mark them for Hugging Face tools too (`return_assistant_tokens_mask`).
+BUILTIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 
-
-def _resolve(path: str) -> str:
-    """A directory means the tokenizer.json inside it (checkpoints keep it next to the model)."""
-    return os.path.join(path, TOKENIZER_NAME) if os.path.isdir(path) else path
-
-
-class Tokenizer:
-    def __init__(self, tokenizer: tokenizers.Tokenizer):
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-        if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}")
-        # Text that merely spells "<|eos|>" (e.g. in user content) must encode as plain
-        # text; only render_chat may insert real special tokens.
-        tokenizer.encode_special_tokens = True
-        self._tok = tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        # int() so tensors and numpy arrays work too.
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def token_id(self, token: str) -> int:
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise KeyError(f"token {token!r} is not in the vocabulary")
-        return i
-
-    @property
-    def pad_id(self) -> int:
-        return self.token_id(PAD)
-
-    @property
-    def bos_id(self) -> int:
-        return self.token_id(BOS)
-
-    @property
-    def eos_id(self) -> int:
-        return self.token_id(EOS)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    def save(self, path: str) -> str:
-        """Write tokenizer.json atomically to `path` (a file, or a directory to put it in)."""
-        path = _resolve(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return atomic_write(path, self._tok.save)
-
-    @classmethod
-    def load(cls, path: str) -> "Tokenizer":
-        path = os.path.abspath(_resolve(path))
-        try:
-            return cls(tokenizers.Tokenizer.from_file(path))
-        except Exception as e:
-            raise ValueError(f"cannot load tokenizer {path}: {e}") from e
+Tokenizer = PreTrainedTokenizerFast
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
@@ -102,41 +58,48 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return Tokenizer(tok)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=[SYSTEM, USER, ASSISTANT], chat_template=BUILTIN_CHAT_TEMPLATE,
+        # Decoding must give the text back as it was, not "3 ." tidied into "3.".
+        clean_up_tokenization_spaces=False)
 
 
-def _check_messages(messages: Sequence[dict]) -> None:
-    if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be a dict, got {type(m).__name__}")
-        for field in ("role", "content"):
-            if field not in m:
-                raise ValueError(f"messages[{i}] is missing '{field}'")
-        if m["role"] not in ROLE_TOKENS:
-            raise ValueError(f"messages[{i}]['role'] is {m['role']!r}; expected one of {list(ROLE_TOKENS)}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"messages[{i}]['content'] must be a str, got {type(m['content']).__name__}")
+def _remote_code_needed(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "tokenizer_config.json")) as f:
+            return "auto_map" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
-def render_chat(
-    tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
-) -> tuple[list[int], list[int]]:
-    """Token ids and an equally long assistant mask (1 = written by the assistant).
+def load_tokenizer(directory: str, chat_template: str | None = None, trust_remote_code: bool = False) -> Tokenizer:
+    """The fast tokenizer saved in `directory`; `chat_template` (Jinja text) replaces its own."""
+    directory = os.path.abspath(directory)
+    if _remote_code_needed(directory) and not trust_remote_code:
+        raise ValueError(f"the tokenizer in {directory} needs code from its repository (auto_map in "
+                         "tokenizer_config.json); set hf.trust_remote_code: true if you trust it")
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types; the user needs the directory
+        raise ValueError(f"cannot load a tokenizer from {directory}: {e}") from e
+    if not tok.is_fast:
+        raise ValueError(f"{directory}: the tokenizer is a slow (Python) one; alignflow needs a fast tokenizer "
+                         "(a tokenizer.json)")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
 
-    Format: <|bos|> then per message <|role|> content <|eos|>. The mask covers the
-    assistant's content and its <|eos|> (so the model learns to stop), never the role
-    marker. Each content is encoded on its own so mask boundaries are exact.
-    """
-    _check_messages(messages)
-    ids, mask = [tokenizer.bos_id], [0]
-    for m in messages:
-        content = tokenizer.encode(m["content"])
-        learn = int(m["role"] == "assistant")
-        ids += [tokenizer.token_id(ROLE_TOKENS[m["role"]]), *content, tokenizer.eos_id]
-        mask += [0] + [learn] * (len(content) + 1)
-    if add_generation_prompt:
-        ids.append(tokenizer.token_id(ASSISTANT))
-        mask.append(0)
-    return ids, mask
+
+def ensure_pad_token(tok: Tokenizer) -> bool:
+    """Give `tok` a padding token that is not its EOS (a new special token when it has none):
+    padding must never be confused with the end of a sequence. True when a token was added,
+    so the model may need a bigger embedding (`models.fit_vocabulary`)."""
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        return False
+    for candidate in ("<|finetune_right_pad_id|>", "<pad>", PAD):  # Llama-3 reserves the first
+        if candidate in tok.get_vocab():
+            tok.pad_token = candidate
+            return False
+    tok.add_special_tokens({"pad_token": PAD})
+    return True

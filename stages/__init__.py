@@ -33,19 +33,26 @@ ALIGNERS = tuple(name for name, s in STAGES.items() if s.aligns)
 CHILDREN = tuple(name for name, s in STAGES.items() if s.parent)  # stages that can re-run on a parent
 
 
-def chain(align: str | None) -> list[str]:
-    """The pipeline's stages in order: the align stage (or none) and its ancestors."""
+def chain(align: str | None, start: str = "pretrain") -> list[str]:
+    """The pipeline's stages in order: the align stage (or none) and its ancestors, from `start`
+    on (a run from a Hugging Face model may skip pretraining, or go straight to alignment)."""
     if align is None:
-        return [name for name, s in STAGES.items() if not s.aligns]
-    names = [align]
-    while STAGES[names[0]].parent:
-        names.insert(0, STAGES[names[0]].parent)
-    return names
+        names = [name for name, s in STAGES.items() if not s.aligns]
+    else:
+        names = [align]
+        while STAGES[names[0]].parent:
+            names.insert(0, STAGES[names[0]].parent)
+    if start not in names:
+        raise ValueError(f"start: {start} is not a stage of the pipeline {' -> '.join(names)}")
+    return names[names.index(start):]
 
 
 def check_parent(stage: str, parent_manifest: dict, parent_ref) -> None:
-    """A stage trains only on a checkpoint of its parent stage (the flows and `python -m
-    stages` both ask here)."""
+    """A stage trains only on a checkpoint of its parent stage, or on a plain Hugging Face model
+    directory (an external base: any stage may start from one). The flows and `python -m
+    stages` both ask here."""
+    if parent_manifest.get("external"):
+        return
     expected, found = STAGES[stage].parent, parent_manifest.get("stage")
     if found != expected:
         raise ValueError(f"{stage} trains on a {expected} checkpoint, but {parent_ref} holds a {found} stage")

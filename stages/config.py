@@ -15,16 +15,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from models import PRESETS
 from trainers.args import Settings, TrainingArgs
 from trainers.dpo import DPOArgs
 from trainers.grpo import GRPOArgs
 from trainers.rewards import DEFAULT_REWARDS, required_columns
 
+from . import STAGES
+
 PRESET_DIR = Path(__file__).parent / "presets"
-# Sections every stage's output depends on: the model, the tokenizer, the demo data, evaluation.
-SHARED_KEYS = ("model", "vocab_size", "demo", "eval")
+# Sections every stage's output depends on: the model and how it is loaded, the tokenizer, the
+# demo data, evaluation.
+SHARED_KEYS = ("model", "hf", "vocab_size", "demo", "eval")
+
 
 
 class DataConfig(Settings):
@@ -107,10 +112,27 @@ class DemoConfig(Settings):
     eval_prompts: int = Field(100, ge=1)
 
 
+class HFConfig(Settings):
+    """How models and tokenizers are loaded from Hugging Face model directories (the `model` one,
+    and every stage directory after it), and how stage directories are written."""
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights' dtype; float32 keeps fp32 master weights under train.precision bf16/fp16")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="transformers' attention kernel (flash_attention_2 needs the flash-attn package)")
+    trust_remote_code: bool = Field(False, description="run code a model directory ships (auto_map); off: refused")
+    chat_template: str | None = Field(None, description="a Jinja chat template file replacing the tokenizer's own")
+    max_shard_size: str = Field("5GB", description="stage outputs above this are saved in safetensors shards")
+
+
 class PipelineConfig(Settings):
     preset: str = "tiny"
-    model: str = Field("tiny", description="built-in model preset (models.PRESETS)")
-    vocab_size: int = Field(1024, description="tokenizer trained on the pretraining corpus")
+    model: str = Field("tiny", description="a built-in model preset (tiny, gpt2-small), trained from scratch "
+                                            "by pretrain, or a Hugging Face model directory to start from")
+    start: Literal[tuple(STAGES)] = Field(
+        "pretrain", description="the first stage to run: with a Hugging Face model, sft (or dpo/grpo) starts "
+                                "from it and pretrain continues pretraining it")
+    hf: HFConfig = HFConfig()
+    vocab_size: int = Field(1024, description="tokenizer trained on the pretraining corpus (built-in models)")
     runs_dir: str = "runs"
     run_id: str | None = Field(None, description="default: the preset's name")
     device: str | None = Field(None, description="default: cuda if available, else cpu")
@@ -121,6 +143,18 @@ class PipelineConfig(Settings):
     sft: SFTConfig = SFTConfig()
     dpo: DPOConfig = DPOConfig()
     grpo: GRPOConfig = GRPOConfig()
+
+    @model_validator(mode="after")
+    def _a_start_needs_a_model_to_start_from(self) -> "PipelineConfig":
+        if self.start != "pretrain" and self.builtin_model:
+            raise ValueError(f"start: {self.start} needs a model to start from: set model to a Hugging Face model "
+                             f"directory ({self.model!r} is a built-in preset, trained from scratch by pretrain)")
+        return self
+
+    @property
+    def builtin_model(self) -> bool:
+        """`model` names a built-in preset (else it is a Hugging Face model directory)."""
+        return self.model in PRESETS
 
     def stage(self, name: str) -> StageConfig:
         return getattr(self, name)

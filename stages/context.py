@@ -6,7 +6,7 @@
         stage.train(trainer, tok)                           # train (resuming), held-out evaluation
     return stage.result                                     # set on a clean exit: directory written
 
-On a clean exit rank 0 writes the weights, the tokenizer and, last, the manifest (stages.handoff),
+On a clean exit rank 0 writes the model directory (Hugging Face layout) and, last, the manifest (stages.handoff),
 then publishes the directory when it lives at a URL (stages.storage). On an exception nothing
 is written: a retry resumes from the trainer's last checkpoint in `state/`."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from models import Tokenizer
+from models import Tokenizer, model_kind
 from trainers import configure_optimizer, create_trainer
 from trainers import distributed as dist_utils
 from trainers import BaseTrainer, unwrap
@@ -31,7 +31,7 @@ from .config import PipelineConfig, StageConfig, TrainConfig
 from .evaluation import heldout_metrics
 from .lock import DirLock
 
-VERSIONED = ("alignflow", "torch", "safetensors", "tokenizers", "datasets", "pydantic")
+VERSIONED = ("alignflow", "torch", "transformers", "safetensors", "tokenizers", "datasets", "pydantic")
 
 
 class StageRun:
@@ -102,7 +102,8 @@ class StageRun:
         if self.outcome is None:
             raise RuntimeError(f"stage {self.stage} ended without training")
         if self.dist.is_main:
-            handoff.save_stage(self.out_dir, self.outcome["model"], self.outcome["tokenizer"])
+            handoff.save_stage(self.out_dir, self.outcome["model"], self.outcome["tokenizer"],
+                               self.config.hf.max_shard_size)
             manifest = handoff.write_manifest(self.out_dir, self._manifest_fields())
             if storage.is_url(self.out_ref):
                 storage.publish(self.out_dir, self.out_ref)
@@ -116,13 +117,17 @@ class StageRun:
         # checkpoint (its manifest was gone, or a file failed its sha256).
         step = o["metrics"]["step"]
         restored = step if o["metrics"].get("resumed_from_step") == step else None
-        parent = ({"path": self.parent_ref, "content_hash": self.parent_hash, "stage": self.parent_manifest["stage"]}
-                  if self.parent_manifest else None)
+        parent = None
+        if self.parent_manifest:
+            parent = {"path": self.parent_ref, "content_hash": self.parent_hash, "stage": self.parent_manifest["stage"]}
+            if self.parent_manifest.get("external"):  # a plain Hugging Face directory: its files' digests
+                parent.update(external=True, sha256=self.parent_manifest["sha256"])
         return {
             "stage": self.stage,
             "run_id": self.config.resolved_run_id(),
             "config": self.config.stage_key(self.stage),
             "config_hash": self.config.stage_hash(self.stage),
+            "model_kind": model_kind(o["model"]),  # how the next stage loads it (models.load_model)
             "parent": parent,
             "data": self.data_notes,
             "metrics": {**o["metrics"], **o["evaluation"]},
@@ -138,7 +143,7 @@ class StageRun:
     # ---- what every stage builds the same way ----
 
     def load_parent(self) -> tuple[torch.nn.Module, Tokenizer]:
-        model, tok, _ = handoff.load_stage(self.parent_dir, self.device)
+        model, tok, _ = handoff.load_stage(self.parent_dir, self.device, self.config.hf)
         return model, tok
 
     def load_data(self, tok: Tokenizer, train_raw: data_mod.RawSplit | None = None):
@@ -172,7 +177,7 @@ class StageRun:
         """This stage's trainer (`trainers.create_trainer(stage)`) on this stage's data.
         `collate(items, pad_id)` builds a batch; `algorithm`: the trainer's own arguments."""
         train, val = self.load_data(tok, train_raw)
-        collate = functools.partial(collate, pad_id=tok.pad_id)
+        collate = functools.partial(collate, pad_id=tok.pad_token_id)
         t = self.train_cfg
         mirror = (functools.partial(storage.mirror_checkpoint, self.out_dir, url=self.out_ref)
                   if storage.is_url(self.out_ref) else None)  # a retry in another pod resumes from the bucket

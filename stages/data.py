@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
 
-from models import Tokenizer, render_chat  # noqa: E402
+from models import ChatTemplateError, Tokenizer, render_chat  # noqa: E402
+from models import prompt_ids as chat_prompt_ids  # noqa: E402
 
 from . import demo  # noqa: E402
 from .config import DataConfig, DemoConfig  # noqa: E402
@@ -45,6 +46,7 @@ class RawSplit:
     dataset: datasets.Dataset   # the validated rows (tokenised, in LoadedData)
     origin: str                 # the file, or "demo:<kind>/<split>"
     skipped: int = 0            # bad rows dropped under on_bad_rows=skip
+    place: "Place | None" = None  # where each row is in its file, for errors to name it
 
 
 @dataclass
@@ -61,9 +63,17 @@ class Place:
     lines: list[int] | None = None  # each file row's line (jsonl and csv)
     skipped: int = 0                # unreadable lines dropped under on_bad_rows=skip
 
+    def row(self, i: int) -> int:
+        return i if self.rows is None else self.rows[i]
+
     def name(self, i: int) -> str:
-        row = i if self.rows is None else self.rows[i]
+        row = self.row(i)
         return f"row {row}" + ("" if self.lines is None else f" (line {self.lines[row]})")
+
+    def without(self, dropped: list[int], n: int) -> "Place":
+        """Where the rows are once `dropped` of the `n` rows are gone."""
+        gone = set(dropped)
+        return Place([self.row(i) for i in range(n) if i not in gone], self.lines, self.skipped)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
@@ -243,8 +253,9 @@ def row_problem(kind: str, row: dict) -> Problem | None:
 
 
 def validate(ds: datasets.Dataset, kind: str, origin: str, on_bad_rows: str,
-             place: Place | None = None) -> tuple[datasets.Dataset, int]:
-    """Missing columns always fail; bad rows fail (naming the file's row) or are skipped and counted."""
+             place: Place | None = None) -> tuple[datasets.Dataset, int, Place]:
+    """Missing columns always fail; bad rows fail (naming the file's row) or are skipped and
+    counted. Returns the good rows, how many were skipped, and where the good rows are."""
     spec = KINDS[kind]
     if not any(all(c in ds.column_names for c in option) for option in spec.columns):
         wanted = " or ".join("/".join(option) for option in spec.columns)
@@ -255,7 +266,7 @@ def validate(ds: datasets.Dataset, kind: str, origin: str, on_bad_rows: str,
     if bad and on_bad_rows == "error":
         column, what = spec.row_problem(ds[bad[0]])
         raise DataError(f"{origin}: {(place or Place()).name(bad[0])}: column '{column}' {what}")
-    return _without(ds, bad)
+    return (*_without(ds, bad), (place or Place()).without(bad, len(ds)))
 
 
 def _without(ds: datasets.Dataset, rows: list[int]) -> tuple[datasets.Dataset, int]:
@@ -284,70 +295,107 @@ def prompt_text(value) -> str:
 
 
 # ---------------------------------------------------------------- tokenisation
+# Conversational rows (message lists) go through the tokenizer's own chat template
+# (models.chat); plain-text rows are tokenised as they are, as TRL does: the prompt with the
+# tokenizer's special tokens (e.g. BOS), the completion after it, then EOS.
 
 def tokenize_pretrain(ds: datasets.Dataset, tok: Tokenizer, block: int) -> datasets.Dataset:
     """Documents joined by EOS, cut into blocks of `block` tokens (a tail short of a block is dropped)."""
-    eos = tok.eos_id
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
 
     def pack(batch):
         stream: list[int] = []
-        for ids in tok.encode_batch(batch["text"]):
+        for ids in tok(batch["text"], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
-            stream.append(eos)
+            stream.extend(eos)
         n = len(stream) // block
         return {"input_ids": [stream[i * block:(i + 1) * block] for i in range(n)]}
 
     return ds.map(pack, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenise+pack")
 
 
-def _map_rows(ds: datasets.Dataset, encode_row: Callable[[dict], dict], desc: str) -> datasets.Dataset:
-    """`ds.map` (in batches) of `encode_row(row) -> {column: value}`, whose columns replace ds's."""
-    def encode(batch):
-        encoded = [encode_row(dict(zip(batch, values))) for values in zip(*batch.values())]
+def _map_rows(ds: datasets.Dataset, encode_row: Callable[[dict], dict], desc: str, origin: str,
+              place: Place | None) -> datasets.Dataset:
+    """`ds.map` (in batches) of `encode_row(row) -> {column: value}`, whose columns replace ds's; a
+    conversation the chat template cannot split is a DataError naming the file's row."""
+    def encode(batch, indices):
+        encoded = []
+        for i, values in zip(indices, zip(*batch.values())):
+            try:
+                encoded.append(encode_row(dict(zip(batch, values))))
+            except ChatTemplateError as e:
+                raise DataError(f"{origin}: {(place or Place()).name(i)}: {e}") from None
         return {column: [e[column] for e in encoded] for column in encoded[0]}
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=desc)
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=desc)
 
 
-def _chat(tok: Tokenizer, messages: list[dict], prefix: str = "") -> dict:
-    """A conversation's `{prefix}input_ids` and `{prefix}labels` (-100 on the tokens not learned)."""
-    ids, mask = render_chat(tok, messages)
+def _conversational(row: dict, columns: tuple[str, ...]) -> bool:
+    return any(isinstance(row.get(c), list) for c in columns)
+
+
+def _labelled(ids: list[int], mask: list[int], prefix: str = "") -> dict:
+    """`{prefix}input_ids` and `{prefix}labels` (-100 on the tokens not learned)."""
     return {f"{prefix}input_ids": ids, f"{prefix}labels": [t if m else -100 for t, m in zip(ids, mask)]}
 
 
-def tokenize_sft(ds: datasets.Dataset, tok: Tokenizer) -> datasets.Dataset:
-    return _map_rows(ds, lambda row: _chat(tok, sft_messages(row)), "tokenise sft")
+def _prompt_and_completion(tok: Tokenizer, prompt, completion, prefix: str = "") -> dict:
+    """A prompt and its completion as one sequence whose labels cover only the completion."""
+    if isinstance(prompt, list) or isinstance(completion, list):
+        messages = as_messages(prompt, "user")
+        ids, mask = render_chat(tok, messages + as_messages(completion, "assistant"), learn_from=len(messages))
+        return _labelled(ids, mask, prefix)
+    start = tok(prompt, add_special_tokens=True)["input_ids"]
+    end = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return _labelled(start + end, [0] * len(start) + [1] * len(end), prefix)
 
 
-def tokenize_dpo(ds: datasets.Dataset, tok: Tokenizer) -> datasets.Dataset:
+def prompt_ids_of(tok: Tokenizer, prompt) -> list[int]:
+    """A prompt for the model to continue: rendered with the generation prompt when it is a
+    conversation, tokenised as it is when plain text."""
+    if isinstance(prompt, list):
+        return chat_prompt_ids(tok, prompt)
+    return tok(prompt, add_special_tokens=True)["input_ids"]
+
+
+def tokenize_sft(ds: datasets.Dataset, tok: Tokenizer, origin: str = "", place: Place | None = None
+                 ) -> datasets.Dataset:
     def encode(row):
-        prompt = as_messages(row["prompt"], "user")
-        return {**_chat(tok, prompt + as_messages(row["chosen"], "assistant"), "chosen_"),
-                **_chat(tok, prompt + as_messages(row["rejected"], "assistant"), "rejected_")}
+        if row.get("messages") is not None:
+            return _labelled(*render_chat(tok, row["messages"]))
+        return _prompt_and_completion(tok, row["prompt"], row["completion"])
 
-    return _map_rows(ds, encode, "tokenise dpo")
-
-
-def tokenize_prompts(ds: datasets.Dataset, tok: Tokenizer) -> datasets.Dataset:
-    """Prompt ids (ending with the assistant marker), every other column, and `prompt` as plain text."""
-    def encode(batch):
-        prompts = batch["prompt"]
-        out = {k: v for k, v in batch.items() if k != "prompt"}
-        out["prompt_input_ids"] = [render_chat(tok, as_messages(p, "user"), add_generation_prompt=True)[0]
-                                   for p in prompts]
-        out["prompt"] = [prompt_text(p) for p in prompts]
-        return out
-
-    return ds.map(encode, batched=True, remove_columns=["prompt"], desc="tokenise prompts")
+    return _map_rows(ds, encode, "tokenise sft", origin, place)
 
 
-def enforce_max_length(ds: datasets.Dataset, kind: str, max_length: int, policy: str, origin: str
-                       ) -> tuple[datasets.Dataset, int]:
+def tokenize_dpo(ds: datasets.Dataset, tok: Tokenizer, origin: str = "", place: Place | None = None
+                 ) -> datasets.Dataset:
+    def encode(row):
+        prompt = row["prompt"]
+        if _conversational(row, ("prompt", "chosen", "rejected")):
+            prompt = as_messages(prompt, "user")  # one side a conversation: both are
+        return {**_prompt_and_completion(tok, prompt, row["chosen"], "chosen_"),
+                **_prompt_and_completion(tok, prompt, row["rejected"], "rejected_")}
+
+    return _map_rows(ds, encode, "tokenise dpo", origin, place)
+
+
+def tokenize_prompts(ds: datasets.Dataset, tok: Tokenizer, origin: str = "", place: Place | None = None
+                     ) -> datasets.Dataset:
+    """Prompt ids, every other column, and `prompt` as plain text (what reward functions read)."""
+    def encode(row):
+        return {**row, "prompt_input_ids": prompt_ids_of(tok, row["prompt"]), "prompt": prompt_text(row["prompt"])}
+
+    return _map_rows(ds, encode, "tokenise prompts", origin, place)
+
+
+def enforce_max_length(ds: datasets.Dataset, kind: str, max_length: int, policy: str, origin: str,
+                       place: Place | None = None) -> tuple[datasets.Dataset, int]:
     lengths = [max(len(example[c]) for c in KINDS[kind].token_columns) for example in ds]
     too_long = [i for i, n in enumerate(lengths) if n > max_length]
     if too_long and policy == "error":
         i = too_long[0]
-        raise DataError(f"{origin}: row {i} is {lengths[i]} tokens, over data.max_length={max_length} "
+        raise DataError(f"{origin}: {(place or Place()).name(i)} is {lengths[i]} tokens, over data.max_length={max_length} "
                         f"({len(too_long)} rows are; set data.too_long=drop to drop them)")
     return _without(ds, too_long)
 
@@ -358,7 +406,7 @@ def enforce_max_length(ds: datasets.Dataset, kind: str, max_length: int, policy:
 class DataKind:
     columns: tuple[tuple[str, ...], ...]       # accepted column sets; the first is named when none fits
     row_problem: Callable[[dict], Problem | None]
-    tokenize: Callable[..., datasets.Dataset]  # (rows, tok), or (rows, tok, max_length) when it packs
+    tokenize: Callable[..., datasets.Dataset]  # (rows, tok, origin, place), or (rows, tok, max_length) when it packs
     token_columns: tuple[str, ...]             # an example's length is that of its longest
     packs: bool = False                        # blocks of exactly max_length: none is too long
 
@@ -376,8 +424,8 @@ KINDS: dict[str, DataKind] = {
 def read(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str) -> RawSplit:
     """Load one split of one stage's data and validate it (an empty split is returned as it is)."""
     ds, origin, place = load_split(kind, cfg, demo_cfg, split)
-    ds, skipped = validate(ds, kind, origin, cfg.on_bad_rows, place) if len(ds) else (ds, 0)
-    return RawSplit(ds, origin, place.skipped + skipped)
+    ds, skipped, rows = validate(ds, kind, origin, cfg.on_bad_rows, place) if len(ds) else (ds, 0, place)
+    return RawSplit(ds, origin, place.skipped + skipped, rows)
 
 
 def tokenize(kind: str, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> LoadedData:
@@ -387,7 +435,8 @@ def tokenize(kind: str, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> Loade
         return LoadedData(raw.dataset, raw.origin)
     if spec.packs:
         return LoadedData(spec.tokenize(raw.dataset, tok, cfg.max_length), raw.origin, skipped=raw.skipped)
-    ds, dropped = enforce_max_length(spec.tokenize(raw.dataset, tok), kind, cfg.max_length, cfg.too_long, raw.origin)
+    ds = spec.tokenize(raw.dataset, tok, raw.origin, raw.place)
+    ds, dropped = enforce_max_length(ds, kind, cfg.max_length, cfg.too_long, raw.origin, raw.place)
     return LoadedData(ds, raw.origin, skipped=raw.skipped, dropped_too_long=dropped)
 
 

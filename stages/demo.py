@@ -3,6 +3,8 @@
 One seeded generator gives every stage its data in the formats TRL users have:
 pretraining `text`, SFT `prompt`/`completion`, DPO `prompt`/`chosen`/`rejected` (a correct
 solution vs a plausible wrong one), GRPO `prompt` + `answer`, and held-out evaluation prompts.
+Prompts and replies are conversational (message lists), so every model renders them with its
+own chat template.
 Problems are split by their (template, a, b) so held-out problems are never seen in training.
 
 A solution reads "3 + 4 = 7.\nAnswer: 7" — short enough for the tiny preset to learn on a
@@ -87,17 +89,25 @@ def pretrain_rows(train: list[Problem], n: int, rng: random.Random) -> list[dict
     return rows
 
 
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
 def sft_rows(problems: list[Problem], n: int, rng: random.Random) -> list[dict]:
-    return [{"prompt": p.question, "completion": p.solution()} for p in _sample(problems, n, rng)]
+    return [{"prompt": user(p.question), "completion": assistant(p.solution())} for p in _sample(problems, n, rng)]
 
 
 def preference_rows(problems: list[Problem], n: int, rng: random.Random) -> list[dict]:
-    return [{"prompt": p.question, "chosen": p.solution(), "rejected": p.solution(plausible_wrong(p, rng))}
-            for p in _sample(problems, n, rng)]
+    return [{"prompt": user(p.question), "chosen": assistant(p.solution()),
+             "rejected": assistant(p.solution(plausible_wrong(p, rng)))} for p in _sample(problems, n, rng)]
 
 
 def prompt_rows(problems: list[Problem]) -> list[dict]:
-    return [{"prompt": p.question, "answer": str(p.answer)} for p in problems]
+    return [{"prompt": user(p.question), "answer": str(p.answer)} for p in problems]
 
 
 @dataclass(frozen=True)

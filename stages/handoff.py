@@ -1,9 +1,11 @@
-"""The stage hand-off: one checkpoint directory per stage (docs/handoff.md). Each path has
-one writer:
+"""The stage hand-off: one checkpoint directory per stage, a Hugging Face model directory
+(docs/handoff.md). Each path has one writer:
 
     <runs>/<run-id>/<stage>/
-      model.safetensors  config.json  tokenizer.json
-                         the stage (`save_stage`), after training
+      config.json  generation_config.json  model.safetensors (or model-0000N-of-0000M.safetensors
+      + model.safetensors.index.json)  tokenizer.json  tokenizer_config.json  chat_template.jinja
+                         the stage (`save_stage`), after training: what transformers, vLLM and
+                         the next stage load
       metrics.jsonl      the trainer's metrics logger, as it trains
       ref_logps/         DPO's trainer: its reference log-prob cache
       curves.png         the flow, after the stage (flows/report.py)
@@ -13,7 +15,11 @@ one writer:
                          written for (fingerprint.json), pretraining's tokenizer in progress
 
 A stage only ever writes inside its own directory, so a failing stage cannot damage its
-parent's checkpoint. state/ and work/ stay local (a URL gets state/ mirrored on its own)."""
+parent's checkpoint. state/ and work/ stay local (a URL gets state/ mirrored on its own).
+
+A parent may also be a plain Hugging Face model directory (an external base, e.g. a model
+downloaded from the hub): it has no manifest, so `verify` hashes its files and gives a record of
+the same shape, whose content hash is what its children's skip check compares."""
 from __future__ import annotations
 
 import hashlib
@@ -23,35 +29,64 @@ from pathlib import Path
 
 import torch
 
-from models import Tokenizer, load_pretrained, save_pretrained
-from models.files import read_seal, seal, verify_seal, write_json_atomic
+from models import (BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model, load_tokenizer,
+                    model_kind, save_model)
+from models.files import read_seal, seal, sha256_file, verify_seal, write_json_atomic
 from trainers.checkpoint import CHECKPOINT_DIR
 
 MANIFEST = "manifest.json"
 WORK_DIR = "work"
 FINGERPRINT = "fingerprint.json"
+CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
-WEIGHT_FILES = ("model.safetensors", "config.json", TOKENIZER)
+WEIGHT_INDEX = "model.safetensors.index.json"
 OPTIONAL_FILES = ("metrics.jsonl",)  # sealed too when present, but not part of content_hash
+NOT_MODEL_FILES = {MANIFEST, "curves.png", *OPTIONAL_FILES}  # top-level files that are not the model
 
 
 class StageDirError(RuntimeError):
     """A stage directory is incomplete or a file in it does not match its recorded sha256."""
 
 
+def model_files(directory: str | Path) -> list[str]:
+    """The model's files in a directory: its top-level files, less alignflow's own records and
+    hidden or temporary files (subdirectories such as state/ are never part of it)."""
+    return sorted(p.name for p in Path(directory).iterdir()
+                  if p.is_file() and p.name not in NOT_MODEL_FILES and not p.name.startswith(".")
+                  and not p.name.endswith((".tmp", ".part")))
+
+
+def weight_files(directory: Path, names: list[str]) -> list[str]:
+    """The safetensors files the model's weights are in: one file, or the shards its index names."""
+    if WEIGHT_INDEX in names:
+        try:
+            index = json.loads((directory / WEIGHT_INDEX).read_text())
+            return [WEIGHT_INDEX, *sorted(set(index["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise StageDirError(f"{directory / WEIGHT_INDEX} is not a safetensors index: {e}") from e
+    found = [n for n in names if n.endswith(".safetensors")]
+    if not found:
+        # .bin/.pt weights would have to be unpickled: never, for a file from elsewhere.
+        raise StageDirError(f"{directory} holds no safetensors weights (alignflow never loads pickled "
+                            "weights such as pytorch_model.bin; convert them to safetensors)")
+    return found
+
+
 def content_hash(sha256: dict[str, str]) -> str:
-    """What a child stage depends on: the weights, config and tokenizer (not the metrics log)."""
-    lines = "".join(f"{name}:{sha256[name]}\n" for name in WEIGHT_FILES)
+    """What a child stage depends on: every model file (not alignflow's metrics log)."""
+    lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(sha256.items()) if name not in OPTIONAL_FILES)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def write_manifest(out_dir: Path, fields: dict) -> dict:
     """Hash every file and write manifest.json last (with the content hash derived from the
     same digests); from here on the directory is complete."""
-    missing = [n for n in WEIGHT_FILES if not (out_dir / n).exists()]
+    names = model_files(out_dir)
+    missing = [n for n in (CONFIG, TOKENIZER) if n not in names]
     if missing:
         raise StageDirError(f"{out_dir}: cannot complete the stage, missing {', '.join(missing)}")
-    names = [*WEIGHT_FILES, *(n for n in OPTIONAL_FILES if (out_dir / n).exists())]
+    weight_files(out_dir, names)  # weights there, and every shard of an index
+    names += [n for n in OPTIONAL_FILES if (out_dir / n).exists()]
     return seal(out_dir, MANIFEST, fields, names, derive=lambda sha: {"content_hash": content_hash(sha)})
 
 
@@ -60,10 +95,36 @@ def read_manifest(stage_dir: str | Path) -> dict:
     return read_seal(stage_dir, MANIFEST, StageDirError)
 
 
+def is_external_base(directory: str | Path) -> bool:
+    """A plain Hugging Face model directory: a model config and no trace of alignflow (an
+    unfinished stage directory has work/ and is not one)."""
+    d = Path(directory)
+    return (d / CONFIG).is_file() and not any((d / name).exists() for name in (MANIFEST, WORK_DIR, CHECKPOINT_DIR))
+
+
+def external_base(directory: str | Path) -> dict:
+    """The record of a plain Hugging Face model directory used as a parent: its path and the
+    sha256 of each model file, hashed now (it has no manifest to compare with)."""
+    d = Path(directory).resolve()
+    names = model_files(d)
+    weight_files(d, names)
+    digests = {name: sha256_file(d / name) for name in names}
+    return {"stage": None, "external": True, "path": str(d), "model_kind": TRANSFORMERS, "run_id": d.name,
+            "content_hash": content_hash(digests), "sha256": digests, "metrics": {}, "timings": {}}
+
+
 def verify(stage_dir: str | Path) -> dict:
-    """The manifest, after checking every recorded sha256 (and that the weights, config and
-    tokenizer are among them); the error names the bad file."""
-    return verify_seal(stage_dir, MANIFEST, StageDirError, required=WEIGHT_FILES)
+    """The manifest, after checking every recorded sha256 (and that the config, the tokenizer
+    and every weight file are among them); the error names the bad file. A plain Hugging Face
+    model directory gives its `external_base` record."""
+    if is_external_base(stage_dir):
+        return external_base(stage_dir)
+    record = verify_seal(stage_dir, MANIFEST, StageDirError, required=(CONFIG, TOKENIZER))
+    listed = sorted(record["sha256"])
+    unlisted = [n for n in weight_files(Path(stage_dir), listed) if n not in listed]
+    if unlisted:
+        raise StageDirError(f"{Path(stage_dir) / MANIFEST} does not list {', '.join(unlisted)}: cannot verify it")
+    return record
 
 
 def work_file(out_dir: Path, name: str) -> Path:
@@ -90,21 +151,39 @@ def prepare_out_dir(out_dir: Path, config_hash: str, parent_hash: str | None) ->
     write_json_atomic(work_file(out_dir, FINGERPRINT), fingerprint)
 
 
-def save_stage(out_dir: Path, model: torch.nn.Module, tokenizer: Tokenizer) -> None:
-    """The files a child stage loads (`load_stage`); the manifest comes after them."""
-    save_pretrained(model, str(out_dir))
-    tokenizer.save(str(out_dir / TOKENIZER))
+def save_stage(out_dir: Path, model: torch.nn.Module, tokenizer, max_shard_size: str = "5GB") -> None:
+    """The Hugging Face model directory a child stage loads (`load_stage`); the manifest comes
+    after it. A previous attempt's model files go first, so no stale shard is sealed with it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in model_files(out_dir):
+        (out_dir / name).unlink()
+    save_model(model, str(out_dir), max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(str(out_dir))
 
 
-def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, manifest) of a verified stage directory."""
+def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", options=None):
+    """(model, tokenizer, manifest) of a verified stage directory or plain Hugging Face model
+    directory. `options`: how to load a transformers model (stages.config.HFConfig); the
+    tokenizer gets a padding token that is not EOS, the model an embedding row for it."""
     manifest = verify(stage_dir)
-    model = load_pretrained(str(stage_dir), device=device)
-    tokenizer = Tokenizer.load(str(Path(stage_dir) / TOKENIZER))
+    chat_template = None
+    if options is not None and options.chat_template:
+        try:
+            chat_template = Path(options.chat_template).read_text()
+        except OSError as e:
+            raise ValueError(f"hf.chat_template: cannot read {options.chat_template}: {e}") from e
+    trust = bool(options and options.trust_remote_code)
+    tokenizer = load_tokenizer(str(stage_dir), chat_template=chat_template, trust_remote_code=trust)
+    ensure_pad_token(tokenizer)
+    kwargs = {} if options is None else {"dtype": options.dtype, "attn_implementation": options.attn_implementation}
+    # Manifests from before transformers models were supported only ever held the built-in model.
+    model = load_model(str(stage_dir), manifest.get("model_kind", BUILTIN), device=device, trust_remote_code=trust,
+                       **kwargs)
+    fit_vocabulary(model, tokenizer)
     return model, tokenizer, manifest
 
 
 def stage_result(ref: str | Path, manifest: dict) -> dict:
     """What a stage hands the next one (and the flow): where it is and what it contains."""
     return {"stage": manifest["stage"], "path": str(ref), "content_hash": manifest["content_hash"],
-            "metrics": manifest["metrics"], "timings": manifest["timings"]}
+            "metrics": manifest["metrics"], "timings": manifest["timings"], "external": manifest.get("external", False)}

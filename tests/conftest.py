@@ -87,3 +87,23 @@ def loader(dataset, batch_size: int, shuffle: bool = False, sampler=None) -> Dat
 @pytest.fixture
 def tmp_save_dir(tmp_path):
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """`hf_model_dir(family)`: a tiny Hugging Face model dir (tests/hf_fixtures.py), built once per session.
+
+    Families: "llama3", "chatml", "neox". The directory is shared by every test of the session:
+    treat it as read-only, and `shutil.copytree` it first to change anything in it."""
+    from hf_fixtures import FAMILIES, build_model_dir
+
+    built = {}
+
+    def get(family: str):
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+        if family not in built:
+            built[family] = build_model_dir(family, tmp_path_factory.mktemp(f"hf-{family}"))
+        return built[family]
+
+    return get

@@ -28,24 +28,31 @@ def test_demo_held_out_problems_are_unseen():
     train, held_out = split_problems(0)
     assert not {(p.question, p.a, p.b) for p in train} & {(p.question, p.a, p.b) for p in held_out}
     rows = demo_data("dpo", "train", DemoConfig(preference_pairs=50), 0)
-    assert all(r["chosen"] != r["rejected"] and r["chosen"].endswith(f"Answer: {r['chosen'].split()[-1]}")
-               for r in rows)
+    replies = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]  # conversational
+    assert all(c != r and c.endswith(f"Answer: {c.split()[-1]}") for c, r in replies)
     assert demo_data("sft", "train", DemoConfig(), 0) == demo_data("sft", "train", DemoConfig(), 0)  # seeded
 
 
-def test_sft_prompt_completion_and_messages_mask_prompt_tokens(tmp_path, tok):
+def test_sft_plain_text_learns_the_completion_and_eos_without_a_template(tmp_path, tok):
     path = write_jsonl(tmp_path / "sft.jsonl", [
         {"prompt": "What is 2 plus 2?", "completion": "2 + 2 = 4.\nAnswer: 4"},
         {"prompt": "What is 3 plus 1?", "completion": "3 + 1 = 4.\nAnswer: 4"}])
-    ds = prepare("sft", path, tok).dataset
-    ex = ds[0]
-    learned = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
-    assert tok.decode(learned) == "2 + 2 = 4.\nAnswer: 4"
-    assert learned[-1] == tok.eos_id  # the closing EOS is learned, so generation stops
+    ex = prepare("sft", path, tok).dataset[0]
+    prompt = tok("What is 2 plus 2?", add_special_tokens=False)["input_ids"]
+    completion = tok("2 + 2 = 4.\nAnswer: 4", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"] == prompt + completion + [tok.eos_token_id]  # as TRL: no chat template
+    assert ex["labels"] == [-100] * len(prompt) + completion + [tok.eos_token_id]  # EOS learned: it stops
 
-    conv = write_jsonl(tmp_path / "conv.jsonl", [{"messages": [
-        {"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 + 2 = 4.\nAnswer: 4"}]}])
-    assert prepare("sft", conv, tok).dataset[0] == ex  # the same chat template either way
+
+def test_sft_conversations_use_the_template_in_either_format(tmp_path, tok):
+    user, reply = {"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}
+    pair = write_jsonl(tmp_path / "pair.jsonl", [{"prompt": [user], "completion": [reply]}])
+    conv = write_jsonl(tmp_path / "conv.jsonl", [{"messages": [user, reply]}])
+    ex = prepare("sft", pair, tok).dataset[0]
+    assert prepare("sft", conv, tok).dataset[0] == ex
+    assert ex["input_ids"] == tok.apply_chat_template([user, reply], tokenize=True, return_dict=True)["input_ids"]
+    learned = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert tok.decode(learned, skip_special_tokens=False) == "2 + 2 = 4.<|eos|>"
 
 
 def test_dpo_pairs_and_prompt_masking(tmp_path, tok):
@@ -54,14 +61,14 @@ def test_dpo_pairs_and_prompt_masking(tmp_path, tok):
     ex = prepare("dpo", path, tok).dataset[0]
     for side, text in (("chosen", "Answer: 4"), ("rejected", "Answer: 5")):
         learned = [t for t, lab in zip(ex[f"{side}_input_ids"], ex[f"{side}_labels"]) if lab != -100]
-        assert tok.decode(learned) == text
+        assert tok.decode(learned, skip_special_tokens=True) == text
 
 
 def test_pretrain_packing_blocks_with_eos(tmp_path, tok):
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": "What is 2 plus 2? 2 + 2 = 4."}] * 40)
     ds = prepare("pretrain", path, tok, max_length=32).dataset
     assert len(ds) > 5 and all(len(ids) == 32 for ids in ds["input_ids"])
-    assert tok.eos_id in ds[0]["input_ids"]
+    assert tok.eos_token_id in ds[0]["input_ids"]
 
 
 def test_parquet_csv_and_save_to_disk(tmp_path, tok):
@@ -114,7 +121,7 @@ def test_too_long_dropped_or_rejected(tmp_path, tok):
     path = write_jsonl(tmp_path / "sft.jsonl", rows)
     loaded = prepare("sft", path, tok, max_length=40)
     assert loaded.dropped_too_long == 1 and len(loaded.dataset) == 1
-    with pytest.raises(data_mod.DataError, match=r"row 1 is \d+ tokens, over data.max_length=40"):
+    with pytest.raises(data_mod.DataError, match=r"row 1 \(line 2\) is \d+ tokens, over data.max_length=40"):
         prepare("sft", path, tok, max_length=40, too_long="error")
 
 

@@ -158,7 +158,7 @@ def test_completion_mask_covers_up_to_the_first_eos():
 
 
 class IdTokenizer:
-    pad_id, eos_id = 0, 2
+    pad_token_id, eos_token_id = 0, 2
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from models import ASSISTANT, BOS, EOS, PAD, SYSTEM, USER, Tokenizer, render_chat, train_tokenizer
+from models import ASSISTANT, BOS, EOS, PAD, SYSTEM, USER, load_tokenizer, prompt_ids, render_chat, train_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -14,21 +14,19 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
+def tok():
     return train_tokenizer(CORPUS, vocab_size=400)
 
 
 def test_special_token_ids(tok):
-    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-    assert [tok.token_id(t) for t in (SYSTEM, USER, ASSISTANT)] == [3, 4, 5]
-    assert 300 < tok.vocab_size <= 400
-    with pytest.raises(KeyError, match="not in the vocabulary"):
-        tok.token_id("<|nope|>")
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.convert_tokens_to_ids([SYSTEM, USER, ASSISTANT]) == [3, 4, 5]
+    assert 300 < len(tok) <= 400
 
 
 def test_learned_merges_compress(tok):
     text = "Hello world! The quick brown fox."
-    assert len(tok.encode(text)) < len(text.encode()) / 2
+    assert len(tok.encode(text, add_special_tokens=False)) < len(text.encode()) / 2
 
 
 @pytest.mark.parametrize(
@@ -42,40 +40,31 @@ def test_learned_merges_compress(tok):
     ],
 )
 def test_round_trip(tok, text):
-    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
-def test_no_special_tokens_added_or_injected(tok):
-    ids = tok.encode("hi <|eos|> there")
-    assert ids[0] != tok.bos_id and tok.eos_id not in ids  # literal text stays text
-    assert tok.decode(ids) == "hi <|eos|> there"
-    assert tok.decode([tok.bos_id, *tok.encode("hi"), tok.eos_id]) == "hi"
-    assert tok.decode([tok.bos_id, *tok.encode("hi")], skip_special_tokens=False) == BOS + "hi"
+def test_no_special_tokens_added_and_decode_drops_them(tok):
+    ids = tok("hi there")["input_ids"]
+    assert tok.bos_token_id not in ids and tok.eos_token_id not in ids  # the chat template adds them, not encode
+    assert tok.decode([tok.bos_token_id, *ids, tok.eos_token_id], skip_special_tokens=True) == "hi there"
+    assert tok.decode([tok.bos_token_id, *ids]) == BOS + "hi there"
 
 
-def test_encode_batch(tok):
-    texts = ["one text", "another, longer text 🦙"]
-    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
-
-
-def test_save_load(tok, tmp_path):
-    path = tok.save(str(tmp_path / "tokenizer.json"))
-    assert os.path.basename(path) == "tokenizer.json" and os.listdir(tmp_path) == ["tokenizer.json"]
-    loaded = Tokenizer.load(path)
-    assert Tokenizer.load(str(tmp_path)).encode("dir works") == tok.encode("dir works")
-    for text in CORPUS[:5] + ["unseen ✓ text <|eos|>"]:
+def test_save_load_round_trip_with_its_chat_template(tok, tmp_path):
+    tok.save_pretrained(str(tmp_path))
+    loaded = load_tokenizer(str(tmp_path))
+    for text in CORPUS[:5] + ["unseen ✓ text"]:
         assert loaded.encode(text) == tok.encode(text)
-    assert loaded.vocab_size == tok.vocab_size
+    assert len(loaded) == len(tok) and loaded.chat_template == tok.chat_template
+    assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == (PAD, BOS, EOS)
 
 
-def test_load_errors_name_the_file(tmp_path):
-    missing = str(tmp_path / "nope.json")
-    with pytest.raises(ValueError, match="nope.json"):
-        Tokenizer.load(missing)
-    corrupt = tmp_path / "tokenizer.json"
-    corrupt.write_text('{"version": "1.0", "model": ')
-    with pytest.raises(ValueError, match=str(corrupt)):
-        Tokenizer.load(str(corrupt))
+def test_load_errors_name_the_directory(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        load_tokenizer(str(tmp_path / "nope"))
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        load_tokenizer(str(tmp_path))
 
 
 def test_vocab_size_too_small():
@@ -95,25 +84,34 @@ MESSAGES = [
 def test_render_chat_layout_and_mask(tok):
     ids, mask = render_chat(tok, MESSAGES)
     assert len(ids) == len(mask)
-    assert ids[0] == tok.bos_id and mask[0] == 0
+    assert ids[0] == tok.bos_token_id and mask[0] == 0
     expected = BOS + "".join(f"<|{m['role']}|>{m['content']}{EOS}" for m in MESSAGES)
-    assert tok.decode(ids, skip_special_tokens=False) == expected
+    assert tok.decode(ids) == expected
+    # What Hugging Face tools get from the template: the same ids, and the same assistant mask
+    # from its {% generation %} tags as alignflow derives by rendering.
+    hf = tok.apply_chat_template(MESSAGES, return_dict=True, return_assistant_tokens_mask=True)
+    assert hf["input_ids"] == ids and hf["assistant_masks"] == mask
     # Masked tokens are exactly the assistant contents, each followed by its EOS.
     masked = [i for i, m in zip(ids, mask) if m]
-    assert masked == tok.encode("4") + [tok.eos_id] + tok.encode("It is 6.") + [tok.eos_id]
-    assert tok.decode(masked, skip_special_tokens=False) == f"4{EOS}It is 6.{EOS}"
+    eos = tok.eos_token_id
+    assert masked == tok.encode("4") + [eos] + tok.encode("It is 6.") + [eos]
+    assert tok.decode(masked) == f"4{EOS}It is 6.{EOS}"
     # Role markers are never learned.
-    assert all(m == 0 for i, m in zip(ids, mask) if i == tok.token_id(ASSISTANT))
-    assert mask[-1] == 1 and ids[-1] == tok.eos_id
+    assert all(m == 0 for i, m in zip(ids, mask) if i == tok.convert_tokens_to_ids(ASSISTANT))
+    assert mask[-1] == 1 and ids[-1] == eos
 
 
-def test_render_chat_generation_prompt(tok):
+def test_render_chat_learns_only_from_the_completion(tok):
+    ids, mask = render_chat(tok, MESSAGES, learn_from=3)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == f"It is 6.{EOS}"
+
+
+def test_prompt_ids_end_with_the_generation_prompt(tok):
     ids, mask = render_chat(tok, MESSAGES[:2])
-    gen_ids, gen_mask = render_chat(tok, MESSAGES[:2], add_generation_prompt=True)
-    assert gen_ids == ids + [tok.token_id(ASSISTANT)]
-    assert gen_mask == mask + [0]
-    assert sum(gen_mask) == 0
-    assert tok.decode(gen_ids, skip_special_tokens=False).endswith(f"What is 2+2?{EOS}{ASSISTANT}")
+    gen_ids = prompt_ids(tok, MESSAGES[:2])
+    assert gen_ids == ids + [tok.convert_tokens_to_ids(ASSISTANT)]
+    assert sum(mask) == 0
+    assert tok.decode(gen_ids).endswith(f"What is 2+2?{EOS}{ASSISTANT}")
 
 
 @pytest.mark.parametrize(
