@@ -167,7 +167,11 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def completion_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     """Logits [N, T, V] at the positions that predict the T completion tokens."""
     T = batch["completion_mask"].shape[1]
-    logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+    mask = batch["attention_mask"]
+    # Prompts are left-padded: positions count real tokens only, as in generation (a transformers
+    # model would otherwise number them from the padding on).
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions))
     return logits[:, -T - 1:-1]  # position t predicts token t+1
 
 
