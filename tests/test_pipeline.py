@@ -142,3 +142,24 @@ def test_cli_runs_lists_stages_and_eval_names_a_corrupt_file(runs, capsys, tmp_p
         f.write(b"\x00\x01\x02\x03")
     assert cli(["eval", str(broken)]) == 1
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_built_in_stage_directories_load_with_transformers_and_its_template_gives_the_training_ids(runs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages import data as data_mod
+
+    config, dpo, _ = runs
+    sft_dir = dpo["stages"]["sft"]["path"]
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    trained = data_mod.prepare("sft", config.sft.data, config.demo, tok, "val").dataset
+    rows = data_mod.read("sft", config.sft.data, config.demo, "val").dataset
+    for row, example in zip(rows.select(range(5)), trained.select(range(5))):
+        messages = row["prompt"] + row["completion"]
+        assert tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] == example["input_ids"]
+    model, _, _ = handoff.load_stage(sft_dir)
+    hf = AutoModelForCausalLM.from_pretrained(sft_dir)
+    ids = torch.tensor([trained[0]["input_ids"]])
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - model(ids)).abs().max() < 1e-5
