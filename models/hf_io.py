@@ -105,8 +105,15 @@ def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.dev
 def fit_vocabulary(model: torch.nn.Module, tokenizer) -> None:
     """Grow the embeddings when the tokenizer gained a token (a padding token) the model lacks,
     and record the padding id where a config keeps it."""
-    if model_kind(model) == TRANSFORMERS and len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    rows = model.get_input_embeddings().num_embeddings
+    if model_kind(model) == TRANSFORMERS and len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # The new rows start at the mean of the others, not at random: a policy and its
+        # reference (loaded separately), or a run and its resumption, must start identical.
+        with torch.no_grad():
+            for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if embedding is not None:
+                    embedding.weight[rows:] = embedding.weight[:rows].mean(0)
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is not None and hasattr(config, "pad_token_id"):
             config.pad_token_id = tokenizer.pad_token_id

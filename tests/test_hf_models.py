@@ -122,3 +122,14 @@ def test_remote_code_is_refused_unless_trusted(hf_model_dir, tmp_path):
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"needs code from its repository .*hf.trust_remote_code: true"):
         handoff.load_stage(base)
+
+
+def test_a_base_without_a_padding_token_gets_the_same_new_row_on_every_load(hf_model_dir):
+    # llama3 has no pad token: one is added and its embedding row appended, at the others' mean, so a
+    # policy and its separately loaded reference (or a run and its resumption) start identical.
+    (a, tok, _), (b, _, _) = handoff.load_stage(hf_model_dir("llama3")), handoff.load_stage(hf_model_dir("llama3"))
+    assert tok.pad_token == "<|pad|>" and a.get_input_embeddings().num_embeddings == len(tok)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    emb = a.get_input_embeddings().weight
+    assert torch.equal(emb[tok.pad_token_id], emb[:-1].mean(0))

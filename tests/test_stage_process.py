@@ -31,10 +31,19 @@ def weights(stage_dir):
     return load_file(stage_dir / "model.safetensors")
 
 
-@pytest.mark.parametrize("where", ["local", "bucket"])
-def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, pretrained, small_config, monkeypatch):
+@pytest.fixture
+def parent(request, pretrained, hf_model_dir):
+    """The parent SFT starts from: our pretraining's output, or a Hugging Face model directory."""
+    return pretrained if request.param == "builtin" else hf_model_dir("llama3")
+
+
+@pytest.mark.parametrize("where, parent", [("local", "builtin"), ("bucket", "builtin"), ("local", "hf")],
+                         indirect=["parent"])
+def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, small_config, monkeypatch):
     """local: the retry finds the stage's own state/. bucket: the stage publishes to a URL and
-    the retry runs elsewhere (an empty cache), resuming from the checkpoints it mirrored there."""
+    the retry runs elsewhere (an empty cache), resuming from the checkpoints it mirrored there.
+    hf: the same with a Hugging Face model as the parent."""
+    pretrained = parent
     config = small_config()
     STAGES["sft"].run(config, pretrained, tmp_path / "straight")
 
@@ -65,7 +74,9 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, pretrained
         assert torch.equal(straight[name], resumed[name]), name
 
 
-def test_two_ranks_through_torchrun_equal_one_process(tmp_path, pretrained, small_config, prefect_harness):
+@pytest.mark.parametrize("parent", ["builtin", "hf"], indirect=True)
+def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, small_config, prefect_harness):
+    pretrained = parent
     # SGD: its update is proportional to the gradient, which is what DDP reduces (see test_ddp.py).
     common = {"runs_dir": str(tmp_path), "sft.train.optimizer": "sgd", "sft.train.lr": 0.05,
               "sft.train.max_steps": 3, "sft.train.max_grad_norm": None}
