@@ -156,8 +156,8 @@ def resume_hint(args) -> str:
     try:
         config = resolve_config(args)
         if args.command == "run":
-            run_id, stages, again = config.resolved_run_id(), chain(None if args.align == "none" else args.align), \
-                "Re-running the same command"
+            run_id, again = config.resolved_run_id(), "Re-running the same command"
+            stages = chain(None if args.align == "none" else args.align, config.start)
         else:
             run_id, stages, again = args.run_id, [args.name], f"Re-running it with --run-id {args.run_id}"
         point = resume_point(storage.join(config.runs_dir, run_id), stages)

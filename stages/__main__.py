@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--config", help="YAML/JSON file laid over the preset")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--parent", help="the parent stage's checkpoint directory (stages that have one)")
+    ap.add_argument("--parent", help="the parent stage's checkpoint directory (stages that have one), or a Hugging "
+                                     "Face model directory to start from")
     ap.add_argument("--out", required=True, help="this stage's checkpoint directory")
     args = ap.parse_args(argv)
     lifeline.watch()  # under the flow's torchrun: end with the process that launched us

@@ -133,3 +133,16 @@ def test_a_base_without_a_padding_token_gets_the_same_new_row_on_every_load(hf_m
         assert torch.equal(x, y), name
     emb = a.get_input_embeddings().weight
     assert torch.equal(emb[tok.pad_token_id], emb[:-1].mean(0))
+
+
+def test_cli_eval_and_generate_take_a_plain_model_directory(hf_model_dir, capsys):
+    from flows.cli import main as cli
+
+    base = str(hf_model_dir("chatml"))
+    assert cli(["eval", base, "--set", "eval.max_prompts=3", "--set", "eval.reward_samples=0"]) == 0
+    out = capsys.readouterr().out
+    assert f"{base}: a Hugging Face model directory, files hashed" in out and "eval_prompts     3" in out
+    assert cli(["generate", base, "--prompt", "What is 3 plus 4?", "--max-new-tokens", "6"]) == 0
+    model, tok, _ = handoff.load_stage(base)
+    expected = generate_text(model, tok, [prompt_ids(tok, PROMPTS[0])], max_new_tokens=6).texts[0]
+    assert capsys.readouterr().out == f"> What is 3 plus 4?\n{expected}\n\n"
