@@ -22,7 +22,7 @@ from timing import seconds  # bench/timing.py, beside this script
 
 class IdTokenizer:
     """Decodes ids to space-separated numbers: enough for the benchmark's reward."""
-    pad_id, eos_id = 0, 1
+    pad_token_id, eos_token_id = 0, 1
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))

@@ -174,8 +174,8 @@ def generate_text(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
 
     The one path from prompts to completions that evaluation, `alignflow generate` and GRPO's
     rollouts share. `tokenizer` gives `eos_token_id`, `pad_token_id` and `decode` (a Hugging Face
-    tokenizer; its template's end-of-turn token stops a reply too, `models.chat.stop_ids`); `sample` is any function
-    with `generate`'s signature."""
+    tokenizer; its template's end-of-turn token stops a reply too, `models.chat.stop_ids`);
+    `sample` is any function with `generate`'s signature."""
     context = context_length(model)
     if context is not None:
         # Past its positions a model still runs (RoPE extrapolates) but samples garbage, with a
@@ -196,4 +196,5 @@ def generate_text(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
     keep = completion_mask(completions, stops)
     texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
              for row, n in zip(completions.cpu(), keep.sum(-1).tolist())]
-    return Generation(sequences, mask, keep, texts, ended=torch.isin(completions, _stop_tensor(stops, completions.device)).any(-1))
+    ended = torch.isin(completions, _stop_tensor(stops, completions.device)).any(-1)
+    return Generation(sequences, mask, keep, texts, ended=ended)

@@ -99,14 +99,17 @@ def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.dev
                                                      trust_remote_code=trust_remote_code, use_safetensors=True)
     except Exception as e:  # transformers raises many types; the user needs the directory
         raise ValueError(f"cannot load a causal LM from {directory}: {e}") from e
+    # Training forwards must not fill a KV cache nobody reads (fp32 under autocast, copied per
+    # layer: 3-7% of a step, bench/hf_vs_builtin.py); generation asks for one explicitly.
+    model.config.use_cache = False
     return model.to(device)
 
 
 def fit_vocabulary(model: torch.nn.Module, tokenizer) -> None:
     """Grow the embeddings when the tokenizer gained a token (a padding token) the model lacks,
     and record the padding id where a config keeps it."""
-    rows = model.get_input_embeddings().num_embeddings
-    if model_kind(model) == TRANSFORMERS and len(tokenizer) > rows:
+    rows = model.get_input_embeddings().num_embeddings if model_kind(model) == TRANSFORMERS else None
+    if rows is not None and len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         # The new rows start at the mean of the others, not at random: a policy and its
         # reference (loaded separately), or a run and its resumption, must start identical.
@@ -126,8 +129,13 @@ def save_model(model: torch.nn.Module, directory: str, max_shard_size: str = "5G
         save_pretrained(model, directory)
         c = model.config
         ids = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
-        write_json_atomic(os.path.join(directory, GENERATION_CONFIG_NAME), {k: v for k, v in ids.items() if v is not None})
+        ids = {k: v for k, v in ids.items() if v is not None}
+        write_json_atomic(os.path.join(directory, GENERATION_CONFIG_NAME), ids)
         return
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"expected a transformers model (unwrap compile/DDP first), got {type(model).__name__}")
-    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    training_setting, model.config.use_cache = model.config.use_cache, True  # as inference expects it
+    try:
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+    finally:
+        model.config.use_cache = training_setting

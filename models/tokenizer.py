@@ -83,6 +83,10 @@ def load_tokenizer(directory: str, chat_template: str | None = None, trust_remot
         tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types; the user needs the directory
         raise ValueError(f"cannot load a tokenizer from {directory}: {e}") from e
+    # How this process happened to load it (offline or not) is no property of the tokenizer, and
+    # would make the tokenizer_config.json a stage writes, and so its content hash, vary.
+    for how in ("local_files_only", "is_local"):
+        tok.init_kwargs.pop(how, None)
     if not tok.is_fast:
         raise ValueError(f"{directory}: the tokenizer is a slow (Python) one; alignflow needs a fast tokenizer "
                          "(a tokenizer.json)")

@@ -29,11 +29,11 @@ import datasets  # noqa: E402
 
 from models import ChatTemplateError, Tokenizer, render_chat  # noqa: E402
 from models import prompt_ids as chat_prompt_ids  # noqa: E402
+from models.chat import ROLES  # noqa: E402
 
 from . import demo  # noqa: E402
 from .config import DataConfig, DemoConfig  # noqa: E402
 
-ROLES = {"system", "user", "assistant"}
 Problem = tuple[str, str]  # (column, what is wrong with it)
 
 
@@ -281,12 +281,6 @@ def as_messages(value, role: str) -> list[dict]:
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
 
-def sft_messages(row: dict) -> list[dict]:
-    if row.get("messages") is not None:
-        return row["messages"]
-    return as_messages(row["prompt"], "user") + as_messages(row["completion"], "assistant")
-
-
 def prompt_text(value) -> str:
     """A prompt's plain text (the last user message of a conversation), for reward functions."""
     if isinstance(value, str):
@@ -330,10 +324,6 @@ def _map_rows(ds: datasets.Dataset, encode_row: Callable[[dict], dict], desc: st
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=desc)
 
 
-def _conversational(row: dict, columns: tuple[str, ...]) -> bool:
-    return any(isinstance(row.get(c), list) for c in columns)
-
-
 def _labelled(ids: list[int], mask: list[int], prefix: str = "") -> dict:
     """`{prefix}input_ids` and `{prefix}labels` (-100 on the tokens not learned)."""
     return {f"{prefix}input_ids": ids, f"{prefix}labels": [t if m else -100 for t, m in zip(ids, mask)]}
@@ -350,7 +340,7 @@ def _prompt_and_completion(tok: Tokenizer, prompt, completion, prefix: str = "")
     return _labelled(start + end, [0] * len(start) + [1] * len(end), prefix)
 
 
-def prompt_ids_of(tok: Tokenizer, prompt) -> list[int]:
+def _prompt_ids(tok: Tokenizer, prompt) -> list[int]:
     """A prompt for the model to continue: rendered with the generation prompt when it is a
     conversation, tokenised as it is when plain text."""
     if isinstance(prompt, list):
@@ -372,7 +362,7 @@ def tokenize_dpo(ds: datasets.Dataset, tok: Tokenizer, origin: str = "", place: 
                  ) -> datasets.Dataset:
     def encode(row):
         prompt = row["prompt"]
-        if _conversational(row, ("prompt", "chosen", "rejected")):
+        if any(isinstance(row[c], list) for c in ("prompt", "chosen", "rejected")):
             prompt = as_messages(prompt, "user")  # one side a conversation: both are
         return {**_prompt_and_completion(tok, prompt, row["chosen"], "chosen_"),
                 **_prompt_and_completion(tok, prompt, row["rejected"], "rejected_")}
@@ -384,7 +374,7 @@ def tokenize_prompts(ds: datasets.Dataset, tok: Tokenizer, origin: str = "", pla
                      ) -> datasets.Dataset:
     """Prompt ids, every other column, and `prompt` as plain text (what reward functions read)."""
     def encode(row):
-        return {**row, "prompt_input_ids": prompt_ids_of(tok, row["prompt"]), "prompt": prompt_text(row["prompt"])}
+        return {**row, "prompt_input_ids": _prompt_ids(tok, row["prompt"]), "prompt": prompt_text(row["prompt"])}
 
     return _map_rows(ds, encode, "tokenise prompts", origin, place)
 
@@ -395,7 +385,8 @@ def enforce_max_length(ds: datasets.Dataset, kind: str, max_length: int, policy:
     too_long = [i for i, n in enumerate(lengths) if n > max_length]
     if too_long and policy == "error":
         i = too_long[0]
-        raise DataError(f"{origin}: {(place or Place()).name(i)} is {lengths[i]} tokens, over data.max_length={max_length} "
+        raise DataError(f"{origin}: {(place or Place()).name(i)} is {lengths[i]} tokens, "
+                        f"over data.max_length={max_length} "
                         f"({len(too_long)} rows are; set data.too_long=drop to drop them)")
     return _without(ds, too_long)
 

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from models import (BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model, load_tokenizer,
-                    model_kind, save_model)
+from models import BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model, load_tokenizer, save_model
 from models.files import read_seal, seal, sha256_file, verify_seal, write_json_atomic
 from trainers.checkpoint import CHECKPOINT_DIR
 
@@ -120,10 +119,10 @@ def verify(stage_dir: str | Path) -> dict:
     if is_external_base(stage_dir):
         return external_base(stage_dir)
     record = verify_seal(stage_dir, MANIFEST, StageDirError, required=(CONFIG, TOKENIZER))
-    listed = sorted(record["sha256"])
-    unlisted = [n for n in weight_files(Path(stage_dir), listed) if n not in listed]
+    listed = record["sha256"]
+    unlisted = [n for n in weight_files(Path(stage_dir), model_files(stage_dir)) if n not in listed]
     if unlisted:
-        raise StageDirError(f"{Path(stage_dir) / MANIFEST} does not list {', '.join(unlisted)}: cannot verify it")
+        raise StageDirError(f"{Path(stage_dir) / MANIFEST} does not list {', '.join(unlisted)} in sha256: cannot verify it")
     return record
 
 

@@ -23,3 +23,19 @@ def test_a_run_id_is_a_name_not_yaml(run_id):
     args = build_parser().parse_args(["run", "--run-id", run_id, "--runs-dir", "123"])
     config = resolve_config(args)
     assert (config.run_id, config.runs_dir) == (run_id, "123")
+
+
+def test_a_model_directory_picks_the_hf_small_preset_and_starts_at_sft(tmp_path):
+    config = resolve_config(build_parser().parse_args(["run", "--model", str(tmp_path)]))
+    assert (config.preset, config.model, config.start, config.builtin_model) == ("hf-small", str(tmp_path), "sft", False)
+    assert config.sft.train.precision == "bf16" and config.dpo.train.lr == 5e-7
+    config = resolve_config(build_parser().parse_args(["run", "--model", str(tmp_path), "--start", "pretrain"]))
+    assert config.start == "pretrain"
+    assert resolve_config(build_parser().parse_args(["run"])).preset == "tiny"  # the default run is unchanged
+
+
+def test_starting_after_pretraining_needs_a_model_to_start_from():
+    with pytest.raises(ValidationError, match="start: sft needs a model to start from: set model to a Hugging Face"):
+        load_config("tiny", overrides={"start": "sft"})
+    with pytest.raises(ValidationError, match="start: sft needs a model"):
+        load_config("hf-small")  # its settings wait for --model

@@ -41,7 +41,7 @@ def one_thread():
 
 class LetterTokenizer:
     """Token i >= 2 decodes to a letter ("A" is 2); PAD and EOS are special and vanish."""
-    pad_id, eos_id = PAD, EOS
+    pad_token_id, eos_token_id = PAD, EOS
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(ord("A") + i - 2) if i > EOS else ("" if skip_special_tokens else "_") for i in ids)
@@ -83,7 +83,7 @@ def row_seeded_generate(model, input_ids, attention_mask=None, max_new_tokens=8,
                        pad_token_id=pad_token_id, generator=torch.Generator().manual_seed(seed), **kwargs)
         completion = torch.full((max_new_tokens,), pad_token_id, dtype=torch.long)
         completion[:length - 1] = out[0, len(prompt):]
-        completion[length - 1] = eos_token_id
+        completion[length - 1] = eos_token_id[0]  # generate_text passes the stop tokens as a list
         rows.append(torch.cat([ids, completion]))
     return torch.stack(rows)
 

@@ -68,6 +68,8 @@ def test_a_saved_stage_is_a_hugging_face_directory(family, hf_model_dir, tmp_pat
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json"} <= set(manifest["sha256"])
     reloaded = AutoModelForCausalLM.from_pretrained(out)
+    # Training forwards fill no KV cache; the directory written keeps inference's default.
+    assert model.config.use_cache is False and reloaded.config.use_cache is True
     ids = torch.tensor([prompt_ids(tok, PROMPTS[1])])
     assert (logits(reloaded, ids) - logits(model, ids)).abs().max() < 1e-5
     hf_tok = AutoTokenizer.from_pretrained(out)

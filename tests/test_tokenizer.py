@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 from models import ASSISTANT, BOS, EOS, PAD, SYSTEM, USER, load_tokenizer, prompt_ids, render_chat, train_tokenizer
@@ -57,6 +55,9 @@ def test_save_load_round_trip_with_its_chat_template(tok, tmp_path):
         assert loaded.encode(text) == tok.encode(text)
     assert len(loaded) == len(tok) and loaded.chat_template == tok.chat_template
     assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == (PAD, BOS, EOS)
+    # Saved again, it is the same bytes whether this process loaded it offline or not.
+    loaded.save_pretrained(str(tmp_path / "again"))
+    assert (tmp_path / "again" / "tokenizer_config.json").read_text() == (tmp_path / "tokenizer_config.json").read_text()
 
 
 def test_load_errors_name_the_directory(tmp_path):
