@@ -3,6 +3,7 @@ loadable by transformers' LlamaForCausalLM too) and any transformers causal LM."
 
 import json
 import os
+import sys
 
 import torch
 from safetensors.torch import load_file
@@ -73,6 +74,15 @@ def model_kind(model: torch.nn.Module) -> str:
     return BUILTIN if isinstance(model, LlamaForCausalLM) else TRANSFORMERS
 
 
+def _bars_only_on_a_terminal() -> None:
+    """transformers' "Loading weights"/"Writing model shards" bars are noise in a log file or
+    Prefect's logs."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _needs_remote_code(directory: str) -> bool:
     try:
         with open(os.path.join(directory, CONFIG_NAME)) as f:
@@ -93,6 +103,7 @@ def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.dev
                          "set hf.trust_remote_code: true if you trust it")
     from transformers import AutoModelForCausalLM
 
+    _bars_only_on_a_terminal()
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype],
                                                      attn_implementation=attn_implementation,
@@ -134,6 +145,7 @@ def save_model(model: torch.nn.Module, directory: str, max_shard_size: str = "5G
         return
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"expected a transformers model (unwrap compile/DDP first), got {type(model).__name__}")
+    _bars_only_on_a_terminal()
     training_setting, model.config.use_cache = model.config.use_cache, True  # as inference expects it
     try:
         model.save_pretrained(directory, max_shard_size=max_shard_size)
