@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .chat import stop_ids
-from .llama import KVCache, LlamaForCausalLM
+from .llama import KVCache, LlamaForCausalLM, positions
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,11 +43,6 @@ def sample_next(
         logits = top_p_filter(logits, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token counting only real ones, so a left-padded prompt starts at 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class _Decoder:

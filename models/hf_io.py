@@ -83,9 +83,11 @@ def _bars_only_on_a_terminal() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _needs_remote_code(directory: str) -> bool:
+def needs_remote_code(directory: str, file: str = CONFIG_NAME) -> bool:
+    """The model's (or, with file=tokenizer_config.json, the tokenizer's) class is code shipped
+    in the directory (`auto_map`): transformers would run it with trust_remote_code."""
     try:
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
+        with open(os.path.join(directory, file)) as f:
             return "auto_map" in json.load(f)
     except (OSError, ValueError):
         return False
@@ -98,7 +100,7 @@ def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.dev
     if kind == BUILTIN:
         return load_pretrained(directory, device=device, dtype=DTYPES[dtype] if dtype != "float32" else None)
     directory = os.path.abspath(directory)
-    if _needs_remote_code(directory) and not trust_remote_code:
+    if needs_remote_code(directory) and not trust_remote_code:
         raise ValueError(f"the model in {directory} needs code from its repository (auto_map in config.json); "
                          "set hf.trust_remote_code: true if you trust it")
     from transformers import AutoModelForCausalLM

@@ -138,6 +138,11 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counting only real ones, so a left-padded prompt starts at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int, device) -> torch.Tensor:
     """Boolean mask (True = may attend) for queries at positions past..past+q_len-1.
 
@@ -205,7 +210,7 @@ class LlamaForCausalLM(nn.Module):
         if position_ids is None:
             if attention_mask is not None:
                 # Count only real tokens so a left-padded prompt starts at position 0.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                position_ids = positions(attention_mask)[:, past:]
             else:
                 position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
 

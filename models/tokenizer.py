@@ -5,13 +5,14 @@ BPE trained here on the pretraining corpus (`train_tokenizer`) and given a chat 
 own, so `AutoTokenizer.from_pretrained(stage_dir).apply_chat_template(messages)` gives exactly
 the ids alignflow trained on."""
 
-import json
 import os
 from collections.abc import Iterable
 
 import tokenizers
 from tokenizers import decoders, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .hf_io import needs_remote_code
 
 PAD = "<|pad|>"
 BOS = "<|bos|>"
@@ -65,18 +66,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
         clean_up_tokenization_spaces=False)
 
 
-def _remote_code_needed(directory: str) -> bool:
-    try:
-        with open(os.path.join(directory, "tokenizer_config.json")) as f:
-            return "auto_map" in json.load(f)
-    except (OSError, ValueError):
-        return False
-
-
 def load_tokenizer(directory: str, chat_template: str | None = None, trust_remote_code: bool = False) -> Tokenizer:
     """The fast tokenizer saved in `directory`; `chat_template` (Jinja text) replaces its own."""
     directory = os.path.abspath(directory)
-    if _remote_code_needed(directory) and not trust_remote_code:
+    if needs_remote_code(directory, "tokenizer_config.json") and not trust_remote_code:
         raise ValueError(f"the tokenizer in {directory} needs code from its repository (auto_map in "
                          "tokenizer_config.json); set hf.trust_remote_code: true if you trust it")
     try:
