@@ -1,6 +1,7 @@
 """Autoregressive sampling for left-padded prompt batches, with or without a KV cache, and the
 text-level `generate_text` built on it."""
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +48,15 @@ def sample_next(
 
 class _Decoder:
     """One forward per generated token for either kind of model: the built-in one with its
-    KVCache, or a transformers model with its own cache (`past_key_values`), to which the
-    positions are passed explicitly (transformers counts them from the cache, not the mask)."""
+    KVCache, or a transformers model with its own cache, to which the positions are passed
+    explicitly (transformers counts them from the cache, not the mask). transformers 5.24 renamed
+    the cache argument and output `past_key_values` -> `cache`; the model's signature says which."""
 
     def __init__(self, model, max_len: int, use_cache: bool):
         self.model, self.use_cache = model, use_cache
         self.builtin = isinstance(model, LlamaForCausalLM)
         self.cache = KVCache(model.config, max_len) if use_cache and self.builtin else None
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def __call__(self, tokens: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] after `tokens` (of which `new` are not yet in the cache)."""
@@ -65,8 +68,8 @@ class _Decoder:
         if not self.use_cache:
             return self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
         out = self.model(input_ids=new, attention_mask=mask, position_ids=pos[:, -new.shape[1]:],
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         use_cache=True, **{self.cache_name: self.cache})
+        self.cache = getattr(out, self.cache_name)
         return out.logits[:, -1]
 
 
