@@ -68,8 +68,11 @@ def rank_tracebacks(log_dir: Path, max_lines: int = 40) -> str:
 
 
 def _pump(stream, lines: queue.Queue) -> None:
-    for line in iter(stream.readline, ""):
-        lines.put(line.rstrip("\n"))
+    """Lines of torchrun's output, each as its final state: a progress bar redraws itself with
+    carriage returns, so only what follows the last one is what a terminal would show."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1]
+        lines.put(line)
     lines.put(None)
 
 
@@ -104,7 +107,8 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
     logger.info("launching: %s", " ".join(cmd))
     # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the group (finally
     # below); the ranks watch our PID in case we are killed outright (stages.lifeline).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    # Bytes, split on newlines only: text mode would turn every carriage return into a line.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", lifeline.ENV: str(os.getpid()),
                                  failures.FAILURE_DIR_ENV: str(log_dir)})

@@ -6,8 +6,10 @@ check), retried on failure (the retry resumes from the stage's last training che
 launched through torchrun when it asks for more than one process."""
 from __future__ import annotations
 
+import logging
 import secrets
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +50,32 @@ def publish(stage: str, run_id: str, result: dict) -> None:
                              description=f"{stage} training curves")
 
 
+@contextmanager
+def progress_into(logger):
+    """The stages' and trainers' progress lines (the stdlib logger `alignflow`: a start line per
+    stage, a line every log_interval steps) into this task's Prefect log while a stage runs in
+    this process; under torchrun they arrive as rank 0's output instead."""
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logger.log(record.levelno, record.getMessage())
+
+    source, handler = logging.getLogger("alignflow"), Forward()
+    # Not also to the root logger: Prefect's console handler there would print each line twice.
+    saved = source.level, source.propagate
+    source.level, source.propagate = logging.INFO, False
+    source.addHandler(handler)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
+        source.level, source.propagate = saved
+
+
+def summary(metrics: dict) -> str:
+    """A stage's final numbers, rounded: `loss 0.64 · val_loss 0.6574 · task_accuracy 0.3696`."""
+    return " · ".join(f"{k} {report.fmt(v)}" for k, v in metrics.items() if isinstance(v, float))
+
+
 def retryable(task, task_run, state) -> bool:
     """Prefect's retry condition: retry only what a retry can fix (stages.failures)."""
     return not (isinstance(state.data, BaseException) and is_permanent(state.data))
@@ -73,9 +101,10 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
         run_torchrun(stage, config, parent_path, out_dir, logger)
         result = handoff.stage_result(out_dir, storage.checked_manifest(out_dir))
     else:
-        result = STAGES[stage].run(config, parent_path, out_dir)
+        with progress_into(logger):
+            result = STAGES[stage].run(config, parent_path, out_dir)
     publish(stage, config.resolved_run_id(), result)
-    logger.info("%s done: %s", stage, {k: v for k, v in result["metrics"].items() if isinstance(v, float)})
+    logger.info("%s done: %s", stage, summary(result["metrics"]))
     return result
 
 

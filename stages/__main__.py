@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from trainers import distributed as dist_utils
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="this stage's checkpoint directory")
     args = ap.parse_args(argv)
     lifeline.watch()  # under the flow's torchrun: end with the process that launched us
+    # Progress lines on stdout: a terminal shows them, and under torchrun the flow streams them
+    # into the task's Prefect log.
+    progress = logging.getLogger("alignflow")
+    progress.setLevel(logging.INFO)
+    progress.addHandler(logging.StreamHandler(sys.stdout))
     stage = STAGES[args.stage]
     if stage.parent and not args.parent:
         ap.error(f"stage {args.stage} needs --parent (a {stage.parent} checkpoint directory)")

@@ -12,6 +12,7 @@ is written: a retry resumes from the trainer's last checkpoint in `state/`."""
 from __future__ import annotations
 
 import functools
+import logging
 import platform
 import time
 from importlib import metadata
@@ -31,6 +32,7 @@ from .config import PipelineConfig, StageConfig, TrainConfig
 from .evaluation import heldout_metrics
 from .lock import DirLock
 
+log = logging.getLogger("alignflow.stage")
 VERSIONED = ("alignflow", "torch", "transformers", "safetensors", "tokenizers", "datasets", "pydantic")
 
 
@@ -68,6 +70,7 @@ class StageRun:
         """Join the process group (if torchrun started us), fetch and verify the parent, prepare
         the local working directory (a retry at a URL first restores the mirrored checkpoint)."""
         dist_utils.setup(self.device)
+        data_mod.progress_bars(self.dist.is_main)
         try:
             self._enter()
         except BaseException:
@@ -181,12 +184,27 @@ class StageRun:
         t = self.train_cfg
         mirror = (functools.partial(storage.mirror_checkpoint, self.out_dir, url=self.out_ref)
                   if storage.is_url(self.out_ref) else None)  # a retry in another pod resumes from the bucket
-        return create_trainer(
+        trainer = create_trainer(
             self.stage, model=model,
             optimizer=configure_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas),
             train_loader=self._loader(train.dataset, collate, shuffle=True),
             val_loader=self._loader(val.dataset, collate, shuffle=False) if len(val.dataset) else None,
             args=t, device=self.device, save_dir=self.out_dir, on_checkpoint=mirror, **algorithm)
+        if self.dist.is_main:
+            log.info(self._start_line(model, trainer))
+        return trainer
+
+    def _start_line(self, model: torch.nn.Module, trainer: BaseTrainer) -> str:
+        """What a person wants to know as a stage starts: data, length, where from, on what."""
+        notes, n = self.data_notes["train"], sum(p.numel() for p in model.parameters())
+        read = notes["rows"] + notes["skipped_bad_rows"] + notes["dropped_too_long"]
+        rows = (f"{notes['rows']:,} training examples" if data_mod.KINDS[self.stage].packs else
+                f"{notes['rows']:,} of {read:,} training rows used")
+        parent = self.parent_ref or "none (from scratch)"
+        return (f"{self.stage}: {rows} from {notes['origin']}, {self.data_notes['val']['rows']:,} held out; "
+                f"{trainer.estimated_total_steps()} optimizer steps; parent {parent}; "
+                f"model {type(model).__name__} ({n / 1e6:.1f}M parameters); world size {self.dist.world_size}, "
+                f"{self.device}, {self.train_cfg.precision}")
 
     def train(self, trainer: BaseTrainer, tok: Tokenizer) -> None:
         """Train (resuming from this stage's last checkpoint), then evaluate on held-out prompts."""

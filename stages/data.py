@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -175,6 +176,12 @@ def _read(source: str, on_bad_rows: str) -> tuple[datasets.Dataset, Place]:
         return datasets.load_dataset(builder, data_files=str(path), split="train"), Place()
     except Exception as e:  # the builders raise many types; the user needs the file name
         raise DataError(f"{source}: cannot be read as {path.suffix[1:]}: {e}") from e
+
+
+def progress_bars(on: bool) -> None:
+    """datasets' bars only for a person at a terminal, and from one rank: in a log (Prefect's,
+    torchrun's --tee) every redraw would be a line of its own."""
+    (datasets.enable_progress_bars if on and sys.stderr.isatty() else datasets.disable_progress_bars)()
 
 
 def load_split(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str

@@ -107,3 +107,19 @@ def hf_model_dir(tmp_path_factory):
         return built[family]
 
     return get
+
+
+def task_logs(flow_run_id, task_name: str) -> list[str]:
+    """The messages a flow run's task (by name) logged, as read back from the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterTaskRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # logs are sent in batches: the last ones may still be queued
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+        ids = [r.id for r in runs if r.name == task_name]
+        logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=ids)),
+                                sort=LogSort.TIMESTAMP_ASC)
+    return [log.message for log in logs]

@@ -163,3 +163,26 @@ def test_built_in_stage_directories_load_with_transformers_and_its_template_give
     ids = torch.tensor([trained[0]["input_ids"]])
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - model(ids)).abs().max() < 1e-5
+
+
+def test_a_stage_s_progress_is_in_its_prefect_log_a_line_per_record(runs):
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter
+
+    from conftest import task_logs
+
+    config, _, _ = runs
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_filter=FlowFilter(name={"any_": ["alignment-pipeline"]}))
+    logs = next(messages for messages in (task_logs(f.id, "sft") for f in flow_runs)
+                if any(re.match(r"running sft: .*/e2e/sft holds no finished stage yet", m) for m in messages))
+    assert any(re.fullmatch(r"sft: 1,500 of 1,500 training rows used from demo:sft/train, \d+ held out; 188 optimizer "
+                            r"steps; parent .*/e2e/pretrain; model LlamaForCausalLM \(\d\.\dM parameters\); world size 1, "
+                            r"cpu, fp32", m) for m in logs), logs
+    progress = [m for m in logs if re.fullmatch(r"step \d+/188 · loss \S+ · lr \S+ · grad_norm \S+ · [\d.]+k? tok/s"
+                                                r" · eta \S+", m)]
+    assert len(progress) >= 188 // config.sft.train.log_interval, logs
+    assert any(re.fullmatch(r"sft done: loss \S+ · grad_norm .* · val_loss 0\.\d+ · .*", m) for m in logs), logs
+    assert not any("\r" in m or "it/s" in m or "█" in m for m in logs), logs

@@ -1,6 +1,7 @@
 """Stages as processes: SIGKILL mid-training then retry, torchrun with two ranks (or two
 loopback nodes) from a flow, and a failing rank's traceback in the flow's error."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from prefect.client.schemas.filters import FlowRunFilter
 
 from flows.launch import StageProcessError, torchrun_command
 from flows.pipeline import run_stage
+from conftest import task_logs
 from stages import STAGES, handoff, storage
 
 
@@ -83,7 +85,14 @@ def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, small_co
     one = small_config(**common, **{"sft.train.batch_size": 8})
     two = small_config(**common, **{"sft.train.batch_size": 4, "sft.train.nproc_per_node": 2})
     a = run_stage(stage="sft", config=one, parent=str(pretrained), run_id="one")
-    b = run_stage(stage="sft", config=two, parent=str(pretrained), run_id="two")
+    state = run_stage(stage="sft", config=two, parent=str(pretrained), run_id="two", return_state=True)
+    b = state.result()
+    # Rank 0's progress reaches the task's log a line per record: no progress bar redraws, no
+    # record holding two ranks' output.
+    logs = task_logs(state.state_details.flow_run_id, "sft")
+    assert any(re.fullmatch(r"\[default0\]:step 3/3 · loss \S+ · lr .*", m) for m in logs), "\n".join(logs)
+    assert any(re.match(r"\[default0\]:sft: .* training rows used", m) for m in logs), logs
+    assert not any("\r" in m or "it/s" in m or m.count("[default") > 1 for m in logs), logs
     wa, wb = weights(tmp_path / "one" / "sft"), weights(tmp_path / "two" / "sft")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)

@@ -51,7 +51,8 @@ class TrainingArgs(Settings):
     seed: int | None = Field(0, description="seeds Python, numpy and torch at construction (None: leave them)")
     compile: bool | str = Field(False, description="torch.compile the model (a string names the backend)")
     tensorboard: bool = False
-    progress_bar: bool = True
+    progress_bar: bool = Field(True, description="a tqdm bar on rank 0 when stderr is a terminal (the progress "
+                                                 "lines on the alignflow.train logger are always written)")
 
     @model_validator(mode="before")
     @classmethod

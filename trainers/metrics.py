@@ -1,9 +1,13 @@
-"""Metrics: summed over a step's micro-batches and ranks (`MetricSums`), then logged to a
-progress bar, `metrics.jsonl`, and optionally TensorBoard (`MetricsLogger`: only rank 0
-constructs a live logger; other ranks get one that drops everything)."""
+"""Metrics: summed over a step's micro-batches and ranks (`MetricSums`), then logged to
+`metrics.jsonl`, one readable line each on the `alignflow.train` logger (what a person watches
+in Prefect's logs), a progress bar when stderr is a terminal, and optionally TensorBoard
+(`MetricsLogger`: only rank 0 constructs a live logger; other ranks get one that drops
+everything)."""
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +19,40 @@ from models.files import atomic_write
 from . import distributed as dist_utils
 
 _BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s")
+# What a progress line shows after the loop's own numbers: the algorithms' headline metrics
+# (DPO's preference accuracy and margin, GRPO's reward and KL), training or validation.
+_SHOWN = (("rewards/accuracies", "acc"), ("rewards/margins", "margin"), ("reward", "reward"), ("kl", "kl"))
+log = logging.getLogger("alignflow.train")
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def progress_line(step: int, total: int | None, metrics: dict, eta_seconds: float | None = None) -> str:
+    """`step 20/300 · loss 1.153 · lr 5.5e-04 · grad_norm 0.84 · 11.8k tok/s · eta 4m10s`; a
+    validation record reads `step 20/300 · val_loss 1.2 · val acc 0.75`."""
+    parts = [f"step {step}/{total}" if total else f"step {step}"]
+    val = "loss" not in metrics and any(k.startswith("val_") for k in metrics)
+    prefix = "val_" if val else ""
+    for key in ("loss", "lr", "grad_norm"):
+        if prefix + key in metrics:
+            parts.append(f"{prefix}{key} {_number(metrics[prefix + key])}")
+    for key, label in _SHOWN:
+        if prefix + key in metrics:
+            parts.append(f"{'val ' if val else ''}{label} {_number(metrics[prefix + key])}")
+    if "tokens_per_s" in metrics:
+        rate = metrics["tokens_per_s"]
+        parts.append(f"{rate / 1000:.1f}k tok/s" if rate >= 1000 else f"{rate:.0f} tok/s")
+    if eta_seconds is not None:
+        parts.append(f"eta {_duration(eta_seconds)}")
+    return " · ".join(parts)
 
 
 class MetricsLogger:
@@ -24,12 +62,15 @@ class MetricsLogger:
         self.path = Path(save_dir) / "metrics.jsonl" if (enabled and save_dir) else None
         self.bar = None
         self.tb = None
+        self.total, self.first_step, self.started = total_steps, initial_step, time.perf_counter()
         if not enabled:
             return
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._truncate_after(initial_step)
-        if progress_bar:
+        # A bar redraws itself with carriage returns: in a log file, a pipe (torchrun's --tee) or
+        # Prefect's logs each redraw would be a line of its own. The progress lines say the same.
+        if progress_bar and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional extra: alignflow[tensorboard]
@@ -70,10 +111,17 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+        log.info(progress_line(step, self.total, metrics, self._eta(step)))
         if self.bar is not None:
             shown = {k: f"{metrics[k]:.4g}" for k in _BAR_KEYS if k in metrics}
             if shown:
                 self.bar.set_postfix(shown, refresh=False)
+
+    def _eta(self, step: int) -> float | None:
+        done = step - self.first_step
+        if not self.total or done <= 0:
+            return None
+        return (time.perf_counter() - self.started) / done * max(self.total - step, 0)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
