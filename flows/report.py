@@ -14,8 +14,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
 
-CURVES = {"loss": "train loss", "val_loss": "validation loss", "reward_mean": "reward (train)",
-          "val_reward": "reward (validation)", "rewards/margins": "DPO margin", "rewards/accuracies": "DPO accuracy"}
+# The metric names the trainers log (trainers/grpo.py logs its training reward as `reward`).
+CURVES = {"loss": "train loss", "val_loss": "validation loss", "reward": "reward (train)",
+          "val_reward": "reward (validation)", "kl": "KL to the reference (train)",
+          "completion_length/mean": "completion length (train)", "clip_ratio/region": "clip ratio (train)",
+          "rewards/margins": "DPO margin", "rewards/accuracies": "DPO accuracy"}
 HEADLINE = [("val_loss", "val loss"), ("val_ppl", "val ppl"), ("task_accuracy", "task acc"),
             ("format_rate", "format"), ("heldout_reward", "held-out reward"),
             ("val_rewards/accuracies", "DPO val acc"), ("val_rewards/margins", "DPO val margin")]
@@ -31,10 +34,15 @@ def read_metrics(stage_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def curves_present(records: list[dict]) -> list[str]:
+    """The CURVES a stage's metrics records hold."""
+    return [k for k in CURVES if any(k in r for r in records)]
+
+
 def plot_curves(stage_dir: Path) -> Path | None:
     """curves.png beside the checkpoint: each logged curve against the step."""
     records = read_metrics(stage_dir)
-    present = [k for k in CURVES if any(k in r for r in records)]
+    present = curves_present(records)
     if not present:
         return None
     fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)

@@ -186,3 +186,13 @@ def test_a_stage_s_progress_is_in_its_prefect_log_a_line_per_record(runs):
     assert len(progress) >= 188 // config.sft.train.log_interval, logs
     assert any(re.fullmatch(r"sft done: loss \S+ · grad_norm .* · val_loss 0\.\d+ · .*", m) for m in logs), logs
     assert not any("\r" in m or "it/s" in m or "█" in m for m in logs), logs
+
+
+def test_grpo_curves_draw_its_training_reward_kl_and_lengths(runs):
+    from pathlib import Path
+
+    from flows import report
+
+    _, _, grpo = runs
+    records = report.read_metrics(Path(grpo["stages"]["grpo"]["path"]))
+    assert {"loss", "reward", "kl", "completion_length/mean", "clip_ratio/region"} <= set(report.curves_present(records))
