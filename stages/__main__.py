@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     # into the task's Prefect log.
     progress = logging.getLogger("alignflow")
     progress.setLevel(logging.INFO)
-    progress.addHandler(logging.StreamHandler(sys.stdout))
+    if not progress.handlers:
+        progress.addHandler(logging.StreamHandler(sys.stdout))
     stage = STAGES[args.stage]
     if stage.parent and not args.parent:
         ap.error(f"stage {args.stage} needs --parent (a {stage.parent} checkpoint directory)")

@@ -80,7 +80,7 @@ class StageRun:
 
     def _enter(self) -> None:
         if self.parent_ref is not None:
-            if self.dist.local_rank == 0:  # one download per node
+            if self.dist.local_rank == 0 and storage.is_url(self.parent_ref):  # one download per node
                 storage.localize(self.parent_ref)
             dist_utils.barrier()
             self.parent_dir = storage.local_dir(self.parent_ref)
@@ -146,7 +146,8 @@ class StageRun:
     # ---- what every stage builds the same way ----
 
     def load_parent(self) -> tuple[torch.nn.Module, Tokenizer]:
-        model, tok, _ = handoff.load_stage(self.parent_dir, self.device, self.config.hf)
+        model, tok, _ = handoff.load_stage(self.parent_dir, self.device, self.config.hf,
+                                           manifest=self.parent_manifest)  # verified on entry
         return model, tok
 
     def load_data(self, tok: Tokenizer, train_raw: data_mod.RawSplit | None = None):

@@ -122,7 +122,8 @@ def verify(stage_dir: str | Path) -> dict:
     listed = record["sha256"]
     unlisted = [n for n in weight_files(Path(stage_dir), model_files(stage_dir)) if n not in listed]
     if unlisted:
-        raise StageDirError(f"{Path(stage_dir) / MANIFEST} does not list {', '.join(unlisted)} in sha256: cannot verify it")
+        raise StageDirError(f"{Path(stage_dir) / MANIFEST} does not list {', '.join(unlisted)} in sha256: "
+                            "cannot verify it")
     return record
 
 
@@ -160,11 +161,14 @@ def save_stage(out_dir: Path, model: torch.nn.Module, tokenizer, max_shard_size:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", options=None):
+def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", options=None,
+               manifest: dict | None = None):
     """(model, tokenizer, manifest) of a verified stage directory or plain Hugging Face model
     directory. `options`: how to load a transformers model (stages.config.HFConfig); the
-    tokenizer gets a padding token that is not EOS, the model an embedding row for it."""
-    manifest = verify(stage_dir)
+    tokenizer gets a padding token that is not EOS, the model an embedding row for it.
+    `manifest`: what `verify` already returned for it (a multi-GB base is hashed once, not at
+    every load)."""
+    manifest = manifest or verify(stage_dir)
     chat_template = None
     if options is not None and options.chat_template:
         try:
