@@ -204,7 +204,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from flows.report import HEADLINE, fmt
+    from flows.report import headline
     from stages import handoff, storage
 
     runs = storage.subdirs(args.runs_dir)
@@ -218,7 +218,7 @@ def cmd_runs(args) -> int:
             except handoff.StageDirError:
                 print(f"  {stage:9s} incomplete")
                 continue
-            shown = [f"{label} {fmt(m['metrics'][k])}" for k, label in HEADLINE if k in m["metrics"]]
+            shown = [f"{label} {text}" for label, text in headline(m["stage"], m["metrics"])]
             parent = m.get("parent") or {}
             lineage = f"  <- {parent['path']}" if parent.get("path") else ""
             print(f"  {stage:9s} " + ", ".join(shown) + lineage)

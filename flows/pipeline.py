@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed
 
 from stages import ALIGNERS, CHILDREN, STAGES, chain, check_parent, handoff, storage
 from stages.config import PipelineConfig, load_config
@@ -22,7 +23,7 @@ from stages.failures import is_permanent
 from stages.lock import DirLock
 from trainers.checkpoint import latest_checkpoint, step_of
 
-from . import report
+from . import numbers, report, tracking
 from .launch import run_torchrun
 
 
@@ -38,16 +39,13 @@ def reset_stage(out: str) -> None:
 
 
 def publish(stage: str, run_id: str, result: dict) -> None:
+    """The stage's card (its numbers and curves) as a Prefect artifact, as soon as it finishes."""
     out = result["path"]
     curves = report.plot_curves(storage.local_dir(out))
     if curves is not None and storage.is_url(out):
         storage.put_file(curves, storage.join(out, curves.name))
-    create_table_artifact(key=report.artifact_key(run_id, stage, "metrics"),
-                          table=report.metrics_rows(result["metrics"]),
-                          description=f"{stage} final metrics ({out})")
-    create_markdown_artifact(key=report.artifact_key(run_id, stage, "curves"),
-                             markdown=report.curves_markdown(stage, curves),
-                             description=f"{stage} training curves")
+    create_markdown_artifact(key=report.artifact_key(run_id, stage), markdown=report.stage_card(stage, result, curves),
+                             description=f"{stage}: numbers and curves ({out})")
 
 
 @contextmanager
@@ -73,7 +71,7 @@ def progress_into(logger):
 
 def summary(metrics: dict) -> str:
     """A stage's final numbers, rounded: `loss 0.64 · val_loss 0.6574 · task_accuracy 0.3696`."""
-    return " · ".join(f"{k} {report.fmt(v)}" for k, v in metrics.items() if isinstance(v, float))
+    return " · ".join(f"{k} {numbers.number(v)}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def retryable(task, task_run, state) -> bool:
@@ -89,7 +87,9 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
     why = storage.why_incomplete(out_dir, config.stage_hash(stage), parent_hash)
     if why is None:
         logger.info("%s is already complete for this config and parent: skipped", out_dir)
-        return {**handoff.stage_result(out_dir, storage.read_manifest(out_dir)), "skipped": True}
+        result = {**handoff.stage_result(out_dir, storage.read_manifest(out_dir)), "skipped": True}
+        # Completed, so the chain goes on with its result, but named so the UI tells it apart.
+        return Completed(name="Skipped", message=f"{stage} already complete in {out_dir}", data=result)
     if why.damaged:
         logger.warning("%s: rebuilding %s from its last checkpoint (training it again if there is none)",
                        why.reason, stage)
@@ -109,14 +109,27 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
 
 
 def run_chain(config: PipelineConfig, run_dir: str, stages: list[str], parent: dict | None,
-              force: list[str]) -> dict[str, dict]:
-    results = {}
-    for stage in stages:
-        out = storage.join(run_dir, stage)
-        if stage in force:
-            reset_stage(out)
-        result = stage_task.with_options(retries=config.retries)(stage, config, parent, out)
-        results[stage] = parent = result
+              force: list[str], title: str) -> dict[str, dict]:
+    """The stages in order, each on its parent's result; then the report of the run directory.
+    With `tracking`, an MLflow run for the chain and a nested one per stage as it finishes."""
+    tracker = tracking.tracker(config, run_dir, title, {"alignflow.run_id": config.resolved_run_id(),
+                                                        "alignflow.chain": "→".join(stages)})
+    results, outcome = {}, "FAILED"
+    try:
+        for stage in stages:
+            out = storage.join(run_dir, stage)
+            if stage in force:
+                reset_stage(out)
+            state = stage_task.with_options(retries=config.retries)(stage, config, parent, out, return_state=True)
+            results[stage] = parent = state.result()
+            tracker.stage(stage, config, parent)
+        write_report(run_dir, config.resolved_run_id(), results, stages)
+        outcome = "FINISHED"
+    except KeyboardInterrupt:
+        outcome = "KILLED"
+        raise
+    finally:
+        tracker.finish(outcome)
     return results
 
 
@@ -151,15 +164,27 @@ def resume_point(run_dir: str, stages: list[str]) -> tuple[str, int | None] | No
     return None
 
 
-def write_report(run_dir: str, run_id: str, results: dict[str, dict]) -> str:
+def earlier_result(out: str) -> dict | None:
+    """A complete stage directory's result, or None."""
+    try:
+        manifest = storage.read_manifest(out)
+    except handoff.StageDirError:
+        return None
+    return {**handoff.stage_result(out, manifest), "parent_hash": (manifest.get("parent") or {}).get("content_hash")}
+
+
+def write_report(run_dir: str, run_id: str, results: dict[str, dict], chain: list[str]) -> str:
+    """report.md (curves linked) and the report artifact (curves inside), over every complete
+    stage of the run directory, so a GRPO chain run after a DPO one keeps DPO in the report."""
+    every = report.complete_stages(run_dir, results, earlier_result)
     local = storage.local_dir(run_dir)
-    card = report.report_card(local, results)
     local.mkdir(parents=True, exist_ok=True)
-    (local / "report.md").write_text(card)
+    (local / "report.md").write_text(report.report_card(run_dir, run_id, every, chain, inline=False))
     if storage.is_url(run_dir):
         storage.put_file(local / "report.md", storage.join(run_dir, "report.md"))
+    card = report.report_card(run_dir, run_id, every, chain, inline=True)
     create_markdown_artifact(key=report.artifact_key(run_id, "report"), markdown=card,
-                             description="alignflow report card")
+                             description=f"alignflow report card: {' → '.join(chain)} and every other complete stage")
     return card
 
 
@@ -182,7 +207,33 @@ def resolve(config: PipelineConfig | None, preset: str, overrides: dict[str, Any
     return config if config is not None else load_config(preset, overrides=overrides)
 
 
-@flow(name="alignment-pipeline")
+def pipeline_title(config: PipelineConfig, align: str) -> str:
+    """`tiny · pretrain→sft→dpo`: which run directory, which chain."""
+    return f"{config.resolved_run_id()} · {'→'.join(chain(None if align == 'none' else align, config.start))}"
+
+
+def stage_title(stage: str, parent: str) -> str:
+    """`dpo ← nightly-1/sft`: the stage and the checkpoint it trains on."""
+    return f"{stage} ← {'/'.join(parent.rstrip('/').split('/')[-2:])}"
+
+
+def flow_run_name() -> str:
+    """The flow run's name in the UI, from its parameters; the flow's own name when they do not
+    parse (the flow then fails with the real error)."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    try:
+        if flow_run.flow_name == "run-stage":
+            return stage_title(p["stage"], p["parent"])
+        config = p.get("config")
+        config = PipelineConfig.model_validate(config) if isinstance(config, dict) else config
+        return pipeline_title(resolve(config, p.get("preset", "tiny"), p.get("overrides")), p.get("align", "dpo"))
+    except Exception:  # a name is not worth failing for: the flow reports bad parameters itself
+        return flow_run.flow_name
+
+
+@flow(name="alignment-pipeline", flow_run_name=flow_run_name)
 def alignment_pipeline(config: PipelineConfig | None = None, align: AlignStage = "dpo",
                        force: list[str] | None = None, preset: str = "tiny",
                        overrides: dict[str, Any] | None = None) -> dict:
@@ -197,12 +248,11 @@ def alignment_pipeline(config: PipelineConfig | None = None, align: AlignStage =
     base = None if config.builtin_model else base_model(config.model)
     run_dir = storage.join(config.runs_dir, config.resolved_run_id())
     with DirLock(storage.local_dir(run_dir), f"alignment-pipeline {config.resolved_run_id()}"):
-        results = run_chain(config, run_dir, stages, base, force)
-        write_report(run_dir, config.resolved_run_id(), results)
+        results = run_chain(config, run_dir, stages, base, force, pipeline_title(config, align))
     return {"run_dir": run_dir, "stages": results}
 
 
-@flow(name="run-stage")
+@flow(name="run-stage", flow_run_name=flow_run_name)
 def run_stage(stage: ChildStage, config: PipelineConfig | None = None, parent: str = "",
               run_id: str | None = None, preset: str = "tiny", overrides: dict[str, Any] | None = None) -> dict:
     """Re-run one stage against an earlier run's parent directory (e.g. DPO with another beta on
@@ -216,6 +266,6 @@ def run_stage(stage: ChildStage, config: PipelineConfig | None = None, parent: s
     config = config.model_copy(update={"run_id": run_id})
     run_dir = storage.join(config.runs_dir, run_id)
     with DirLock(storage.local_dir(run_dir), f"run-stage {run_id}"):
-        results = run_chain(config, run_dir, [stage], handoff.stage_result(parent, manifest), [])
-        write_report(run_dir, run_id, results)
+        results = run_chain(config, run_dir, [stage], handoff.stage_result(parent, manifest), [],
+                            stage_title(stage, parent))
     return {"run_dir": run_dir, "stages": results}

@@ -1,7 +1,7 @@
-"""Curves, per-stage metric tables and the run's report card, as files and Prefect artifacts.
+"""Curves, a card per stage and the run's report card, as files and Prefect artifacts.
 
 Everything written here is also a plain file in the run directory (curves.png beside each
-checkpoint, report.md at the top), readable without the Prefect UI."""
+checkpoint, report.md at the top, linking them), readable without the Prefect UI."""
 from __future__ import annotations
 
 import base64
@@ -13,15 +13,36 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-# The metric names the trainers log (trainers/grpo.py logs its training reward as `reward`).
-CURVES = {"loss": "train loss", "val_loss": "validation loss", "reward": "reward (train)",
-          "val_reward": "reward (validation)", "kl": "KL to the reference (train)",
-          "completion_length/mean": "completion length (train)", "clip_ratio/region": "clip ratio (train)",
-          "rewards/margins": "DPO margin", "rewards/accuracies": "DPO accuracy"}
-HEADLINE = [("val_loss", "val loss"), ("val_ppl", "val ppl"), ("task_accuracy", "task acc"),
-            ("format_rate", "format"), ("heldout_reward", "held-out reward"),
-            ("val_rewards/accuracies", "DPO val acc"), ("val_rewards/margins", "DPO val margin")]
+from stages import STAGES, storage  # noqa: E402
+
+from . import numbers  # noqa: E402
+
+# One panel per quantity, its training and validation lines together, by the metric names the
+# trainers log (trainers/grpo.py logs its training reward as `reward`, its held-out one as
+# `val_reward`).
+PANELS = [("loss", [("loss", "train"), ("val_loss", "validation")]),
+          ("reward", [("reward", "train"), ("val_reward", "held-out")]),
+          ("KL to the reference", [("kl", "train")]),
+          ("completion length (tokens)", [("completion_length/mean", "train")]),
+          ("clip ratio", [("clip_ratio/region", "train")]),
+          ("DPO accuracy", [("rewards/accuracies", "train"), ("val_rewards/accuracies", "validation")]),
+          ("DPO margin", [("rewards/margins", "train"), ("val_rewards/margins", "validation")])]
+
+LM_STAGES = ("pretrain", "sft")  # stages whose val_loss is a language-model loss
+# The report card's rows: label, metric, which stages have it, and how it prints. DPO's
+# validation loss is a preference loss, so it gets its own row instead of sitting beside the
+# language-model losses as if it were one.
+HEADLINE = [("LM val loss", "val_loss", LM_STAGES, numbers.number),
+            ("LM val perplexity", "val_ppl", LM_STAGES, numbers.number),
+            ("DPO val loss", "val_loss", ("dpo",), numbers.number),
+            ("DPO val accuracy", "val_rewards/accuracies", ("dpo",), lambda v, m: numbers.percent(v, m.get("val_items"))),
+            ("DPO val margin", "val_rewards/margins", ("dpo",), numbers.number),
+            ("GRPO val reward", "val_reward", ("grpo",), numbers.number),
+            ("task accuracy", "task_accuracy", None, lambda v, m: numbers.percent(v, m.get("eval_prompts"))),
+            ("format rate", "format_rate", None, lambda v, m: numbers.percent(v, m.get("eval_prompts"))),
+            ("held-out reward", "heldout_reward", None, numbers.number)]
 
 
 def artifact_key(*parts: str) -> str:
@@ -35,23 +56,29 @@ def read_metrics(stage_dir: Path) -> list[dict]:
 
 
 def curves_present(records: list[dict]) -> list[str]:
-    """The CURVES a stage's metrics records hold."""
-    return [k for k in CURVES if any(k in r for r in records)]
+    """The metrics of PANELS that a stage's records hold."""
+    return [key for _, lines in PANELS for key, _ in lines if any(key in r for r in records)]
 
 
 def plot_curves(stage_dir: Path) -> Path | None:
-    """curves.png beside the checkpoint: each logged curve against the step."""
+    """curves.png beside the checkpoint: a panel per logged quantity against the optimizer step."""
     records = read_metrics(stage_dir)
-    present = curves_present(records)
-    if not present:
+    present = set(curves_present(records))
+    panels = [(title, [(k, label) for k, label in lines if k in present]) for title, lines in PANELS]
+    panels = [p for p in panels if p[1]]
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)
-    for ax, key in zip(axes[0], present):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
-        ax.set_title(CURVES[key])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for key, label in lines:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label,
+                    marker="." if len(points) < 30 else None)
+        ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
     fig.suptitle(stage_dir.name)
     fig.tight_layout()
     out = stage_dir / "curves.png"
@@ -60,43 +87,99 @@ def plot_curves(stage_dir: Path) -> Path | None:
     return out
 
 
-def fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+def inline_image(image: Path, alt: str) -> str:
+    """An image inside the markdown itself (Prefect artifacts cannot reference files)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()})"
 
 
-def metrics_rows(metrics: dict) -> list[dict]:
-    return [{"metric": k, "value": fmt(v)} for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+def shown_path(path: str) -> str:
+    """Checkpoints as absolute paths (or their URL), which a reader can open from anywhere."""
+    return path if storage.is_url(path) else str(Path(path).resolve())
 
 
-def curves_markdown(stage: str, image: Path | None) -> str:
-    if image is None:
-        return f"# {stage}\n\nNo curves were logged."
-    data = base64.b64encode(image.read_bytes()).decode()
-    return f"# {stage} curves\n\n![{stage} curves](data:image/png;base64,{data})\n\nFile: `{image}`\n"
+def status(result: dict) -> str:
+    if result.get("earlier"):
+        return "from an earlier run" + (", on an older parent" if result.get("stale") else "")
+    if result.get("skipped"):
+        return "skipped (already complete)"
+    resumed = result["metrics"].get("resumed_from_step")
+    return f"trained (resumed at step {resumed})" if resumed else "trained"
 
 
-def report_card(run_dir: Path, results: dict[str, dict]) -> str:
-    """Markdown comparing the stages side by side."""
+def headline(stage: str, metrics: dict) -> list[tuple[str, str]]:
+    """A stage's HEADLINE rows that it has, as (label, text)."""
+    return [(label, show(metrics[key], metrics)) for label, key, only, show in HEADLINE
+            if key in metrics and (only is None or stage in only)]
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    """The stages side by side: headline metrics, then what each cost and where it is."""
     stages = list(results)
-    lines = [f"# alignflow report: {run_dir.name}", "", "| | " + " | ".join(stages) + " |",
-             "|---|" + "---|" * len(stages)]
-    for key, label in HEADLINE:
-        if any(key in results[s]["metrics"] for s in stages):
-            lines.append(f"| {label} | " + " | ".join(fmt(results[s]["metrics"].get(key)) for s in stages) + " |")
-    rows = [("train time (s)", lambda r: r["timings"].get("train_seconds")),
-            ("tokens", lambda r: r["metrics"].get("tokens")),
-            ("tokens/s", lambda r: r["timings"].get("tokens_per_second")),
-            ("steps", lambda r: r["metrics"].get("step")),
-            ("skipped (already complete)", lambda r: "yes" if r.get("skipped") else "no"),
-            ("checkpoint", lambda r: f"`{r['path']}`")]
-    for label, get in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt(get(results[s])) for s in stages) + " |")
-    samples = [(s, results[s]["metrics"].get("samples") or []) for s in stages]
-    lines += ["", "## Sample completions (greedy, held-out prompts)", ""]
-    for stage, rows_ in samples:
-        for row in rows_[:2]:
+    lines = ["| | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+
+    def row(label: str, cells: list[str]) -> None:
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    shown = {s: dict(headline(results[s]["stage"], results[s]["metrics"])) for s in stages}
+    for label, *_ in HEADLINE:
+        row(label, [shown[s].get(label, "") for s in stages])
+    row("optimizer steps", [numbers.count(results[s]["metrics"].get("step")) for s in stages])
+    row("tokens trained on", [numbers.count(results[s]["metrics"].get("tokens")) for s in stages])
+    row("train time", [numbers.duration(results[s]["timings"].get("train_seconds")) for s in stages])
+    row("throughput", [numbers.rate(results[s]["timings"].get("tokens_per_second"), "tok/s") for s in stages])
+    row("status", [status(results[s]) for s in stages])
+    row("checkpoint", [f"`{shown_path(results[s]['path'])}`" for s in stages])
+    return lines
+
+
+def samples(results: dict[str, dict]) -> list[str]:
+    lines = []
+    for stage, result in results.items():
+        for row in (result["metrics"].get("samples") or [])[:2]:
             completion = row["completion"].replace("\n", " ⏎ ")
             lines.append(f"- **{stage}** — {row['prompt']} → `{completion}` (answer {row['answer']})")
+    return ["", "## Sample completions (greedy, held-out prompts)", "", *lines] if lines else []
+
+
+def report_card(run_dir: str, run_id: str, results: dict[str, dict], chain: list[str], inline: bool) -> str:
+    """Markdown: every complete stage of the run directory side by side, then each one's curves.
+    `inline`: images embedded (the Prefect artifact); otherwise linked to each stage's curves.png
+    (report.md beside the stage directories)."""
+    lines = [f"# alignflow report: {run_id}", "",
+             f"`{shown_path(run_dir)}` · this run: {' → '.join(chain)}", "", *table(results), "", "## Curves"]
+    for stage, result in results.items():
+        image = storage.local_dir(result["path"]) / "curves.png"
+        if not image.exists():
+            lines += ["", f"### {stage}", "", "No curves were logged."]
+            continue
+        link = inline_image(image, f"{stage} curves") if inline else f"![{stage} curves]({stage}/curves.png)"
+        lines += ["", f"### {stage}", "", link]
+    return "\n".join(lines + samples(results)) + "\n"
+
+
+def stage_card(stage: str, result: dict, image: Path | None) -> str:
+    """One stage as it finishes: its headline numbers, its curves, and every final metric."""
+    lines = [f"# {stage}", "", *table({stage: result}), ""]
+    lines += [inline_image(image, f"{stage} curves") if image else "No curves were logged.", ""]
+    lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {numbers.number(v)} |" for k, v in sorted(result["metrics"].items())
+              if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return "\n".join(lines) + "\n"
+
+
+def complete_stages(run_dir: str, results: dict[str, dict], read_result) -> dict[str, dict]:
+    """This run's stages and every other complete stage in its directory, in pipeline order: a
+    GRPO chain run after a DPO chain on the same directory reports both aligners. One trained
+    on an older version of its parent than the directory now holds says so."""
+    every = {}
+    for stage in STAGES:
+        if stage in results:
+            every[stage] = results[stage]
+        else:
+            earlier = read_result(storage.join(run_dir, stage))
+            if earlier is not None:
+                parent = every.get(STAGES[stage].parent)
+                stale = parent is not None and earlier.get("parent_hash") != parent["content_hash"]
+                every[stage] = {**earlier, "earlier": True, "stale": stale}
+    return every

@@ -137,6 +137,11 @@ class PipelineConfig(Settings):
     run_id: str | None = Field(None, description="default: the preset's name")
     device: str | None = Field(None, description="default: cuda if available, else cpu")
     retries: int = Field(1, ge=0, description="Prefect retries per stage; a retry resumes from the stage's last checkpoint")
+    tracking: Literal["none", "mlflow"] = Field(
+        "none", description="mlflow: one MLflow run per pipeline, a nested run per stage (pip install 'alignflow[mlflow]')")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, or sqlite:///path.db); default: sqlite in runs_dir, offline")
+    tracking_experiment: str = Field("alignflow", description="the MLflow experiment the runs go to")
     demo: DemoConfig = DemoConfig()
     eval: EvalConfig = EvalConfig()
     pretrain: PretrainConfig = PretrainConfig()

@@ -112,7 +112,7 @@ def test_pipeline_deployment_runs_on_a_process_worker(deployed, pipeline_run):
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[pipeline_run.id])))
     keys = {a.key for a in artifacts}
-    assert {"nightly-1-report", "nightly-1-dpo-metrics", "nightly-1-sft-curves"} <= keys, keys
+    assert {"nightly-1-report", "nightly-1-dpo", "nightly-1-sft"} <= keys, keys
 
 
 def test_stage_deployment_trains_dpo_on_the_earlier_sft(deployed, pipeline_run):

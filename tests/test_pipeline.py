@@ -17,13 +17,59 @@ from stages.config import load_config
 def runs(prefect_harness, tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("runs")
     config = load_config("tiny", overrides={"runs_dir": str(runs_dir), "run_id": "e2e"})
-    dpo = alignment_pipeline(config=config, align="dpo")
-    grpo = alignment_pipeline(config=config, align="grpo")
-    return config, dpo, grpo
+    runs = []
+    for align in ("dpo", "grpo"):
+        state = alignment_pipeline(config=config, align=align, return_state=True)
+        runs.append({**state.result(), "flow_run_id": state.state_details.flow_run_id})
+    return config, *runs
 
 
 def metrics(result, stage):
     return result["stages"][stage]["metrics"]
+
+
+def test_the_report_card_holds_every_stage_of_the_directory_with_curves_and_counts(runs):
+    """Runs first: later tests here run the pipeline again on this directory."""
+    import re
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, dpo, grpo = runs
+    run_dir = Path(dpo["run_dir"])
+    card = (run_dir / "report.md").read_text()
+    # The GRPO chain ran last on this directory; the DPO stage it did not run stays in the report.
+    assert "| | pretrain | sft | dpo | grpo |" in card
+    assert "| status | skipped (already complete) | skipped (already complete) | from an earlier run | trained |" in card
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
+        assert f"![{stage} curves]({stage}/curves.png)" in card and (run_dir / stage / "curves.png").exists()
+        assert f"`{(run_dir / stage).resolve()}`" in card  # absolute checkpoint paths
+    assert re.search(r"\n\| LM val loss \| 0\.\d+ \| 0\.\d+ \| +\| +\|\n", card), card
+    assert re.search(r"\n\| DPO val loss \| +\| +\| 0\.\d+ \| +\|\n", card), card
+    assert re.search(r"\n\| DPO val accuracy \| +\| +\| \d+\.\d% \(\d+/\d+\) \| +\|\n", card), card
+    assert re.search(r"\n\| tokens trained on \| \d{1,3}(,\d{3})+ \|", card), card
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-report"])))
+    # Both runs' report artifacts are kept; each embeds a curves image per stage it shows.
+    by_run = {a.flow_run_id: a.data for a in versions}
+    assert by_run[dpo["flow_run_id"]].count("](data:image/png;base64,") == 3
+    assert by_run[grpo["flow_run_id"]].count("](data:image/png;base64,") == 4
+
+
+def test_runs_are_named_by_their_chain_and_a_skipped_stage_says_so(runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    _, dpo, grpo = runs
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(dpo["flow_run_id"]).name == "e2e · pretrain→sft→dpo"
+        assert client.read_flow_run(grpo["flow_run_id"]).name == "e2e · pretrain→sft→grpo"
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [grpo["flow_run_id"]]}))
+    states = {t.name: (t.state.type.value, t.state.name) for t in tasks}
+    assert states == {"pretrain": ("COMPLETED", "Skipped"), "sft": ("COMPLETED", "Skipped"),
+                      "grpo": ("COMPLETED", "Completed")}
+    assert grpo["stages"]["sft"]["skipped"] and grpo["stages"]["sft"]["metrics"] == dpo["stages"]["sft"]["metrics"]
 
 
 def test_every_stage_directory_is_complete_and_verifies(runs):

@@ -249,7 +249,8 @@ class BaseTrainer:
             loss_sum += loss.double()
             sums.add(metrics)
         (loss_total, total), metric_means = sums.reduce([loss_sum, n_items], None, self.device)
-        result = {"val_loss": loss_total / max(total, 1.0)}
+        # val_items: how many items (tokens, pairs) the numbers average over, for counts in reports.
+        result = {"val_loss": loss_total / max(total, 1.0), "val_items": int(total)}
         result.update({f"val_{k}": v for k, v in metric_means.items()})
         self.model.train(was_training)
         return result
