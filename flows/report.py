@@ -30,6 +30,7 @@ PANELS = [("loss", [("loss", "train"), ("val_loss", "validation")]),
           ("DPO accuracy", [("rewards/accuracies", "train"), ("val_rewards/accuracies", "validation")]),
           ("DPO margin", [("rewards/margins", "train"), ("val_rewards/margins", "validation")])]
 
+COLUMNS = 3
 LM_STAGES = ("pretrain", "sft")  # stages whose val_loss is a language-model loss
 # The report card's rows: label, metric, which stages have it, and how it prints. DPO's
 # validation loss is a preference loss, so it gets its own row instead of sitting beside the
@@ -68,8 +69,12 @@ def plot_curves(stage_dir: Path) -> Path | None:
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels):
+    # At most three panels a row: wider images are shrunk to the page and become unreadable.
+    cols, rows = min(COLUMNS, len(panels)), -(-len(panels) // COLUMNS)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, lines) in zip(axes.flat, panels):
         for key, label in lines:
             points = [(r["step"], r[key]) for r in records if key in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], label=label,

@@ -67,7 +67,9 @@ class MlflowTracker(Tracker):
             # Beside the database when it is ours; a server keeps its own artifact store.
             location = None if config.tracking_uri else (Path(config.runs_dir).resolve() / "mlartifacts").as_uri()
             try:
-                self.experiment_id = self.client.create_experiment(config.tracking_experiment, location)
+                # The kind MLflow's UI opens fine-tuning experiments as (runs and charts, not traces).
+                self.experiment_id = self.client.create_experiment(config.tracking_experiment, location,
+                                                                   tags={"mlflow.experimentKind": "finetuning"})
             except MlflowException:  # another run created it first
                 self.experiment_id = self.client.get_experiment_by_name(config.tracking_experiment).experiment_id
         else:
