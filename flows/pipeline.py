@@ -97,7 +97,7 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
         logger.info("running %s: %s", stage, why.reason)
     parent_path = parent["path"] if parent else None
     t = config.stage(stage).train
-    if t.nproc_per_node > 1 or t.nnodes > 1:
+    if t.nproc_per_node > 1 or t.nnodes > 1 or t.strategy == "fsdp":  # fsdp needs a process group, even alone
         run_torchrun(stage, config, parent_path, out_dir, logger)
         result = handoff.stage_result(out_dir, storage.checked_manifest(out_dir))
     else:

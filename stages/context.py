@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from models import Tokenizer, model_kind
 from trainers import configure_optimizer, create_trainer
 from trainers import distributed as dist_utils
-from trainers import BaseTrainer, unwrap
+from trainers import BaseTrainer
+from trainers.sharding import original_class
 
 from . import check_parent, handoff, storage
 from . import data as data_mod
@@ -204,15 +205,24 @@ class StageRun:
         parent = self.parent_ref or "none (from scratch)"
         return (f"{self.stage}: {rows} from {notes['origin']}, {self.data_notes['val']['rows']:,} held out; "
                 f"{trainer.estimated_total_steps()} optimizer steps; parent {parent}; "
-                f"model {type(model).__name__} ({n / 1e6:.1f}M parameters); world size {self.dist.world_size}, "
-                f"{self.device}, {self.train_cfg.precision}")
+                f"model {original_class(model).__name__} ({n / 1e6:.1f}M parameters); world size {self.dist.world_size} "
+                f"({self._strategy()}), {self.device}, {self.train_cfg.precision}")
+
+    def _strategy(self) -> str:
+        t = self.train_cfg
+        extras = [name for name, on in (("cpu offload", t.fsdp_cpu_offload),
+                                        ("activation checkpointing", t.activation_checkpointing)) if on]
+        return " + ".join([t.strategy, *extras])
 
     def train(self, trainer: BaseTrainer, tok: Tokenizer) -> None:
         """Train (resuming from this stage's last checkpoint), then evaluate on held-out prompts."""
         metrics = trainer.train(resume_from="latest")
         seconds = trainer.elapsed_seconds()  # of every attempt: tokens/s over all tokens seen
-        model = unwrap(trainer.model)
-        evaluation = heldout_metrics(self.config, self.settings.data, model, tok) if self.dist.is_main else {}
+        model = trainer.final_model()  # every rank takes part (fsdp gathers); rank 0 gets it
+        evaluation = {}
+        if self.dist.is_main:
+            model.to(self.device)  # fsdp gathers onto the CPU
+            evaluation = heldout_metrics(self.config, self.settings.data, model, tok)
         self.outcome = {"model": model, "tokenizer": tok, "metrics": metrics, "evaluation": evaluation,
                         "train_seconds": seconds}
 

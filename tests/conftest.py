@@ -50,12 +50,13 @@ def small_model(seed: int = 0, **overrides):
 class SequenceDataset(Dataset):
     """Seeded sequences of varying length; the first `prompt_len` tokens carry no loss."""
 
-    def __init__(self, n: int, min_len: int = 4, max_len: int = 20, prompt_len: int = 2, seed: int = 0):
+    def __init__(self, n: int, min_len: int = 4, max_len: int = 20, prompt_len: int = 2, seed: int = 0,
+                 vocab: int = VOCAB):
         g = torch.Generator().manual_seed(seed)
         lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
         self.items = []
         for length in lengths:
-            ids = torch.randint(3, VOCAB, (length,), generator=g)
+            ids = torch.randint(3, vocab, (length,), generator=g)
             labels = ids.clone()
             labels[:prompt_len] = -100
             self.items.append((ids, labels))

@@ -225,8 +225,8 @@ def test_a_stage_s_progress_is_in_its_prefect_log_a_line_per_record(runs):
     logs = next(messages for messages in (task_logs(f.id, "sft") for f in flow_runs)
                 if any(re.match(r"running sft: .*/e2e/sft holds no finished stage yet", m) for m in messages))
     assert any(re.fullmatch(r"sft: 1,500 of 1,500 training rows used from demo:sft/train, \d+ held out; 188 optimizer "
-                            r"steps; parent .*/e2e/pretrain; model LlamaForCausalLM \(\d\.\dM parameters\); world size 1, "
-                            r"cpu, fp32", m) for m in logs), logs
+                            r"steps; parent .*/e2e/pretrain; model LlamaForCausalLM \(\d\.\dM parameters\); world size 1 "
+                            r"\(ddp\), cpu, fp32", m) for m in logs), logs
     progress = [m for m in logs if re.fullmatch(r"step \d+/188 · loss \S+ · lr \S+ · grad_norm \S+ · [\d.]+k? tok/s"
                                                 r" · eta \S+", m)]
     assert len(progress) >= 188 // config.sft.train.log_interval, logs

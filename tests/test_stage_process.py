@@ -88,14 +88,16 @@ def first_divergence(a, b) -> str:
     return f"first differing logged loss at step {step}" if step else "the logged losses are equal"
 
 
-@pytest.mark.parametrize("parent", ["builtin", "hf"], indirect=True)
-def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, small_config, prefect_harness):
+@pytest.mark.parametrize("parent, strategy", [("builtin", "ddp"), ("hf", "ddp"), ("hf", "fsdp")],
+                         indirect=["parent"])
+def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, strategy, small_config, prefect_harness):
     pretrained = parent
     # SGD: its update is proportional to the gradient, which is what DDP reduces (see test_ddp.py).
     common = {"runs_dir": str(tmp_path), "sft.train.optimizer": "sgd", "sft.train.lr": 0.05,
               "sft.train.max_steps": 3, "sft.train.max_grad_norm": None}
     one = small_config(**common, **{"sft.train.batch_size": 8})
-    two = small_config(**common, **{"sft.train.batch_size": 4, "sft.train.nproc_per_node": 2})
+    two = small_config(**common, **{"sft.train.batch_size": 4, "sft.train.nproc_per_node": 2,
+                                    "sft.train.strategy": strategy})
     a = run_stage(stage="sft", config=one, parent=str(pretrained), run_id="one")
     state = run_stage(stage="sft", config=two, parent=str(pretrained), run_id="two", return_state=True)
     b = state.result()
@@ -103,13 +105,21 @@ def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, small_co
     # record holding two ranks' output.
     logs = task_logs(state.state_details.flow_run_id, "sft")
     assert any(re.fullmatch(r"\[default0\]:step 3/3 · loss \S+ · lr .*", m) for m in logs), "\n".join(logs)
-    assert any(re.match(r"\[default0\]:sft: .* training rows used", m) for m in logs), logs
+    assert any(re.match(rf"\[default0\]:sft: .* training rows used.* world size 2 \({strategy}\)", m)
+               for m in logs), logs
     assert not any("\r" in m or "it/s" in m or m.count("[default") > 1 for m in logs), logs
     wa, wb = weights(tmp_path / "one" / "sft"), weights(tmp_path / "two" / "sft")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)
     assert handoff.read_manifest(b["stages"]["sft"]["path"])["world_size"] == 2
     assert a["stages"]["sft"]["metrics"]["step"] == b["stages"]["sft"]["metrics"]["step"] == 3
+    if strategy == "fsdp":  # sharded training state, one plain Hugging Face directory out
+        from transformers import AutoModelForCausalLM
+
+        assert (tmp_path / "two" / "sft" / "state" / "step-00000003" / ".metadata").exists()
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "sft").state_dict()
+        for name, tensor in wb.items():
+            assert torch.equal(loaded[name], tensor), name
 
 
 def test_a_failing_rank_s_traceback_reaches_the_flow(tmp_path, pretrained, small_config, prefect_harness):

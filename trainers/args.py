@@ -50,6 +50,13 @@ class TrainingArgs(Settings):
     keep_last: int | None = Field(2, ge=1, description="checkpoints kept (None: all)")
     seed: int | None = Field(0, description="seeds Python, numpy and torch at construction (None: leave them)")
     compile: bool | str = Field(False, description="torch.compile the model (a string names the backend)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a full copy of the model per rank; fsdp: FSDP2, weights, gradients and optimizer "
+                           "state sharded over the ranks (needs torchrun, even for one process)")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in "
+                                                              "backward instead of storing them")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameters, gradients and optimizer state in "
+                                                      "CPU memory between uses")
     tensorboard: bool = False
     progress_bar: bool = Field(True, description="a tqdm bar on rank 0 when stderr is a terminal (the progress "
                                                  "lines on the alignflow.train logger are always written)")
@@ -73,6 +80,12 @@ class TrainingArgs(Settings):
     def _has_an_end(self) -> "TrainingArgs":
         if self.max_steps is None and self.max_epochs is None:
             raise ValueError("set max_steps or max_epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_is_fsdp_s(self) -> "TrainingArgs":
+        if self.fsdp_cpu_offload and self.strategy != "fsdp":
+            raise ValueError("fsdp_cpu_offload needs strategy: fsdp")
         return self
 
     @property

@@ -23,10 +23,12 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import sharding
 from .args import TrainingArgs
 from .early_stopping import EarlyStopping
 from .metrics import MetricsLogger, MetricSums
@@ -45,6 +47,7 @@ class BaseTrainer:
     """`args` (a `TrainingArgs`) or its fields as keywords; keywords win. `scheduler` is an LR
     scheduler you built yourself; without one the trainer builds `args.schedule` when training
     starts. `on_checkpoint(step_dir)` runs on the main rank after each checkpoint is complete."""
+    supports_fsdp = True  # False: an algorithm whose extra models or generation are not sharded yet
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, val_loader=None,
                  args: TrainingArgs | None = None, *, scheduler=None, device: str | torch.device | None = None,
@@ -72,10 +75,26 @@ class BaseTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
 
         model.to(self.device)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if self.dist.enabled:
+        if args.activation_checkpointing:
+            sharding.checkpoint_activations(model)
+        self.sharded = args.strategy == "fsdp"
+        if self.sharded and not self.supports_fsdp:
+            raise ValueError(f"strategy fsdp is not supported by {type(self).__name__} yet (its reference model "
+                             "and generation are not sharded); use strategy ddp")
+        if self.sharded:
+            if not dist_utils.initialized():
+                raise ValueError("strategy fsdp needs a process group: launch with torchrun (--nproc_per_node 1 "
+                                 "for one process)")
+            if scheduler is not None:
+                raise ValueError("strategy fsdp replaces the model's parameters, so a scheduler built on them "
+                                 "would drive a stale optimizer: set args.schedule and let the trainer build it")
+            names = {id(p): n for n, p in model.named_parameters()}
+            sharding.shard(model, args.precision, args.fsdp_cpu_offload)
+            self.optimizer = optimizer = sharding.reattach_optimizer(optimizer, model, names)
+        elif self.dist.enabled:
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         if args.compile:  # True: the default inductor backend; a string names another backend
             model = torch.compile(model) if args.compile is True else torch.compile(model, backend=args.compile)
         self.model = model
@@ -169,6 +188,22 @@ class BaseTrainer:
                 break
         return batches
 
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool):
+        """DDP: no_sync() skips the all-reduce of a non-final micro-batch; FSDP: the same through
+        set_requires_gradient_sync (its gradients accumulate unsharded until the last)."""
+        if sync or not self.dist.enabled:
+            yield
+        elif self.sharded:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            with self.model.no_sync():
+                yield
+
     def training_step(self, micro: list[dict]) -> dict[str, float]:
         """Forward/backward over the micro-batches of one step, then clip and step."""
         counts = torch.tensor([[self.count_items(b), self.count_tokens(b)] for b in micro],
@@ -186,9 +221,9 @@ class BaseTrainer:
         for i, batch in enumerate(micro):
             batch = self.to_device(batch)
             last = i == len(micro) - 1
-            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
-            with sync:
+            # Gradients are all-reduced (FSDP: reduce-scattered) once per optimizer step, on the
+            # last micro-batch.
+            with self._gradient_sync(last):
                 with self.autocast():
                     loss, metrics = self.compute_loss(self.model, batch)
                 scaled = loss / denom
@@ -210,6 +245,8 @@ class BaseTrainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, self.args.max_grad_norm or float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         stepped = True
         if self.scaler is not None:
             scale_before = self.scaler.get_scale()
@@ -268,13 +305,16 @@ class BaseTrainer:
                 tmp = ckpt.begin(self.save_dir, self.global_step)
             dist_utils.barrier()
             ckpt.save_rng(tmp, self.dist.rank, ckpt.rng_state(), self.epoch_start_rng)
+            if self.sharded:
+                ckpt.save_sharded(tmp, self.model, self.optimizer)
             if self.is_main:
-                ckpt.save_state(tmp, unwrap(self.model), {
+                ckpt.save_state(tmp, None if self.sharded else unwrap(self.model), {
                     **{k: v.state_dict() if v is not None else None for k, v in self._stateful().items()},
                     "extra": self.extra_state()})
             dist_utils.barrier()
             if self.is_main:
                 ckpt.commit(tmp, {
+                    "format": "dcp" if self.sharded else "safetensors",
                     "step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                     "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed_seconds(),
                     "last_step_metrics": self.last_step_metrics,
@@ -289,11 +329,14 @@ class BaseTrainer:
         return final
 
     def _stateful(self) -> dict:
-        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        """What training_state.pt holds (sharded, the optimizer's state is in the DCP files)."""
+        return {**({} if self.sharded else {"optimizer": self.optimizer}),
+                "scheduler": self.scheduler, "scaler": self.scaler}
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
-        meta, state, rng = ckpt.load(path, unwrap(self.model), self.dist.rank)
+        meta, state, rng = ckpt.load(path, unwrap(self.model), self.dist.rank,
+                                     sharded_optimizer=self.optimizer if self.sharded else None)
         for key, obj in self._stateful().items():
             if obj is not None and state[key] is not None:
                 obj.load_state_dict(state[key])
@@ -414,3 +457,11 @@ class BaseTrainer:
         final.update(step=self.global_step, epoch=self.epoch, tokens=self.tokens_seen,
                      resumed_from_step=self.resumed_from_step)
         return final
+
+    def final_model(self) -> nn.Module | None:
+        """The trained model as one plain module, for evaluation and the stage's output: on rank 0
+        the user's module (sharded: an unsharded copy with the gathered weights, on the CPU),
+        None on the other ranks. Every rank must call it."""
+        if self.sharded:
+            return sharding.gathered_copy(self.model, self.is_main)
+        return unwrap(self.model) if self.is_main else None

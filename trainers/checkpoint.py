@@ -7,6 +7,12 @@
         rng-rank<r>.pt          each rank's RNG states, now and at the start of its epoch
         trainer_state.json      step, epoch, data position, early stopping, sha256 of the above
 
+Under `strategy: fsdp` no rank holds the whole model, so the weights and optimizer state are
+written by every rank with torch.distributed.checkpoint instead (`__<rank>_0.distcp`, tensors
+loaded with weights_only=True, and `.metadata`, which DCP itself reads with pickle: it is
+loaded only after its sha256 matched the record). DCP reshards on load, so a checkpoint written
+by N ranks resumes on M. training_state.pt then holds the scheduler, scaler and algorithm state.
+
 A checkpoint is written into `step-N.tmp/` and renamed when complete, so a crash leaves
 either a whole checkpoint or a `.tmp` directory that nothing reads. `trainer_state.json`
 is written last and records every other file's sha256, which `load` verifies (models.files
@@ -25,12 +31,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from models.files import atomic_write, seal, verify_seal
+from models.files import atomic_write, read_seal, seal, verify_seal
 
 CHECKPOINT_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 META_FILE = "trainer_state.json"  # written last: a checkpoint directory with it is complete
 REQUIRED_FILES = ("model.safetensors", "training_state.pt", "rng-rank0.pt")  # its record must vouch for these
+SHARDED_REQUIRED_FILES = (".metadata", "training_state.pt", "rng-rank0.pt")
+FORMATS = {"safetensors": "ddp", "dcp": "fsdp"}  # the checkpoint format each strategy writes
 
 
 class CheckpointError(RuntimeError):
@@ -159,9 +167,35 @@ def save_rng(tmp: Path, rank: int, current: dict, epoch_start: dict | None) -> N
     torch.save({"current": current, "epoch_start": epoch_start}, tmp / f"rng-rank{rank}.pt")
 
 
-def save_state(tmp: Path, model: torch.nn.Module, training_state: dict) -> None:
-    save_weights(model, tmp / "model.safetensors")
+def save_state(tmp: Path, model: torch.nn.Module | None, training_state: dict) -> None:
+    """Rank 0's part: the weights (unless sharded: `save_sharded` wrote them) and the rest."""
+    if model is not None:
+        save_weights(model, tmp / "model.safetensors")
     torch.save(training_state, tmp / "training_state.pt")
+
+
+def save_sharded(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the weights and of the optimizer state into `tmp`."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    save({"model": model_state, "optimizer": optim_state}, storage_writer=FileSystemWriter(tmp))
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The weights and optimizer state of `path` into this rank's shards, however many ranks
+    wrote them. Every rank must call it."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # what this rank holds, to fill
+    state = {"model": model_state, "optimizer": optim_state}
+    try:
+        load(state, storage_reader=FileSystemReader(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot load the sharded weights and optimizer state of {path}: {e}") from e
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:
@@ -177,11 +211,22 @@ def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:
     return final
 
 
-def load(path: Path, model: torch.nn.Module, rank: int) -> tuple[dict, dict, dict]:
-    """Verify every recorded sha256, load the weights into `model`, and return
-    (meta, training_state, rng) for the trainer to restore."""
-    meta = verify_seal(path, META_FILE, CheckpointError, required=REQUIRED_FILES)
-    load_weights(model, path / "model.safetensors")
+def load(path: Path, model: torch.nn.Module, rank: int,
+         sharded_optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict, dict]:
+    """Verify every recorded sha256, load the weights into `model` (and, for a sharded model, the
+    optimizer state into `sharded_optimizer`), and return (meta, training_state, rng) for the
+    trainer to restore."""
+    strategy = "fsdp" if sharded_optimizer is not None else "ddp"
+    written_by = FORMATS[read_seal(path, META_FILE, CheckpointError).get("format", "safetensors")]
+    if written_by != strategy:
+        raise CheckpointError(f"{path} was written with strategy {written_by}; resume it with strategy {written_by} "
+                              f"(this run uses {strategy})")
+    meta = verify_seal(path, META_FILE, CheckpointError,
+                       required=SHARDED_REQUIRED_FILES if sharded_optimizer is not None else REQUIRED_FILES)
+    if sharded_optimizer is not None:
+        load_sharded(path, model, sharded_optimizer)
+    else:
+        load_weights(model, path / "model.safetensors")
     device = next(model.parameters()).device
     state_path = path / "training_state.pt"
     rng_path = path / f"rng-rank{rank}.pt"

@@ -39,7 +39,9 @@ def setup(device: torch.device) -> DistInfo:
     info = detect()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # nccl and DDP use the current device
-    if info.enabled and not dist.is_initialized():
+    # Under torchrun even alone: FSDP shards over a process group of one (its CPU offload).
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if (info.enabled or launched) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return info
@@ -49,6 +51,10 @@ def default_device(info: DistInfo) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,7 @@ class DPOTrainer(BaseTrainer):
     module docstring); the loaders must then be finite, re-iterable and yield the same pairs
     every epoch. Otherwise it runs under no_grad on every batch. `ref_cache_dir` defaults to
     `save_dir/ref_logps`; with neither set the scores stay in memory only."""
+    supports_fsdp = False  # its reference model is not sharded yet
 
     def __init__(self, model: nn.Module, ref_model: nn.Module, optimizer: torch.optim.Optimizer, train_loader,
                  val_loader=None, dpo: DPOArgs | None = None, *, ref_cache_dir: str | Path | None = None,

@@ -212,6 +212,7 @@ class GRPOTrainer(BaseTrainer):
     beta == 0; otherwise it is frozen and kept out of DDP and the optimizer. `reward_funcs` /
     `reward_weights`, when given, replace the settings' names and may hold callables.
     `epsilon_high` defaults to `epsilon` (DAPO's clip-higher sets it larger)."""
+    supports_fsdp = False  # its reference and its generation are not sharded yet
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None, optimizer, train_loader,
                  reward_funcs=None, reward_weights=None, *, generate_fn, tokenizer, grpo: GRPOArgs | None = None,

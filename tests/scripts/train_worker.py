@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch.utils.data.distributed import DistributedSampler
 
@@ -43,27 +44,41 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--strategy", default="ddp")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--hf", help="a Hugging Face model directory to train instead of the built-in model")
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    model = small_model(seed=0)
-    data = SequenceDataset(args.num_seqs, seed=1)
+    if args.hf:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32)
+        model.config.use_cache = False
+        data = SequenceDataset(args.num_seqs, seed=1, vocab=model.config.vocab_size)
+    else:
+        model = small_model(seed=0)
+        data = SequenceDataset(args.num_seqs, seed=1)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     train_loader = loader(data, args.global_batch // world, shuffle=args.shuffle and sampler is None,
                           sampler=sampler)
     optimizer = configure_optimizer(model, args.optimizer, lr=3e-3, weight_decay=0.1)
     trainer = KilledTrainer(model=model, optimizer=optimizer, train_loader=train_loader,
                             device="cpu", max_epochs=args.epochs, max_steps=args.max_steps,
-                            grad_accum_steps=args.accum, max_grad_norm=1.0, log_interval=1,
+                            grad_accum_steps=args.accum, max_grad_norm=args.max_grad_norm, log_interval=1,
                             save_dir=args.save_dir, save_interval=args.save_interval,
-                            seed=1234, progress_bar=False)
+                            seed=1234, progress_bar=False, strategy=args.strategy,
+                            activation_checkpointing=args.activation_checkpointing)
     total = trainer.estimated_total_steps()
-    trainer.scheduler = create_scheduler(optimizer, "cosine", warmup_steps=2, total_steps=total)
+    # trainer.optimizer: under fsdp the trainer's own, over the sharded parameters.
+    trainer.scheduler = create_scheduler(trainer.optimizer, "cosine", warmup_steps=2, total_steps=total)
     trainer.kill_at = args.kill_at
     trainer.train(resume_from="latest" if args.resume else None)
+    final = trainer.final_model()
     if rank == 0:
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().clone().contiguous() for k, v in final.state_dict().items()}  # tied: two copies
         save_file(state, args.out)
     if world > 1:
         exit_worker(0)
