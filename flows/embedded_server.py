@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from stages import lifeline
 
-from .launch import stop_process_group
+from .launch import SAFE_PATH, stop_process_group
 
 STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind
@@ -53,7 +53,7 @@ def _start(timeout: float) -> tuple[subprocess.Popen, str]:
     from prefect.settings import get_current_settings
 
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           lifeline.ENV: str(os.getpid()), "PREFECT_UI_ENABLED": "0",
+           **SAFE_PATH, lifeline.ENV: str(os.getpid()), "PREFECT_UI_ENABLED": "0",
            "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

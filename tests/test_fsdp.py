@@ -146,3 +146,50 @@ def test_fsdp_without_a_process_group_says_to_use_torchrun():
     with pytest.raises(ValueError, match="strategy fsdp needs a process group: launch with torchrun"):
         SFTTrainer(model=model, optimizer=configure_optimizer(model), train_loader=[], device="cpu",
                    strategy="fsdp", max_steps=1)
+
+
+def test_dpo_under_fsdp_equals_ddp_with_a_precomputed_and_a_live_sharded_reference(tmp_path):
+    dpo = Path(__file__).parent / "scripts" / "dpo_worker.py"
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.st"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(dpo), "--out", str(out), "--accum", "2", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return out
+
+    ddp = run("ddp", "--cache-dir", str(tmp_path / "ddp-cache"))
+    fsdp = run("fsdp", "--strategy", "fsdp", "--cache-dir", str(tmp_path / "fsdp-cache"))
+    live = run("live", "--strategy", "fsdp", "--live-reference")
+    assert max_diff(ddp, fsdp) <= 1e-5 and max_diff(ddp, live) <= 1e-5
+    # The sharded reference's cache key hashes the same whole weights as DDP's.
+    assert [p.name for p in (tmp_path / "ddp-cache").iterdir()] == [p.name for p in (tmp_path / "fsdp-cache").iterdir()]
+
+
+def test_grpo_under_fsdp_equals_ddp_though_each_rank_generates_its_own_lengths(tmp_path):
+    """Each rank's completions end at different lengths (row-seeded EOS), so the ranks run
+    different numbers of decoding forwards: generation runs on the gathered policy."""
+    grpo = Path(__file__).parent / "scripts" / "grpo_worker.py"
+    for strategy in ("ddp", "fsdp"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(grpo), "--out", str(tmp_path / strategy), "--strategy", strategy]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert max_diff(tmp_path / "ddp.safetensors", tmp_path / "fsdp.safetensors") <= 1e-5
+    ddp, fsdp = (json.loads((tmp_path / f"{s}.json").read_text()) for s in ("ddp", "fsdp"))
+    for key in ("loss", "reward", "kl", "completion_length/mean"):
+        assert fsdp[key] == pytest.approx(ddp[key], abs=1e-6), key
+
+
+def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank_as_under_ddp(tmp_path):
+    common = ["--global-batch", "8", "--num-seqs", "48", "--max-steps", "4", "--optimizer", "sgd",
+              "--precision", "fp16", "--poison-at", "2"]
+    for strategy in ("ddp", "fsdp"):
+        launch("--out", str(tmp_path / f"{strategy}.st"), "--save-dir", str(tmp_path / strategy),
+               "--strategy", strategy, *common, ranks=2)
+        records = [r for r in map(json.loads, (tmp_path / strategy / "metrics.jsonl").read_text().splitlines())
+                   if "loss" in r]
+        assert [r["skipped_step"] for r in records] == [0.0, 1.0, 0.0, 0.0], strategy
+        assert records[2]["loss_scale"] == records[0]["loss_scale"] / 2, strategy
+    assert max_diff(tmp_path / "ddp.st", tmp_path / "fsdp.st") <= 1e-6

@@ -34,6 +34,7 @@ from .early_stopping import EarlyStopping
 from .metrics import MetricsLogger, MetricSums
 from .modules import unwrap
 from .optim import create_scheduler
+from .reference import freeze_reference
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,8 +48,6 @@ class BaseTrainer:
     """`args` (a `TrainingArgs`) or its fields as keywords; keywords win. `scheduler` is an LR
     scheduler you built yourself; without one the trainer builds `args.schedule` when training
     starts. `on_checkpoint(step_dir)` runs on the main rank after each checkpoint is complete."""
-    supports_fsdp = True  # False: an algorithm whose extra models or generation are not sharded yet
-
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, val_loader=None,
                  args: TrainingArgs | None = None, *, scheduler=None, device: str | torch.device | None = None,
                  save_dir: str | Path | None = None, on_checkpoint: Callable[[Path], None] | None = None,
@@ -78,9 +77,6 @@ class BaseTrainer:
         if args.activation_checkpointing:
             sharding.checkpoint_activations(model)
         self.sharded = args.strategy == "fsdp"
-        if self.sharded and not self.supports_fsdp:
-            raise ValueError(f"strategy fsdp is not supported by {type(self).__name__} yet (its reference model "
-                             "and generation are not sharded); use strategy ddp")
         if self.sharded:
             if not dist_utils.initialized():
                 raise ValueError("strategy fsdp needs a process group: launch with torchrun (--nproc_per_node 1 "
@@ -137,6 +133,19 @@ class BaseTrainer:
         pass
 
     # ---- small helpers ----
+
+    def frozen_reference(self, ref_model: nn.Module) -> nn.Module:
+        """A reference model for DPO or GRPO: frozen, on this trainer's device, and under fsdp
+        sharded like the policy (forward passes only, no optimizer)."""
+        ref = freeze_reference(ref_model, device=self.device)
+        if self.sharded:
+            sharding.shard(ref, self.args.precision, self.args.fsdp_cpu_offload)
+        return ref
+
+    def unsharded(self):
+        """The block in which the policy generates: under fsdp every layer gathered once, so the
+        ranks' different numbers of decoding steps issue no collectives."""
+        return sharding.gathered(self.model) if self.sharded else contextlib.nullcontext()
 
     @property
     def is_main(self) -> bool:

@@ -37,7 +37,7 @@ def detect() -> DistInfo:
 def setup(device: torch.device) -> DistInfo:
     """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA)."""
     info = detect()
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # a bare "cuda" means the current one
         torch.cuda.set_device(device)  # nccl and DDP use the current device
     # Under torchrun even alone: FSDP shards over a process group of one (its CPU offload).
     launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ

@@ -214,7 +214,6 @@ class DPOTrainer(BaseTrainer):
     module docstring); the loaders must then be finite, re-iterable and yield the same pairs
     every epoch. Otherwise it runs under no_grad on every batch. `ref_cache_dir` defaults to
     `save_dir/ref_logps`; with neither set the scores stay in memory only."""
-    supports_fsdp = False  # its reference model is not sharded yet
 
     def __init__(self, model: nn.Module, ref_model: nn.Module, optimizer: torch.optim.Optimizer, train_loader,
                  val_loader=None, dpo: DPOArgs | None = None, *, ref_cache_dir: str | Path | None = None,
@@ -226,10 +225,14 @@ class DPOTrainer(BaseTrainer):
             raise ValueError("ref_model shares parameters with the policy; pass a separate copy "
                              "(load the parent checkpoint again, or copy.deepcopy the policy)")
         super().__init__(model, optimizer, train_loader, val_loader, **kwargs)
-        self.ref_model = freeze_reference(ref_model, device=self.device)
         if ref_cache_dir is None and self.save_dir is not None:
             ref_cache_dir = self.save_dir / "ref_logps"
         self.ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else None
+        self._ref_fingerprint = None  # the cache's key; sharded weights must be hashed before sharding
+        if self.sharded and self.dpo.precompute_ref_log_probs and self.ref_cache_dir is not None:
+            self._ref_fingerprint = reference_fingerprint(freeze_reference(ref_model, device=self.device),
+                                                          self._scoring())
+        self.ref_model = self.frozen_reference(ref_model)
         self.ref_logps: ReferenceLogps | None = None
 
     # ---- BaseTrainer hooks ----
@@ -322,10 +325,13 @@ class DPOTrainer(BaseTrainer):
             table.save(path, fingerprints)
         return table
 
+    def _scoring(self) -> str:
+        return str(self.amp_dtype) if self.use_amp else "float32"
+
     def _cache_file(self) -> tuple[Path, dict[str, str]]:
         """The cache file for this reference (weights and autocast dtype) and set of pairs."""
-        scoring = str(self.amp_dtype) if self.use_amp else "float32"
-        ref = reference_fingerprint(self.ref_model, scoring)
+        scoring = self._scoring()
+        ref = self._ref_fingerprint or reference_fingerprint(self.ref_model, scoring)
         local = [k for loader in self._loaders() for batch in loader for k in pair_keys(batch)]
         data = data_fingerprint(self._gather_keys(local))
         path = self.ref_cache_dir / f"ref-{ref[:16]}-data-{data[:16]}.safetensors"

@@ -31,7 +31,6 @@ from .args import Settings
 from .base import BaseTrainer
 from .logprobs import IGNORE_INDEX, token_logps
 from .modules import logits_of, unwrap
-from .reference import freeze_reference
 from .rewards import DEFAULT_REWARDS, get_reward, resolve_reward_weights, reward_name
 
 GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -212,7 +211,6 @@ class GRPOTrainer(BaseTrainer):
     beta == 0; otherwise it is frozen and kept out of DDP and the optimizer. `reward_funcs` /
     `reward_weights`, when given, replace the settings' names and may hold callables.
     `epsilon_high` defaults to `epsilon` (DAPO's clip-higher sets it larger)."""
-    supports_fsdp = False  # its reference and its generation are not sharded yet
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None, optimizer, train_loader,
                  reward_funcs=None, reward_weights=None, *, generate_fn, tokenizer, grpo: GRPOArgs | None = None,
@@ -223,7 +221,7 @@ class GRPOTrainer(BaseTrainer):
                              f"ref_model {'missing' if ref_model is None else 'given'})")
         super().__init__(model, optimizer, train_loader, **kwargs)
 
-        self.ref_model = freeze_reference(ref_model, device=self.device) if ref_model is not None else None
+        self.ref_model = self.frozen_reference(ref_model) if ref_model is not None else None
         funcs = args.reward_funcs if reward_funcs is None else list(reward_funcs)
         self.reward_funcs = [get_reward(f) if isinstance(f, str) else f for f in funcs]
         self.reward_names = [f if isinstance(f, str) else reward_name(f) for f in funcs]
@@ -312,7 +310,7 @@ class GRPOTrainer(BaseTrainer):
     def _generate(self, batch: dict, repeats: int, temperature: float, generator: torch.Generator | None):
         """Each prompt `repeats` times in a row, through the injected `generate_fn`."""
         prompts = [row[m.bool()].tolist() for row, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
-        with self.autocast():
+        with self.autocast(), self.unsharded():
             return self.generate_fn(unwrap(self.model), self.tokenizer, repeat_each(prompts, repeats),
                                     max_new_tokens=self.grpo.max_completion_length, temperature=temperature,
                                     top_k=self.grpo.top_k, top_p=self.grpo.top_p, generator=generator)

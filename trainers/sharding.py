@@ -6,6 +6,7 @@ Hugging Face causal LMs alike, found by their repeated decoder layers (docs/trai
 optimizer state, and gathers a layer's weights only while that layer runs."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -57,6 +58,27 @@ def shard(model: nn.Module, precision: str, cpu_offload: bool) -> None:
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Every layer of a sharded model unsharded for the length of the block, with no collective
+    in its forwards: generation runs a different number of forwards on each rank (each stops
+    when its own sequences end), which FSDP's per-forward all-gathers would deadlock on. Every
+    rank must enter it; the full weights are held on each rank meanwhile."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+    for m in modules:
+        m.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.set_reshard_after_forward(True)
+            m.reshard()
 
 
 def reattach_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,

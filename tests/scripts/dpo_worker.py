@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--num-pairs", type=int, default=32)
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--live-reference", action="store_true")
+    ap.add_argument("--strategy", default="ddp")
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -73,10 +74,11 @@ def main() -> None:
     trainer = DPOTrainer(model=model, ref_model=ref_model, optimizer=optimizer, train_loader=train_loader,
                          precompute_ref_log_probs=not args.live_reference, ref_cache_dir=args.cache_dir,
                          device="cpu", max_epochs=None, max_steps=args.max_steps, grad_accum_steps=args.accum,
-                         max_grad_norm=1.0, log_interval=1, seed=1234, progress_bar=False)
+                         max_grad_norm=1.0, log_interval=1, seed=1234, progress_bar=False, strategy=args.strategy)
     trainer.train()
+    final = trainer.final_model()
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
+        save_file({k: v.contiguous() for k, v in final.state_dict().items()}, args.out)
     exit_worker(0)  # rank 0 has written the weights
 
 

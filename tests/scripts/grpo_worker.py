@@ -34,6 +34,7 @@ class LastMetricsTrainer(GRPOTrainer):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--strategy", default="ddp")
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -47,10 +48,11 @@ def main() -> None:
         generate_fn=row_seeded(GENERATIONS), tokenizer=LetterTokenizer(),
         num_generations=GENERATIONS, max_completion_length=6,
         num_iterations=2, beta=0.04, loss_type="dapo", device="cpu", max_steps=2, grad_accum_steps=ACCUM,
-        max_grad_norm=1.0, seed=0, progress_bar=False)
+        max_grad_norm=1.0, seed=0, progress_bar=False, strategy=args.strategy)
     trainer.train()
+    final = trainer.final_model()
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, args.out + ".safetensors")
+        save_file({k: v.contiguous() for k, v in final.state_dict().items()}, args.out + ".safetensors")
         Path(args.out + ".json").write_text(json.dumps(trainer.last_metrics))
     exit_worker(0)  # rank 0 has written the files
 

@@ -20,14 +20,39 @@ from trainers import SFTTrainer, configure_optimizer, create_scheduler  # noqa: 
 from trainers.distributed import exit_worker  # noqa: E402
 
 
+class InfGradient(torch.autograd.Function):
+    """Identity forward; backward sends an infinite gradient: a finite loss whose step overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
 class KilledTrainer(SFTTrainer):
-    """Dies by SIGKILL when it is about to run step `kill_at` (no cleanup, like an OOM kill)."""
+    """Dies by SIGKILL when it is about to run step `kill_at` (no cleanup, like an OOM kill);
+    on rank 1 the gradient of step `poison_at` overflows."""
     kill_at: int | None = None
+    poison_at: int | None = None
 
     def training_step(self, micro):
         if self.kill_at is not None and self.global_step + 1 == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return super().training_step(micro)
+
+    def compute_loss(self, model, batch):
+        if self.poison_at == self.global_step + 1 and self.dist.rank == 1:
+            inner = model
+
+            class Poisoned(torch.nn.Module):  # the model's logits pass through InfGradient
+                def forward(self, **kwargs):
+                    return InfGradient.apply(inner(**kwargs))
+
+            model = Poisoned()
+        return super().compute_loss(model, batch)
 
 
 def main() -> None:
@@ -46,6 +71,8 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--poison-at", type=int, help="rank 1's gradient overflows at this step")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--hf", help="a Hugging Face model directory to train instead of the built-in model")
     args = ap.parse_args()
@@ -69,12 +96,12 @@ def main() -> None:
                             device="cpu", max_epochs=args.epochs, max_steps=args.max_steps,
                             grad_accum_steps=args.accum, max_grad_norm=args.max_grad_norm, log_interval=1,
                             save_dir=args.save_dir, save_interval=args.save_interval,
-                            seed=1234, progress_bar=False, strategy=args.strategy,
+                            seed=1234, progress_bar=False, strategy=args.strategy, precision=args.precision,
                             activation_checkpointing=args.activation_checkpointing)
     total = trainer.estimated_total_steps()
     # trainer.optimizer: under fsdp the trainer's own, over the sharded parameters.
     trainer.scheduler = create_scheduler(trainer.optimizer, "cosine", warmup_steps=2, total_steps=total)
-    trainer.kill_at = args.kill_at
+    trainer.kill_at, trainer.poison_at = args.kill_at, args.poison_at
     trainer.train(resume_from="latest" if args.resume else None)
     final = trainer.final_model()
     if rank == 0:
