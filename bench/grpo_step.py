@@ -5,11 +5,16 @@ the trainer's own timing metrics, averaged over steps after a warm-up step), the
 throughput of the same rollout shape with and without the KV cache.
 
     python bench/grpo_step.py [--device cpu|cuda] [--steps 4] [--prompts 4] [--generations 8]
-                              [--prompt-len 16] [--new-tokens 64] [--threads N]
+                              [--prompt-len 16] [--new-tokens 64] [--threads N] [--preset tiny]
+
+Under FSDP (generation on the gathered policy), through torchrun, without the KV-cache part:
+
+    torchrun --nproc_per_node N bench/grpo_step.py --strategy fsdp [...]
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from torch.utils.data import DataLoader
@@ -42,13 +47,16 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, help="CPU threads (on a busy machine 1 can be much faster)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = torch.device(args.device)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device, rank) if args.device == "cuda" and "LOCAL_RANK" in os.environ else torch.device(args.device)
     torch.manual_seed(0)
-    config = get_preset("tiny")
+    config = get_preset(args.preset)
     model = LlamaForCausalLM(config)
     ref = LlamaForCausalLM(config)
     ref.load_state_dict(model.state_dict())
@@ -60,19 +68,27 @@ def main() -> None:
     trainer = GRPOTrainer(model, ref, torch.optim.AdamW(model.parameters(), lr=1e-4), loader, [distinct_tokens],
                           generate_fn=generate_text, tokenizer=IdTokenizer(),
                           num_generations=args.generations, max_completion_length=args.new_tokens,
-                          device=device, max_steps=args.steps + 1, progress_bar=False)
+                          device=device, max_steps=args.steps + 1, progress_bar=False, strategy=args.strategy)
     batches = iter(loader)
     trainer.training_step([next(batches)])  # warm-up: allocator, kernels, lazy init
     keys = ("time/generation_share", "time/scoring_share", "time/optimization_share", "generation/tokens_per_s")
     totals = dict.fromkeys(keys, 0.0)
+    step_seconds = 0.0
     for _ in range(args.steps):
-        metrics = trainer.training_step([next(batches)])
+        batch, out = next(batches), []
+        step_seconds += seconds(lambda: out.append(trainer.training_step([batch])), device) / args.steps
         for k in keys:
-            totals[k] += metrics[k] / args.steps
+            totals[k] += out[0][k] / args.steps
+    if not trainer.is_main:
+        return
+    if trainer.sharded:  # the rest times the unsharded model alone
+        print(f"strategy=fsdp ranks={trainer.dist.world_size} step {step_seconds:.3f} s, generation "
+              f"{totals['generation/tokens_per_s']:.0f} tokens/s, generation share {totals['time/generation_share']:.1%}")
+        return
 
     print(f"device={device} params={model.num_parameters() / 1e6:.2f}M prompts={args.prompts} "
           f"generations={args.generations} prompt={args.prompt_len} new={args.new_tokens} "
-          f"threads={torch.get_num_threads()} steps={args.steps}")
+          f"threads={torch.get_num_threads()} steps={args.steps} strategy={args.strategy} step {step_seconds:.3f} s")
     print(f"GRPO step time share: generation {totals['time/generation_share']:.1%}, "
           f"scoring+reference {totals['time/scoring_share']:.1%}, "
           f"optimisation {totals['time/optimization_share']:.1%}")

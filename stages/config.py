@@ -184,11 +184,12 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """`sft.train.lr` -> tree["sft"]["train"]["lr"] = value."""
+    """`sft.train.lr` -> tree["sft"]["train"]["lr"] = value. A dict value is merged into what is
+    there, as a config file's section is: {"sft.train": {"strategy": "fsdp"}} keeps the lr."""
     *parents, leaf = dotted.split(".")
     for key in parents:
         tree = tree.setdefault(key, {})
-    tree[leaf] = value
+    tree[leaf] = _merge(tree[leaf], value) if isinstance(value, dict) and isinstance(tree.get(leaf), dict) else value
 
 
 def parse_override(item: str) -> tuple[str, Any]:

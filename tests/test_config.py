@@ -39,3 +39,15 @@ def test_starting_after_pretraining_needs_a_model_to_start_from():
         load_config("tiny", overrides={"start": "sft"})
     with pytest.raises(ValidationError, match="start: sft needs a model"):
         load_config("hf-small")  # its settings wait for --model
+
+
+def test_a_section_given_as_a_dict_merges_into_the_preset_s_section():
+    base = load_config("gpt2-small")
+    merged = load_config("gpt2-small", overrides={"grpo.train": {"strategy": "fsdp", "activation_checkpointing": True}})
+    assert merged.grpo.train.strategy == "fsdp" and merged.grpo.train.activation_checkpointing
+    assert (merged.grpo.train.lr, merged.grpo.train.batch_size) == (base.grpo.train.lr, base.grpo.train.batch_size)
+
+
+def test_cpu_offload_without_fsdp_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="fsdp_cpu_offload needs strategy: fsdp"):
+        load_config("tiny", overrides={"sft.train.fsdp_cpu_offload": True})

@@ -22,6 +22,7 @@ from prefect.workers.base import BaseWorker
 from conftest import SMALL_PIPELINE
 from flows.cli import main as cli
 from stages import handoff
+from stages.config import load_config
 
 BIN = Path(sys.executable).parent
 
@@ -172,6 +173,12 @@ def test_kubernetes_pool_renders_a_gpu_job_with_its_volumes(deployed, capsys):
     with get_client(sync_client=True) as client:
         gpu = client.read_deployment_by_name("alignment-pipeline/grpo-gpu")
     assert gpu.work_pool_name == "alignflow-k8s" and gpu.job_variables["gpu_count"] == 8
+    with get_client(sync_client=True) as client:
+        fsdp = client.read_deployment_by_name("alignment-pipeline/grpo-fsdp")
+    assert fsdp.job_variables["gpu_count"] == 8
+    config = load_config(fsdp.parameters["preset"], overrides=fsdp.parameters["overrides"])
+    assert all(config.stage(s).train.strategy == "fsdp" and config.stage(s).train.nproc_per_node == 8
+               for s in ("pretrain", "sft", "grpo"))
 
 
 def test_deploy_without_a_server_says_so_and_creates_nothing(capsys):
