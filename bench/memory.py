@@ -7,7 +7,7 @@ configuration a torchrun job of its own, the ratios printed from one run of this
 
 Per rank it reports:
   state       bytes of the parameters, gradients and optimizer state this rank holds (local
-              shards under fsdp), counted tensor by tensor after the first step;
+              shards under fsdp), counted tensor by tensor after training;
   activations bytes the forward keeps for backward (on CUDA: memory allocated after the
               forward minus before it; on the CPU: the tensors autograd saved plus, with
               checkpointing, each layer's inputs, which non-reentrant checkpointing keeps);
@@ -51,12 +51,14 @@ def tensor_bytes(t) -> int:
 
 
 def state_bytes(model, optimizer) -> int:
-    """Parameters, gradients and optimizer state held by this rank (shards only, under fsdp)."""
+    """Parameters, gradients and optimizer state held by this rank (shards only, under fsdp).
+    Gradients are counted at their parameters' size: they exist during each step and are freed
+    (set to None) after it."""
     import torch
 
     total = 0
     for p in model.parameters():
-        total += tensor_bytes(p) + (tensor_bytes(p.grad) if p.grad is not None else 0)
+        total += tensor_bytes(p) * (2 if p.requires_grad else 1)
     for state in optimizer.state.values():
         total += sum(tensor_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
     return total

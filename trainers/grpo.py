@@ -29,7 +29,7 @@ from torch import nn
 from . import distributed as dist_utils
 from .args import Settings
 from .base import BaseTrainer
-from .logprobs import IGNORE_INDEX, token_logps
+from .logprobs import IGNORE_INDEX, token_entropy, token_logps
 from .modules import logits_of, unwrap
 from .rewards import DEFAULT_REWARDS, get_reward, resolve_reward_weights, reward_name
 
@@ -157,12 +157,6 @@ def combine_rewards(per_function: torch.Tensor, weights: torch.Tensor) -> torch.
     return torch.nansum(per_function * weights, dim=1)
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution [B, T], in nats."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def completion_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     """Logits [N, T, V] at the positions that predict the T completion tokens."""
     T = batch["completion_mask"].shape[1]
@@ -250,7 +244,7 @@ class GRPOTrainer(BaseTrainer):
         # Per-token means whatever the loss's unit: (sum, tokens) pairs, reduced over the step.
         metrics = {k: (v * tokens, tokens) for k, v in stats.items()}
         with torch.no_grad():
-            metrics["entropy"] = ((token_entropy(logits.float() / g.temperature) * mask).sum(), tokens)
+            metrics["entropy"] = ((token_entropy(logits, g.temperature) * mask).sum(), tokens)
         return loss, metrics
 
     # ---- one step: generate, score, optimise ----

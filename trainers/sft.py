@@ -4,10 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .base import BaseTrainer
-from .logprobs import IGNORE_INDEX, shift_labels
+from .logprobs import IGNORE_INDEX, shift_labels, token_logps
 from .modules import logits_of
 
 
@@ -47,11 +46,9 @@ class SFTTrainer(BaseTrainer):
 
     def compute_loss(self, model, batch):
         logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
-        targets = next_token_labels(batch)
-        # fp32 for the softmax: bf16 logits lose too much precision in log-sum-exp.
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum, {}
+        # Cross entropy as the sum of the label tokens' log-probs: fp32 chunk by chunk (bf16 logits
+        # lose too much precision in log-sum-exp), never a full fp32 copy of the logits.
+        return -token_logps(logits, next_token_labels(batch)).sum(), {}
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss plus perplexity, which only means something for a token-level loss."""
