@@ -2,7 +2,6 @@
 activation checkpointing against plain backward; the built-in model and Hugging Face ones."""
 import copy
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path

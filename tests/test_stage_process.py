@@ -1,6 +1,5 @@
 """Stages as processes: SIGKILL mid-training then retry, torchrun with two ranks (or two
 loopback nodes) from a flow, and a failing rank's traceback in the flow's error."""
-import json
 import os
 import re
 import signal
@@ -72,20 +71,14 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, sm
     monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "second-pod"))
     result = STAGES["sft"].run(config, pretrained, out)  # what the flow's retry does
     assert result["metrics"]["resumed_from_step"] >= 4
+    # Not bitwise, unlike the trainer's own SIGKILL test (test_resume.py): here the straight run is
+    # this process and the killed one `python -m stages`, and in some full-suite runs the fresh
+    # subprocess's loss differed from this process's by one float32 ulp at step 2 or 3, before
+    # any checkpoint existed (seen twice with the logged losses of both; cause not found). A
+    # resume that went wrong (another data position, a fresh optimizer) moves weights by ~1e-3.
     straight, resumed = weights(tmp_path / "straight"), weights(storage.localize(out))
     for name in straight:
-        assert torch.equal(straight[name], resumed[name]), (name, first_divergence(tmp_path / "straight", storage.localize(out)))
-
-
-def first_divergence(a, b) -> str:
-    """Where two runs' logged losses first differ: before or after the resume point. (This test
-    failed twice by one ulp under heavy CPU load and never since; this says where, next time.)"""
-    def losses(d):
-        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r}
-    la, lb = losses(a), losses(b)
-    step = next((s for s in sorted(la) if s in lb and la[s] != lb[s]), None)
-    return f"first differing logged loss at step {step}" if step else "the logged losses are equal"
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("parent, strategy", [("builtin", "ddp"), ("hf", "ddp"), ("hf", "fsdp")],
