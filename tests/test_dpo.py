@@ -304,7 +304,8 @@ def test_reference_stays_frozen(tmp_path, precompute):
     trainer, _ = dpo_run(tmp_path, precompute=precompute, ref_model=ref, steps=5)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert trainer.ref_model is ref and not ref.training
+    # A precomputed reference is let go after scoring; a live one stays with the trainer.
+    assert trainer.ref_model is (None if precompute else ref) and not ref.training
     assert not any(p.requires_grad for p in ref.parameters())
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert not in_optimizer & {id(p) for p in ref.parameters()}
@@ -372,3 +373,28 @@ def test_ddp_two_ranks_equal_single_process(tmp_path, reference):
         ddp_table, single_table = load_file(cache), load_file(single_cache)
         assert torch.equal(ddp_table["keys"], single_table["keys"]) and len(ddp_table["keys"]) == 32
         torch.testing.assert_close(ddp_table["logps"], single_table["logps"], atol=1e-5, rtol=0)
+
+
+def test_a_precomputed_reference_is_let_go_and_a_cached_one_never_loaded(tmp_path):
+    import gc
+    import weakref
+
+    ref = small_model(seed=0, vocab_size=PAIR_VOCAB)
+    alive = weakref.ref(ref)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return small_model(seed=0, vocab_size=PAIR_VOCAB)
+
+    trainer, first = dpo_run(tmp_path / "a", precompute=True, ref_model=ref, steps=2)
+    del ref
+    gc.collect()
+    assert alive() is None  # scored, then freed: the trainer kept no pointer to it
+    # A loader and a name for its weights: loaded once to fill the cache, then never again.
+    _, second = dpo_run(tmp_path / "b", precompute=True, ref_model=load, ref_weights_id="parent-hash", steps=2)
+    _, third = dpo_run(tmp_path / "c", precompute=True, ref_model=load, ref_weights_id="parent-hash", steps=2,
+                       ref_cache_dir=tmp_path / "b" / "ref_logps")
+    assert len(loads) == 1
+    losses = [[r["loss"] for r in records if "loss" in r] for records in (first, second, third)]
+    assert losses[0] == losses[1] == losses[2]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,14 @@ def pair_keys(batch: dict) -> list[bytes]:
     return keys
 
 
+def check_separate(model: nn.Module, ref_model: nn.Module) -> None:
+    policy_params = {id(p) for p in model.parameters()}
+    if any(id(p) in policy_params for p in ref_model.parameters()):
+        # Freezing the reference would freeze these policy weights too.
+        raise ValueError("ref_model shares parameters with the policy; pass a separate copy "
+                         "(load the parent checkpoint again, or copy.deepcopy the policy)")
+
+
 # ---- the trainer ----
 
 class DPOTrainer(BaseTrainer):
@@ -211,29 +219,48 @@ class DPOTrainer(BaseTrainer):
 
     `ref_model` is frozen, moved to the trainer's device, and kept out of the optimizer and of
     DDP. With `precompute_ref_log_probs` it scores the data once before training (see the
-    module docstring); the loaders must then be finite, re-iterable and yield the same pairs
-    every epoch. Otherwise it runs under no_grad on every batch. `ref_cache_dir` defaults to
-    `save_dir/ref_logps`; with neither set the scores stay in memory only."""
+    module docstring) and is then let go, so its memory is freed once nothing else holds it; the
+    loaders must be finite, re-iterable and yield the same pairs every epoch. Otherwise it runs
+    under no_grad on every batch. `ref_cache_dir` defaults to `save_dir/ref_logps`; with neither
+    set the scores stay in memory only.
 
-    def __init__(self, model: nn.Module, ref_model: nn.Module, optimizer: torch.optim.Optimizer, train_loader,
-                 val_loader=None, dpo: DPOArgs | None = None, *, ref_cache_dir: str | Path | None = None,
-                 **kwargs):
+    `ref_model` may also be a function that loads the reference. With precomputed log-probs
+    and `ref_weights_id` (a hash that names its weights, such as the parent checkpoint's
+    content hash) it is called only when the cache has no scores for these weights and pairs:
+    a resumed or repeated run never loads the reference."""
+
+    def __init__(self, model: nn.Module, ref_model: nn.Module | Callable[[], nn.Module],
+                 optimizer: torch.optim.Optimizer, train_loader, val_loader=None, dpo: DPOArgs | None = None, *,
+                 ref_cache_dir: str | Path | None = None, ref_weights_id: str | None = None, **kwargs):
         self.dpo = DPOArgs.build(dpo, **DPOArgs.take(kwargs))
-        policy_params = {id(p) for p in model.parameters()}
-        if any(id(p) in policy_params for p in ref_model.parameters()):
-            # Freezing the reference would freeze these policy weights too.
-            raise ValueError("ref_model shares parameters with the policy; pass a separate copy "
-                             "(load the parent checkpoint again, or copy.deepcopy the policy)")
+        if isinstance(ref_model, nn.Module):
+            check_separate(model, ref_model)
         super().__init__(model, optimizer, train_loader, val_loader, **kwargs)
         if ref_cache_dir is None and self.save_dir is not None:
             ref_cache_dir = self.save_dir / "ref_logps"
         self.ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else None
-        self._ref_fingerprint = None  # the cache's key; sharded weights must be hashed before sharding
-        if self.sharded and self.dpo.precompute_ref_log_probs and self.ref_cache_dir is not None:
-            self._ref_fingerprint = reference_fingerprint(freeze_reference(ref_model, device=self.device),
-                                                          self._scoring())
-        self.ref_model = self.frozen_reference(ref_model)
+        # The cache's key for the reference: named by the caller, else a hash of its weights.
+        self._ref_fingerprint = (hashlib.sha256(f"{self._scoring()}:{ref_weights_id}".encode()).hexdigest()
+                                 if ref_weights_id is not None else None)
+        self._ref_source = ref_model  # a module, or a function that loads one; dropped once used
+        self.ref_model: nn.Module | None = None
         self.ref_logps: ReferenceLogps | None = None
+        if not self.dpo.precompute_ref_log_probs:
+            self.reference()
+
+    def reference(self) -> nn.Module:
+        """The reference model, loaded (when given as a loader) and frozen on first use."""
+        if self.ref_model is None:
+            if self._ref_source is None:
+                raise RuntimeError("the reference model was let go after its log-probs were precomputed")
+            source, self._ref_source = self._ref_source, None  # keep no second pointer to it
+            ref = source if isinstance(source, nn.Module) else source()
+            if self.sharded and self._ref_fingerprint is None and self.dpo.precompute_ref_log_probs:
+                # The cache key hashes the whole weights: before sharding spreads them over ranks.
+                self._ref_fingerprint = reference_fingerprint(freeze_reference(ref, device=self.device),
+                                                              self._scoring())
+            self.ref_model = self.frozen_reference(ref)
+        return self.ref_model
 
     # ---- BaseTrainer hooks ----
 
@@ -283,7 +310,7 @@ class DPOTrainer(BaseTrainer):
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with torch.no_grad():
-            chosen, rejected, _, _ = concatenated_logps(self.ref_model, batch)
+            chosen, rejected, _, _ = concatenated_logps(self.reference(), batch)
         return chosen, rejected
 
     def precompute_reference_logps(self) -> ReferenceLogps:
@@ -300,6 +327,9 @@ class DPOTrainer(BaseTrainer):
             self.ref_logps = self._load_or_score_reference()
         finally:
             ckpt.set_rng_state(rng)
+        # Every pair now carries its reference log-probs: let the model go (its memory is freed
+        # unless the caller still holds it).
+        self.ref_model = self._ref_source = None
         return self.ref_logps
 
     def _loaders(self) -> list:
@@ -331,7 +361,10 @@ class DPOTrainer(BaseTrainer):
     def _cache_file(self) -> tuple[Path, dict[str, str]]:
         """The cache file for this reference (weights and autocast dtype) and set of pairs."""
         scoring = self._scoring()
-        ref = self._ref_fingerprint or reference_fingerprint(self.ref_model, scoring)
+        if self._ref_fingerprint is None:
+            model = self.reference()  # under fsdp this hashes the weights before sharding them
+            self._ref_fingerprint = self._ref_fingerprint or reference_fingerprint(model, scoring)
+        ref = self._ref_fingerprint
         local = [k for loader in self._loaders() for batch in loader for k in pair_keys(batch)]
         data = data_fingerprint(self._gather_keys(local))
         path = self.ref_cache_dir / f"ref-{ref[:16]}-data-{data[:16]}.safetensors"
@@ -349,7 +382,7 @@ class DPOTrainer(BaseTrainer):
             for batch in loader:
                 keys.extend(pair_keys(batch))
                 with self.autocast():
-                    chosen, rejected, _, _ = concatenated_logps(self.ref_model, super().to_device(batch))
+                    chosen, rejected, _, _ = concatenated_logps(self.reference(), super().to_device(batch))
                 rows.append(torch.stack([chosen, rejected], dim=1).float())
         logps = torch.cat(rows) if rows else torch.zeros((0, 2), device=self.device)
         return ReferenceLogps.from_rows(self._gather_keys(keys), dist_utils.all_gather_rows(logps).cpu())
