@@ -48,6 +48,7 @@ class BaseTrainer:
     """`args` (a `TrainingArgs`) or its fields as keywords; keywords win. `scheduler` is an LR
     scheduler you built yourself; without one the trainer builds `args.schedule` when training
     starts. `on_checkpoint(step_dir)` runs on the main rank after each checkpoint is complete."""
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, val_loader=None,
                  args: TrainingArgs | None = None, *, scheduler=None, device: str | torch.device | None = None,
                  save_dir: str | Path | None = None, on_checkpoint: Callable[[Path], None] | None = None,
