@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 
 
-def number(value, _metrics: dict | None = None) -> str:
+def is_number(value) -> bool:
+    """A metric's value worth a number cell or an MLflow metric: int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number(value) -> str:
     """Four significant digits, thousands separated, never `5.99e+04` or `0.00030000000000000003`."""
     if value is None:
         return ""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         return str(value)
     if isinstance(value, int) or (math.isfinite(value) and value == int(value) and abs(value) >= 1000):
         return f"{int(value):,}"

@@ -32,18 +32,19 @@ PANELS = [("loss", [("loss", "train"), ("val_loss", "validation")]),
 
 COLUMNS = 3
 LM_STAGES = ("pretrain", "sft")  # stages whose val_loss is a language-model loss
-# The report card's rows: label, metric, which stages have it, and how it prints. DPO's
-# validation loss is a preference loss, so it gets its own row instead of sitting beside the
-# language-model losses as if it were one.
-HEADLINE = [("LM val loss", "val_loss", LM_STAGES, numbers.number),
-            ("LM val perplexity", "val_ppl", LM_STAGES, numbers.number),
-            ("DPO val loss", "val_loss", ("dpo",), numbers.number),
-            ("DPO val accuracy", "val_rewards/accuracies", ("dpo",), lambda v, m: numbers.percent(v, m.get("val_items"))),
-            ("DPO val margin", "val_rewards/margins", ("dpo",), numbers.number),
-            ("GRPO val reward", "val_reward", ("grpo",), numbers.number),
-            ("task accuracy", "task_accuracy", None, lambda v, m: numbers.percent(v, m.get("eval_prompts"))),
-            ("format rate", "format_rate", None, lambda v, m: numbers.percent(v, m.get("eval_prompts"))),
-            ("held-out reward", "heldout_reward", None, numbers.number)]
+# The report card's rows: label, metric, which stages have it (None: all), and for a rate the
+# metric counting its cases (printed `87.0% (40/46)`). DPO's validation loss is a preference
+# loss, so it gets its own row instead of sitting beside the language-model losses as if it
+# were one.
+HEADLINE = [("LM val loss", "val_loss", LM_STAGES, None),
+            ("LM val perplexity", "val_ppl", LM_STAGES, None),
+            ("DPO val loss", "val_loss", ("dpo",), None),
+            ("DPO val accuracy", "val_rewards/accuracies", ("dpo",), "val_items"),
+            ("DPO val margin", "val_rewards/margins", ("dpo",), None),
+            ("GRPO val reward", "val_reward", ("grpo",), None),
+            ("task accuracy", "task_accuracy", None, "eval_prompts"),
+            ("format rate", "format_rate", None, "eval_prompts"),
+            ("held-out reward", "heldout_reward", None, None)]
 
 
 def artifact_key(*parts: str) -> str:
@@ -113,8 +114,8 @@ def status(result: dict) -> str:
 
 def headline(stage: str, metrics: dict) -> list[tuple[str, str]]:
     """A stage's HEADLINE rows that it has, as (label, text)."""
-    return [(label, show(metrics[key], metrics)) for label, key, only, show in HEADLINE
-            if key in metrics and (only is None or stage in only)]
+    return [(label, numbers.percent(metrics[key], metrics.get(cases)) if cases else numbers.number(metrics[key]))
+            for label, key, only, cases in HEADLINE if key in metrics and (only is None or stage in only)]
 
 
 def table(results: dict[str, dict]) -> list[str]:
@@ -169,7 +170,7 @@ def stage_card(stage: str, result: dict, image: Path | None) -> str:
     lines += [inline_image(image, f"{stage} curves") if image else "No curves were logged.", ""]
     lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {numbers.number(v)} |" for k, v in sorted(result["metrics"].items())
-              if isinstance(v, (int, float)) and not isinstance(v, bool)]
+              if numbers.is_number(v)]
     return "\n".join(lines) + "\n"
 
 

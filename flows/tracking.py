@@ -15,6 +15,7 @@ from pathlib import Path
 from stages import storage
 from stages.config import SHARED_KEYS, PipelineConfig
 
+from .numbers import is_number
 from .report import read_metrics
 
 BATCH = 1000  # MLflow's limit on metrics in one log_batch call
@@ -101,11 +102,11 @@ class MlflowTracker(Tracker):
             step = int(record.get("step", 0))
             last_step = max(last_step, step)
             metrics += [Metric(k, float(v), now, step) for k, v in record.items()
-                        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+                        if k != "step" and is_number(v)]
         # The final evaluation (task accuracy, held-out reward...), at the stage's last step.
         logged = {m.key for m in metrics}
         metrics += [Metric(k, float(v), now, last_step) for k, v in result["metrics"].items()
-                    if k not in logged and isinstance(v, (int, float)) and not isinstance(v, bool)]
+                    if k not in logged and is_number(v)]
         for start in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + BATCH])
         for name in ("curves.png", "manifest.json"):

@@ -54,24 +54,25 @@ def default_device(info: DistInfo) -> torch.device:
 
 
 def initialized() -> bool:
+    """A process group has been joined (torchrun started us, or a caller did it)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place; a no-op in a single process."""
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.barrier()
 
 
@@ -89,7 +90,7 @@ def exit_worker(code: int = 0) -> None:
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, concatenated in rank order (ranks may hold different counts)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return t
     count = torch.tensor([t.shape[0]], device=t.device)
     counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
