@@ -59,6 +59,10 @@ class ModelConfig(BaseModel):
         lm_head = 0 if self.tie_word_embeddings else embed
         return embed + self.num_hidden_layers * per_layer + d + lm_head
 
+    def to_dict(self) -> dict[str, Any]:
+        """The config as transformers' configs give it: peft reads the model's through this."""
+        return self.to_hf_dict()
+
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that `transformers.LlamaForCausalLM.from_pretrained` accepts."""
         d = self.model_dump()

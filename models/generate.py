@@ -8,6 +8,7 @@ import torch
 
 from .chat import stop_ids
 from .llama import KVCache, LlamaForCausalLM, positions
+from .lora import base_of
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,6 +54,7 @@ class _Decoder:
     the cache argument and output `past_key_values` -> `cache`; the model's signature says which."""
 
     def __init__(self, model, max_len: int, use_cache: bool):
+        model = base_of(model)  # a peft model decodes through its base, whose layers carry the adapter
         self.model, self.use_cache = model, use_cache
         self.builtin = isinstance(model, LlamaForCausalLM)
         self.cache = KVCache(model.config, max_len) if use_cache and self.builtin else None

@@ -80,9 +80,40 @@ class EvalConfig(Settings):
         return names
 
 
+class LoRAConfig(Settings):
+    """A LoRA adapter (peft) trained on the frozen parent instead of every weight. The stage's
+    output is the merged model (plus adapter/); DPO's and GRPO's reference is the policy with
+    its adapter switched off."""
+    r: int = Field(16, ge=1, description="rank of the update B·A")
+    alpha: float = Field(32.0, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt (e.g. [q_proj, v_proj]); default: every linear layer but the head")
+    modules_to_save: list[str] | None = Field(None, description="modules trained in full beside the adapter "
+                                                                 "(e.g. [lm_head])")
+    quantize: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA, the frozen base in 4-bit NF4 "
+                                                                  "(not available yet: refused)")
+
+    @field_validator("quantize")
+    @classmethod
+    def _no_qlora_yet(cls, value: str) -> str:
+        if value != "none":
+            raise ValueError("lora.quantize: 4bit (QLoRA) is not built yet: it needs bitsandbytes on a CUDA "
+                             "device, which alignflow does not support so far; use quantize: none")
+        return value
+
+
 class StageConfig(Settings):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    lora: LoRAConfig | None = Field(None, description="train a LoRA adapter instead of every weight "
+                                                      "(absent: full fine-tuning)")
+
+    @model_validator(mode="after")
+    def _lora_runs_under_ddp(self) -> "StageConfig":
+        if self.lora is not None and self.train.strategy == "fsdp":
+            raise ValueError("lora with train.strategy: fsdp is not supported yet: a LoRA stage trains under ddp")
+        return self
 
 
 class PretrainConfig(StageConfig):
@@ -154,6 +185,14 @@ class PipelineConfig(Settings):
         if self.start != "pretrain" and self.builtin_model:
             raise ValueError(f"start: {self.start} needs a model to start from: set model to a Hugging Face model "
                              f"directory ({self.model!r} is a built-in preset, trained from scratch by pretrain)")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_needs_a_trained_parent(self) -> "PipelineConfig":
+        if self.pretrain.lora is not None and self.builtin_model:
+            raise ValueError(f"pretrain.lora: the built-in model {self.model!r} is trained from scratch by "
+                             "pretrain, and an adapter on random weights learns nothing useful; use lora on "
+                             "sft/dpo/grpo, or set model to a Hugging Face model directory")
         return self
 
     @property

@@ -1,12 +1,12 @@
 """A stage's run, from its parent to its published checkpoint directory. A stage module reads:
 
     with StageRun("sft", config, parent, out) as stage:   # process group, verified parent, out dir
-        model, tok = stage.load_parent()
+        model, tok = stage.load_policy()                   # the parent (+ a LoRA adapter if `lora`)
         trainer = stage.trainer(model, tok, collate_causal_lm)  # data, loaders, optimizer, trainer
         stage.train(trainer, tok)                           # train (resuming), held-out evaluation
     return stage.result                                     # set on a clean exit: directory written
 
-On a clean exit rank 0 writes the model directory (Hugging Face layout) and, last, the manifest (stages.handoff),
+On a clean exit rank 0 writes the model directory (a LoRA policy merged, its adapter in adapter/) (Hugging Face layout) and, last, the manifest (stages.handoff),
 then publishes the directory when it lives at a URL (stages.storage). On an exception nothing
 is written: a retry resumes from the trainer's last checkpoint in `state/`."""
 from __future__ import annotations
@@ -17,14 +17,17 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models import Tokenizer, model_kind
+from models.lora import adapter_state, add_adapter, base_of, is_adapted, merge
 from trainers import configure_optimizer, create_trainer
 from trainers import distributed as dist_utils
 from trainers import BaseTrainer
+from trainers.reference import AdapterDisabled
 from trainers.sharding import original_class
 
 from . import check_parent, handoff, storage
@@ -107,7 +110,7 @@ class StageRun:
             raise RuntimeError(f"stage {self.stage} ended without training")
         if self.dist.is_main:
             handoff.save_stage(self.out_dir, self.outcome["model"], self.outcome["tokenizer"],
-                               self.config.hf.max_shard_size)
+                               self.config.hf.max_shard_size, adapter=self.outcome["adapter"])
             manifest = handoff.write_manifest(self.out_dir, self._manifest_fields())
             if storage.is_url(self.out_ref):
                 storage.publish(self.out_dir, self.out_ref)
@@ -150,6 +153,23 @@ class StageRun:
         model, tok, _ = handoff.load_stage(self.parent_dir, self.device, self.config.hf,
                                            manifest=self.parent_manifest)  # verified on entry
         return model, tok
+
+    def load_policy(self) -> tuple[torch.nn.Module, Tokenizer]:
+        """The model this stage trains: the parent, with a fresh LoRA adapter when `lora` is set."""
+        model, tok = self.load_parent()
+        lora = self.settings.lora
+        if lora is not None:
+            model = add_adapter(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
+                                seed=self.train_cfg.seed or 0, base=self.parent_ref)
+        return model, tok
+
+    def reference_loader(self, policy: torch.nn.Module) -> Callable[[], torch.nn.Module]:
+        """How DPO and GRPO get their frozen reference, the parent: a LoRA policy without its
+        adapter (no second copy of the weights), else the parent loaded again."""
+        if is_adapted(policy):
+            return lambda: AdapterDisabled(policy)
+        return lambda: self.load_parent()[0]
 
     def load_data(self, tok: Tokenizer, train_raw: data_mod.RawSplit | None = None):
         """(train, val) of this stage's data; `train_raw` when the caller already read it."""
@@ -198,15 +218,24 @@ class StageRun:
 
     def _start_line(self, model: torch.nn.Module, trainer: BaseTrainer) -> str:
         """What a person wants to know as a stage starts: data, length, where from, on what."""
-        notes, n = self.data_notes["train"], sum(p.numel() for p in model.parameters())
+        notes = self.data_notes["train"]
         read = notes["rows"] + notes["skipped_bad_rows"] + notes["dropped_too_long"]
         rows = (f"{notes['rows']:,} training examples" if data_mod.KINDS[self.stage].packs else
                 f"{notes['rows']:,} of {read:,} training rows used")
         parent = self.parent_ref or "none (from scratch)"
         return (f"{self.stage}: {rows} from {notes['origin']}, {self.data_notes['val']['rows']:,} held out; "
                 f"{trainer.estimated_total_steps()} optimizer steps; parent {parent}; "
-                f"model {original_class(model).__name__} ({n / 1e6:.1f}M parameters); world size {self.dist.world_size} "
+                f"model {self._model_line(model)}; world size {self.dist.world_size} "
                 f"({self._strategy()}), {self.device}, {self.train_cfg.precision}")
+
+    def _model_line(self, model: torch.nn.Module) -> str:
+        n = sum(p.numel() for p in model.parameters())
+        line = f"{original_class(base_of(model)).__name__} ({n / 1e6:.1f}M parameters"
+        lora = self.settings.lora
+        if lora is None:
+            return line + ")"
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return line + f", LoRA r={lora.r} alpha={lora.alpha:g}: {trained / 1e6:.2f}M trained)"
 
     def _strategy(self) -> str:
         t = self.train_cfg
@@ -219,12 +248,15 @@ class StageRun:
         metrics = trainer.train(resume_from="latest")
         seconds = trainer.elapsed_seconds()  # of every attempt: tokens/s over all tokens seen
         model = trainer.final_model()  # every rank takes part (fsdp gathers); rank 0 gets it
-        evaluation = {}
+        evaluation, adapter = {}, None
         if self.dist.is_main:
+            if is_adapted(model):  # hand on a plain model: the adapter merged into the weights
+                adapter = adapter_state(model)
+                model = merge(model)
             model.to(self.device)  # fsdp gathers onto the CPU
             evaluation = heldout_metrics(self.config, self.settings.data, model, tok)
-        self.outcome = {"model": model, "tokenizer": tok, "metrics": metrics, "evaluation": evaluation,
-                        "train_seconds": seconds}
+        self.outcome = {"model": model, "tokenizer": tok, "adapter": adapter, "metrics": metrics,
+                        "evaluation": evaluation, "train_seconds": seconds}
 
 
 def package_versions() -> dict:

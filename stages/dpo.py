@@ -1,5 +1,6 @@
-"""DPO on preference pairs; the parent checkpoint is both the starting policy and, loaded a
-second time when its log-probs are not cached yet, the frozen reference."""
+"""DPO on preference pairs; the parent checkpoint is both the starting policy and the frozen
+reference: loaded a second time when its log-probs are not cached yet, or, for a LoRA policy,
+the policy with its adapter switched off."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +13,10 @@ from .context import StageRun
 
 def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
     with StageRun("dpo", config, parent_dir, out_dir) as stage:
-        model, tok = stage.load_parent()
+        model, tok = stage.load_policy()
         # Loaded only if its log-probs are not cached for these weights (the parent's content hash
         # and how it is loaded: dtype, attention kernel), and let go once they are computed.
         weights_id = f"{stage.parent_hash}:{config.hf.model_dump_json()}"
-        stage.train(stage.trainer(model, tok, collate_pairs, ref_model=lambda: stage.load_parent()[0],
+        stage.train(stage.trainer(model, tok, collate_pairs, ref_model=stage.reference_loader(model),
                                   ref_weights_id=weights_id, dpo=config.dpo), tok)
     return stage.result

@@ -1,5 +1,6 @@
 """GRPO on prompts with verifiable answers: the policy samples through `models.generate_text`,
-and the parent checkpoint, loaded again, is the frozen KL reference when beta > 0."""
+and the parent checkpoint, loaded again (or a LoRA policy with its adapter switched off), is the
+frozen KL reference when beta > 0."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,8 @@ def read_prompts(config: PipelineConfig) -> data.RawSplit:
 def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
     with StageRun("grpo", config, parent_dir, out_dir) as stage:
         prompts = read_prompts(config)
-        model, tok = stage.load_parent()
-        reference = stage.load_parent()[0] if config.grpo.beta > 0 else None
+        model, tok = stage.load_policy()
+        reference = stage.reference_loader(model)() if config.grpo.beta > 0 else None
         trainer = stage.trainer(model, tok, collate_prompts, train_raw=prompts, ref_model=reference,
                                 grpo=config.grpo, generate_fn=generate_text, tokenizer=tok)
         stage.train(trainer, tok)

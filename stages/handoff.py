@@ -6,6 +6,9 @@
       + model.safetensors.index.json)  tokenizer.json  tokenizer_config.json  chat_template.jinja
                          the stage (`save_stage`), after training: what transformers, vLLM and
                          the next stage load
+      adapter/           a LoRA stage (`save_stage`): adapter_config.json + adapter_model.safetensors,
+                         peft's layout, the adapter alone on top of the parent (the model files
+                         above hold it merged)
       metrics.jsonl      the trainer's metrics logger, as it trains
       ref_logps/         DPO's trainer: its reference log-prob cache
       curves.png         the flow, after the stage (flows/report.py)
@@ -31,6 +34,7 @@ import torch
 
 from models import BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model, load_tokenizer, save_model
 from models.files import read_seal, seal, sha256_file, verify_seal, write_json_atomic
+from models.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, save_adapter
 from trainers.checkpoint import CHECKPOINT_DIR
 
 MANIFEST = "manifest.json"
@@ -85,7 +89,7 @@ def write_manifest(out_dir: Path, fields: dict) -> dict:
     if missing:
         raise StageDirError(f"{out_dir}: cannot complete the stage, missing {', '.join(missing)}")
     weight_files(out_dir, names)  # weights there, and every shard of an index
-    names += [n for n in OPTIONAL_FILES if (out_dir / n).exists()]
+    names += adapter_files(out_dir) + [n for n in OPTIONAL_FILES if (out_dir / n).exists()]
     return seal(out_dir, MANIFEST, fields, names, derive=lambda sha: {"content_hash": content_hash(sha)})
 
 
@@ -151,14 +155,25 @@ def prepare_out_dir(out_dir: Path, config_hash: str, parent_hash: str | None) ->
     write_json_atomic(work_file(out_dir, FINGERPRINT), fingerprint)
 
 
-def save_stage(out_dir: Path, model: torch.nn.Module, tokenizer, max_shard_size: str = "5GB") -> None:
+def save_stage(out_dir: Path, model: torch.nn.Module, tokenizer, max_shard_size: str = "5GB",
+               adapter: tuple[dict, object] | None = None) -> None:
     """The Hugging Face model directory a child stage loads (`load_stage`); the manifest comes
-    after it. A previous attempt's model files go first, so no stale shard is sealed with it."""
+    after it. A previous attempt's model files go first, so no stale shard is sealed with it.
+    `adapter`: a LoRA stage's (tensors, peft config), written to adapter/ beside the merged model."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in model_files(out_dir):
         (out_dir / name).unlink()
+    shutil.rmtree(out_dir / ADAPTER_DIR, ignore_errors=True)
     save_model(model, str(out_dir), max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(out_dir))
+    if adapter is not None:
+        save_adapter(str(out_dir / ADAPTER_DIR), *adapter)
+
+
+def adapter_files(directory: Path) -> list[str]:
+    """adapter/'s two files, as the manifest names them, when the stage trained a LoRA adapter."""
+    names = [f"{ADAPTER_DIR}/{name}" for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+    return names if (directory / ADAPTER_DIR).is_dir() else []
 
 
 def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", options=None,

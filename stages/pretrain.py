@@ -36,6 +36,6 @@ def from_scratch(stage: StageRun, corpus: data.RawSplit) -> tuple[torch.nn.Modul
 def run(config: PipelineConfig, parent_dir: str | Path | None, out_dir: str | Path) -> dict | None:
     with StageRun("pretrain", config, parent_dir, out_dir) as stage:
         corpus = data.read("pretrain", config.pretrain.data, config.demo, "train")
-        model, tok = stage.load_parent() if parent_dir else from_scratch(stage, corpus)
+        model, tok = stage.load_policy() if parent_dir else from_scratch(stage, corpus)
         stage.train(stage.trainer(model, tok, collate_causal_lm, train_raw=corpus), tok)
     return stage.result

@@ -11,6 +11,6 @@ from .context import StageRun
 
 def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
     with StageRun("sft", config, parent_dir, out_dir) as stage:
-        model, tok = stage.load_parent()
+        model, tok = stage.load_policy()
         stage.train(stage.trainer(model, tok, collate_causal_lm), tok)
     return stage.result

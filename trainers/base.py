@@ -34,7 +34,7 @@ from .early_stopping import EarlyStopping
 from .metrics import MetricsLogger, MetricSums
 from .modules import unwrap
 from .optim import create_scheduler
-from .reference import freeze_reference
+from .reference import AdapterDisabled, freeze_reference
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,6 +138,8 @@ class BaseTrainer:
     def frozen_reference(self, ref_model: nn.Module) -> nn.Module:
         """A reference model for DPO or GRPO: frozen, on this trainer's device, and under fsdp
         sharded like the policy (forward passes only, no optimizer)."""
+        if isinstance(ref_model, AdapterDisabled):  # the policy itself, seen without its adapter
+            return ref_model
         ref = freeze_reference(ref_model, device=self.device)
         if self.sharded:
             sharding.shard(ref, self.args.precision, self.args.fsdp_cpu_offload)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from models.files import atomic_write, read_seal, seal, verify_seal
 
@@ -48,17 +48,52 @@ class CheckpointError(RuntimeError):
 
 # --- weights ---
 
+TRAINED_ONLY = "trained"  # metadata["contents"] of a checkpoint holding only what trains
+
+
+def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """What a checkpoint holds of a partly frozen model (a LoRA adapter on a frozen base): every
+    state-dict entry but the frozen parameters, one name per storage. None when every parameter
+    trains: then the whole model is saved. Frozen parameters never change, so a resumed run has
+    them already, rebuilt the way the first run built them (from the parent checkpoint)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if not frozen:
+        return None
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if name not in frozen and (t.data_ptr(), t.shape) not in seen:  # tied names: one copy
+            seen.add((t.data_ptr(), t.shape))
+            out[name] = t.detach().contiguous()
+    return out
+
+
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """safetensors cannot hold two names for one storage; `save_model` drops duplicates
     of tied weights and `load_weights` re-ties them."""
-    atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+    trained = trained_tensors(model)
+    if trained is None:
+        atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+    else:
+        atomic_write(path, lambda tmp: save_file(trained, tmp, metadata={"format": "pt", "contents": TRAINED_ONLY}))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
+    device = str(next(model.parameters()).device)
     try:
-        load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+        with safe_open(str(path), "pt") as f:
+            partial = (f.metadata() or {}).get("contents") == TRAINED_ONLY
+        if not partial:
+            load_model(model, str(path), strict=True, device=device)
+            return
+        expected = set(trained_tensors(model) or model.state_dict())
+        state = load_file(str(path), device=device)
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot load weights from {path}: {e}") from e
+    if set(state) != expected:  # e.g. resumed with other lora settings than it was saved with
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(f"{path} holds the trained tensors of another model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]} (was it saved with other lora settings?)")
+    model.load_state_dict(state, strict=False)
 
 
 # --- RNG ---

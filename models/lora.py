@@ -1,0 +1,90 @@
+"""LoRA adapters through peft, on the built-in model and on transformers models alike.
+
+A LoRA stage trains low-rank matrices beside frozen weights: `add_adapter` wraps the parent in a
+peft model whose only trainable parameters are the adapter's (plus `modules_to_save` copies).
+peft injects the adapter into the parent's own layers, so the wrapped model still maps
+input_ids to logits, and `disable_adapter()` turns it back into the parent for a forward pass:
+that is DPO's and GRPO's reference, with no second copy of the weights (docs/training.md).
+
+The stage hands on a plain model, never the adapter: `adapter_state` copies the adapter out
+(peft's own file layout, for users who want it alone), then `merge` folds W + (alpha/r)·B·A into
+the base weights and unwraps them."""
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .files import atomic_write
+
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def linear_targets(model: nn.Module) -> list[str]:
+    """Names (last component) of every linear layer but the output head: the attention and MLP
+    projections, what peft calls "all-linear". The head stays frozen: its vocabulary-sized
+    adapter would cost more than it brings."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m is not head and name}
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear layers for LoRA to adapt")
+    return sorted(names)
+
+
+def add_adapter(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None,
+                modules_to_save: list[str] | None = None, seed: int = 0, base: str | None = None) -> nn.Module:
+    """`model` with a fresh LoRA adapter, its base weights frozen. A is drawn from `seed` (its own
+    generator state, so the draw does not depend on what ran before in this process), B is zero:
+    at step 0 the adapted model equals the parent exactly. `base`: where the parent lives,
+    recorded in the adapter's config."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules or linear_targets(model)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        modules_to_save=modules_to_save, base_model_name_or_path=base)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:  # peft names the module it could not match
+            raise ValueError(f"lora.target_modules {targets}: {e}") from e
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """A peft model: it can merge its adapter and switch it off."""
+    return hasattr(model, "merge_and_unload") and hasattr(model, "disable_adapter")
+
+
+def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], object]:
+    """(the adapter's tensors under peft's saved names, on the CPU; its peft config): what peft's
+    save_pretrained writes, copied before `merge` folds the adapter away."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return state, model.peft_config["default"]
+
+
+def save_adapter(directory: str, state: dict[str, torch.Tensor], config) -> list[str]:
+    """adapter_config.json + adapter_model.safetensors, as peft writes them (loadable with
+    `PeftModel.from_pretrained(parent_model, directory)`); returns the two paths."""
+    os.makedirs(directory, exist_ok=True)
+    weights = atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
+                           lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    config.save_pretrained(directory)  # peft's own JSON (adds peft_version)
+    return [weights, os.path.join(directory, ADAPTER_CONFIG)]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """The parent's own model class with W + (alpha/r)·B·A in every adapted layer (and the trained
+    copies of `modules_to_save`), the adapter gone. Changes `model` in place."""
+    return model.merge_and_unload()
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The model peft wrapped (its layers carry the adapter), or `model` itself."""
+    return model.get_base_model() if is_adapted(model) else model

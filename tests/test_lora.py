@@ -1,0 +1,170 @@
+"""LoRA stages (models/lora.py): only the adapter trains, the hand-off is the merged model plus
+adapter/, and DPO's reference is the policy with its adapter switched off (no second copy)."""
+import copy
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import SequenceDataset, loader, small_model
+from models.lora import add_adapter, merge
+from trainers import DPOTrainer, SFTTrainer, configure_optimizer
+from trainers.dpo import collate_pairs, concatenated_logps
+from trainers.reference import AdapterDisabled
+
+
+def base_model(kind, hf_model_dir):
+    if kind == "builtin":
+        return small_model(seed=0)
+    model = AutoModelForCausalLM.from_pretrained(hf_model_dir("llama3"), dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def vocab(model) -> int:
+    return model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else \
+        model.model.embed_tokens.num_embeddings
+
+
+@pytest.mark.parametrize("kind", ["builtin", "hf"])
+def test_lora_sft_trains_only_the_adapter_learns_and_merges_to_base_plus_scaled_ba(kind, hf_model_dir, tmp_path):
+    parent = base_model(kind, hf_model_dir)
+    original = {k: v.clone() for k, v in parent.state_dict().items()}
+    model = add_adapter(parent, r=4, alpha=8.0)
+    optimizer = configure_optimizer(model, lr=3e-2)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in in_optimizer}
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names), sorted(names)[:4]
+    assert names == {name for name, p in model.named_parameters() if p.requires_grad}
+
+    data = SequenceDataset(8, min_len=12, max_len=12, seed=1, vocab=vocab(parent))  # memorisable
+    trainer = SFTTrainer(model=model, optimizer=optimizer, train_loader=loader(data, 8), device="cpu",
+                         max_steps=40, log_interval=1, progress_bar=False, save_dir=tmp_path / "run")
+    trainer.train()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses  # a clear fall, not noise
+
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    scaling = 8.0 / 4
+    expected = {}
+    for name, m in layers.items():
+        key = name.removeprefix("base_model.model.") + ".weight"
+        expected[key] = original[key] + (m.lora_B["default"].weight @ m.lora_A["default"].weight) * scaling
+    assert len(expected) == 7 * 2  # q k v o gate up down, in each of the 2 layers
+    merged = merge(model)
+    assert type(merged) is type(parent)
+    state = merged.state_dict()
+    assert set(state) == set(original)
+    for key, value in state.items():
+        assert torch.equal(value, expected.get(key, original[key])), key  # exactly, in fp32
+
+    # The merged model is a plain model directory that transformers loads.
+    from models import save_model
+
+    save_model(merged, str(tmp_path / "merged"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.randint(3, vocab(parent), (2, 12))
+    with torch.no_grad():
+        logits = merged(input_ids=ids)
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        assert torch.allclose(reloaded(input_ids=ids).logits, logits, atol=1e-5)
+
+
+def pairs(n: int, vocab_size: int, seed: int = 0) -> list[dict]:
+    g = random.Random(seed)
+    items = []
+    for _ in range(n):
+        prompt = [g.randrange(3, vocab_size) for _ in range(g.randint(3, 6))]
+        sides = {}
+        for side in ("chosen", "rejected"):
+            completion = [g.randrange(3, vocab_size) for _ in range(g.randint(2, 6))]
+            sides[f"{side}_input_ids"] = prompt + completion
+            sides[f"{side}_labels"] = [-100] * len(prompt) + completion
+        items.append(sides)
+    return items
+
+
+@pytest.mark.parametrize("kind", ["builtin", "hf"])
+def test_the_lora_reference_is_the_parent_and_holds_no_second_copy(kind, hf_model_dir):
+    parent = base_model(kind, hf_model_dir)
+    separately_loaded = copy.deepcopy(parent).eval()
+    policy = add_adapter(parent, r=4, alpha=8.0, dropout=0.1)
+    with torch.no_grad():  # move the adapter away from zero: policy and parent now differ
+        for name, p in policy.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)
+    batches = torch.utils.data.DataLoader(pairs(8, vocab(parent)), batch_size=4, collate_fn=collate_pairs)
+    trainer = DPOTrainer(policy, AdapterDisabled(policy), configure_optimizer(policy, lr=1e-3), batches,
+                         device="cpu", max_steps=2, precompute_ref_log_probs=False, progress_bar=False)
+    reference = trainer.reference()
+    assert list(reference.parameters()) == []  # the view owns nothing
+    base_storages = {t.data_ptr() for t in reference.weights().values()}
+    assert base_storages <= {p.data_ptr() for p in policy.parameters()} | {b.data_ptr() for b in policy.buffers()}
+    assert all(p.requires_grad for n, p in policy.named_parameters() if ".lora_" in n)  # not frozen by it
+
+    policy.train()
+    batch = next(iter(batches))
+    with torch.no_grad():
+        ref = concatenated_logps(reference, batch)
+        want = concatenated_logps(separately_loaded, batch)
+        live = concatenated_logps(policy, batch)
+    assert policy.training  # the view restored the policy's mode
+    for got, expected in zip(ref[:2], want[:2]):
+        assert torch.allclose(got, expected, atol=1e-6, rtol=0), (got - expected).abs().max()
+    assert (live[0] - want[0]).abs().max() > 1e-3  # the policy's own adapter does change its numbers
+
+
+def test_a_lora_sft_then_lora_dpo_chain_hands_on_merged_models_and_dpo_starts_at_log_2(hf_model_dir, tmp_path,
+                                                                                       small_config):
+    """Stage by stage (stages.sft/dpo.run, as torchrun or a Prefect task runs them)."""
+    from peft import PeftModel
+
+    from stages import dpo, handoff, sft
+    from test_hf_pipeline import FAST, preference_file
+
+    base = hf_model_dir("llama3")
+    config = small_config(**FAST, model=str(base), start="sft", runs_dir=str(tmp_path / "runs"),
+                          **{"sft.lora": {"r": 8, "alpha": 16}, "dpo.lora": {"r": 8, "alpha": 16},
+                             "dpo.data.source": preference_file(tmp_path / "pairs.jsonl"),
+                             "dpo.data.val_fraction": 0.2, "dpo.train.max_steps": 16, "dpo.train.lr": 3e-3,
+                             "dpo.train.log_interval": 1})
+    sft_dir, dpo_dir = tmp_path / "runs" / "sft", tmp_path / "runs" / "dpo"
+    sft.run(config, base, sft_dir)
+    manifest = handoff.verify(sft_dir)
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(manifest["sha256"])
+    assert json.loads((sft_dir / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+    # The merged directory and the adapter on its parent are the same model.
+    merged = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
+    parent = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    parent.resize_token_embeddings(merged.config.vocab_size)  # alignflow gave it a padding token
+    adapted = PeftModel.from_pretrained(parent, sft_dir / "adapter")
+    ids = torch.randint(3, 200, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+    dpo.run(config, sft_dir, dpo_dir)
+    rows = [json.loads(line) for line in (dpo_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    # Policy = merged SFT + a zero update = the reference: DPO starts at exactly log 2.
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert sum(losses[-4:]) / 4 < math.log(2) - 0.05, losses
+    assert handoff.verify(dpo_dir)["parent"]["content_hash"] == manifest["content_hash"]
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"pretrain.lora": {"r": 8}}, "pretrain.lora: the built-in model 'tiny' is trained from scratch"),
+    ({"sft.lora": {"r": 8}, "sft.train.strategy": "fsdp"}, "lora with train.strategy: fsdp is not supported"),
+    ({"dpo.lora": {"r": 8, "quantize": "4bit"}}, "lora.quantize: 4bit (QLoRA) is not built yet"),
+    ({"sft.lora": {"rank": 8}}, "rank"),
+])
+def test_unsupported_lora_settings_are_refused_by_name(overrides, says):
+    from stages.config import load_config
+
+    with pytest.raises(ValueError, match="(?s)" + re.escape(says)):
+        load_config("tiny", overrides=overrides)
