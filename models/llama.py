@@ -159,6 +159,20 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: 
     return mask
 
 
+def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, 1, L, L] causal mask within each sequence of packed rows, whose position ids restart
+    where a sequence starts (any step other than +1 starts one, as transformers reads them);
+    None when every row is a single sequence."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not starts[:, 1:].any():
+        return None
+    sequence = starts.cumsum(-1)
+    L = position_ids.shape[-1]
+    causal = torch.ones((L, L), dtype=torch.bool, device=position_ids.device).tril()
+    return ((sequence[:, :, None] == sequence[:, None, :]) & causal)[:, None]
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -199,6 +213,7 @@ class LlamaForCausalLM(nn.Module):
         """Logits [B, L, V] in the compute dtype.
 
         attention_mask: [B, past + L], 1 = real token, 0 = padding.
+        position_ids without attention_mask: packed rows, one sequence wherever they restart.
         kv_cache: filled in place; later calls pass only the new tokens.
         """
         B, L = input_ids.shape
@@ -218,6 +233,8 @@ class LlamaForCausalLM(nn.Module):
         mask = None
         if attention_mask is not None or past > 0:
             mask = build_attention_mask(attention_mask, L, past, input_ids.device)
+        elif position_ids is not None:  # packed rows: each example attends to itself only
+            mask = packed_attention_mask(position_ids)
 
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)

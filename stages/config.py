@@ -42,6 +42,11 @@ class DataConfig(Settings):
     on_bad_rows: Literal["error", "skip"] = "error"
 
 
+class SFTDataConfig(DataConfig):
+    packing: bool = Field(False, description="several examples per row of max_length tokens, each attending "
+                                             "only to itself (batch_size then counts rows)")
+
+
 class TrainConfig(TrainingArgs):
     """The trainer's loop settings (`trainers.TrainingArgs`: steps, accumulation, precision,
     clipping, schedule, checkpoints) plus what the stage builds around the trainer."""
@@ -121,7 +126,7 @@ class PretrainConfig(StageConfig):
 
 
 class SFTConfig(StageConfig):
-    pass
+    data: SFTDataConfig = SFTDataConfig()
 
 
 class DPOConfig(DPOArgs, StageConfig):

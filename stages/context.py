@@ -178,9 +178,11 @@ class StageRun:
                  else data_mod.prepare(self.stage, cfg, demo, tok, "train"))
         val = data_mod.prepare(self.stage, cfg, demo, tok, "val")
         for split, loaded in (("train", train), ("val", val)):
-            self.data_notes[split] = {"origin": loaded.origin, "rows": len(loaded.dataset), "skipped_bad_rows": loaded.skipped,
-                                      "dropped_too_long": loaded.dropped_too_long,
+            self.data_notes[split] = {"origin": loaded.origin, "rows": loaded.examples or len(loaded.dataset),
+                                      "skipped_bad_rows": loaded.skipped, "dropped_too_long": loaded.dropped_too_long,
                                       "fingerprint": getattr(loaded.dataset, "_fingerprint", None)}
+            if loaded.examples is not None:
+                self.data_notes[split]["packed_rows"] = len(loaded.dataset)
         if len(train.dataset) == 0:
             why = (f"too little text for one block of data.max_length={cfg.max_length} tokens"
                    if data_mod.KINDS[self.stage].packs else
@@ -222,6 +224,8 @@ class StageRun:
         read = notes["rows"] + notes["skipped_bad_rows"] + notes["dropped_too_long"]
         rows = (f"{notes['rows']:,} training examples" if data_mod.KINDS[self.stage].packs else
                 f"{notes['rows']:,} of {read:,} training rows used")
+        if "packed_rows" in notes:
+            rows += f" (packed into {notes['packed_rows']:,} rows of {self.settings.data.max_length} tokens)"
         parent = self.parent_ref or "none (from scratch)"
         return (f"{self.stage}: {rows} from {notes['origin']}, {self.data_notes['val']['rows']:,} held out; "
                 f"{trainer.estimated_total_steps()} optimizer steps; parent {parent}; "

@@ -31,6 +31,7 @@ import datasets  # noqa: E402
 from models import ChatTemplateError, Tokenizer, render_chat  # noqa: E402
 from models import prompt_ids as chat_prompt_ids  # noqa: E402
 from models.chat import ROLES  # noqa: E402
+from trainers.packing import pack_examples  # noqa: E402
 
 from . import demo  # noqa: E402
 from .config import DataConfig, DemoConfig  # noqa: E402
@@ -53,6 +54,7 @@ class RawSplit:
 @dataclass
 class LoadedData(RawSplit):
     dropped_too_long: int = 0
+    examples: int | None = None  # packed (sft.data.packing): how many examples its rows hold
 
 
 # ---------------------------------------------------------------- loading
@@ -435,7 +437,12 @@ def tokenize(kind: str, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> Loade
         return LoadedData(spec.tokenize(raw.dataset, tok, cfg.max_length), raw.origin, skipped=raw.skipped)
     ds = spec.tokenize(raw.dataset, tok, raw.origin, raw.place)
     ds, dropped = enforce_max_length(ds, kind, cfg.max_length, cfg.too_long, raw.origin, raw.place)
-    return LoadedData(ds, raw.origin, skipped=raw.skipped, dropped_too_long=dropped)
+    examples = None
+    if kind == "sft" and getattr(cfg, "packing", False):  # (held-out prompts read the same settings)
+        examples = len(ds)
+        ds = datasets.Dataset.from_list(pack_examples(ds.select_columns(["input_ids", "labels"]).to_list(),
+                                                      cfg.max_length))
+    return LoadedData(ds, raw.origin, skipped=raw.skipped, dropped_too_long=dropped, examples=examples)
 
 
 def prepare(kind: str, cfg: DataConfig, demo_cfg: DemoConfig, tok: Tokenizer, split: str) -> LoadedData:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainers.sft import collate_causal_lm
+from trainers.sft import collate_causal_lm, collate_packed
 
 from .config import PipelineConfig
 from .context import StageRun
@@ -12,5 +12,6 @@ from .context import StageRun
 def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
     with StageRun("sft", config, parent_dir, out_dir) as stage:
         model, tok = stage.load_policy()
-        stage.train(stage.trainer(model, tok, collate_causal_lm), tok)
+        collate = collate_packed if config.sft.data.packing else collate_causal_lm
+        stage.train(stage.trainer(model, tok, collate), tok)
     return stage.result

@@ -38,14 +38,34 @@ def collate_causal_lm(items: list[dict], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_packed(items: list[dict], pad_id: int) -> dict:
+    """Packed rows (trainers.packing) -> a batch with `position_ids`; right padding forms one more
+    sequence of its own (positions from 0, label −100). `attention_mask` marks the real tokens
+    for counting only: the model is given the position ids, which say where each example starts."""
+    batch = collate_causal_lm(items, pad_id)
+    width = batch["input_ids"].shape[1]
+    position_ids = torch.zeros((len(items), width), dtype=torch.long)
+    for row, x in enumerate(items):
+        n = len(x["position_ids"])
+        position_ids[row, :n] = torch.as_tensor(x["position_ids"])
+        position_ids[row, n:] = torch.arange(width - n)
+    return {**batch, "position_ids": position_ids}
+
+
 class SFTTrainer(BaseTrainer):
-    """Batches: `input_ids`, optional `attention_mask`, optional `labels` (−100 = no loss)."""
+    """Batches: `input_ids`, optional `attention_mask`, optional `labels` (−100 = no loss).
+    A packed batch (`collate_packed`) also carries `position_ids`: the model then gets those
+    instead of the mask, and attends within each example only."""
 
     def count_items(self, batch: dict) -> int:
         return int((next_token_labels(batch) != IGNORE_INDEX).sum())
 
     def compute_loss(self, model, batch):
-        logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
+        if "position_ids" in batch:
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logits = logits_of(out)
         # Cross entropy as the sum of the label tokens' log-probs: fp32 chunk by chunk (bf16 logits
         # lose too much precision in log-sum-exp), never a full fp32 copy of the logits.
         return -token_logps(logits, next_token_labels(batch)).sum(), {}
