@@ -1,7 +1,8 @@
 """Training checkpoints: weights as safetensors, everything else as tensors/JSON, never pickle.
 
     <save_dir>/state/step-00000120/
-        model.safetensors       weights of the unwrapped model (its own parameter names)
+        model.safetensors       weights of the unwrapped model (its own parameter names); of a
+                                partly frozen model (LoRA) only what trains (`trained_tensors`)
         training_state.pt       optimizer, scheduler, scaler (torch.save of tensors and
                                 plain containers only: loadable with weights_only=True)
         rng-rank<r>.pt          each rank's RNG states, now and at the start of its epoch

@@ -1,0 +1,141 @@
+"""Memory of one DPO step: LoRA (the reference is the policy with its adapter off) versus full
+fine-tuning with a live reference model (a second copy), in one run.
+
+    python bench/lora_memory.py [--device cuda] [--hidden 512] [--layers 8] [--vocab 32000]
+                                [--pairs 2] [--seq 256] [--r 16] [--precision fp32|bf16]
+
+Each configuration runs in a process of its own: two optimizer steps of DPOTrainer (AdamW,
+reference log-probs not precomputed, so the reference runs every step), the second measured.
+On CUDA: the allocator's peak over the whole run. On the CPU, where the allocator's peak is not
+visible, the bytes the step needs, counted: weights (the policy's and the reference's, each
+storage once), gradients, optimizer state, and the activations the forward keeps for backward
+(parameters saved for backward are not counted twice); the processes' peak RSS is printed too.
+Target (issue: lean training): LoRA / full <= 0.55."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import LlamaForCausalLM, get_preset  # noqa: E402
+from models.lora import add_adapter  # noqa: E402
+from trainers import DPOTrainer, configure_optimizer  # noqa: E402
+from trainers.dpo import collate_pairs  # noqa: E402
+from trainers.reference import AdapterDisabled  # noqa: E402
+
+CONFIGS = ("full", "lora")
+
+
+def pairs(n: int, seq: int, vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        pair = {}
+        for side in ("chosen", "rejected"):
+            ids = torch.randint(3, vocab, (seq,), generator=g)
+            labels = ids.clone()
+            labels[: seq // 4] = -100  # the prompt
+            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, labels
+        out.append(pair)
+    return out
+
+
+def nbytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def measure(config: str, args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model_config = get_preset("tiny", vocab_size=args.vocab, hidden_size=args.hidden,
+                              intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                              num_attention_heads=max(1, args.hidden // 64), max_position_embeddings=args.seq)
+    policy = LlamaForCausalLM(model_config)
+    if config == "lora":
+        policy = add_adapter(policy, r=args.r, alpha=2.0 * args.r)
+        reference = AdapterDisabled(policy)
+    else:
+        reference = LlamaForCausalLM(model_config)
+        reference.load_state_dict(policy.state_dict())
+    batch = collate_pairs(pairs(args.pairs, args.seq, args.vocab), pad_id=0)
+    trainer = DPOTrainer(policy, reference, configure_optimizer(policy, lr=1e-5), [batch, batch], device=device,
+                         max_steps=2, precompute_ref_log_probs=False, precision=args.precision, progress_bar=False)
+    trainer.training_step([batch])  # the optimizer state exists from here on
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.training_step([batch])
+    params = list(policy.parameters()) + list(trainer.reference().parameters())
+    weights = nbytes(params)
+    param_ptrs = {p.data_ptr() for p in params}
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    result = {"weights": weights, "gradients": nbytes(trained), "optimizer": nbytes(optimizer),
+              "activations": nbytes(t for t in kept if t.data_ptr() not in param_ptrs),
+              "trained_parameters": sum(p.numel() for p in trained),
+              "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result["counted"] = sum(result[k] for k in ("weights", "gradients", "optimizer", "activations"))
+    if device.type == "cuda":
+        result["peak"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)  # one configuration, as a child
+    args = ap.parse_args()
+    if args.config:
+        print(json.dumps(measure(args.config, args)))
+        return
+
+    results = {}
+    for config in CONFIGS:
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--config", config], capture_output=True,
+                             text=True, check=True)
+        results[config] = json.loads(out.stdout.strip().splitlines()[-1])
+    mib = 2 ** 20
+    key = "peak" if args.device.startswith("cuda") else "counted"
+    print(f"DPO step, built-in model hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+          f"{args.pairs} pairs x {args.seq} tokens, {args.precision}, {args.device}; LoRA r={args.r} on every "
+          "linear layer but the head; reference run live every step")
+    peak_column = f" {'peak':>8}" if key == "peak" else ""
+    print(f"{'':>5} {'trained':>12} {'weights':>9} {'grads':>9} {'optim':>9} {'activ.':>9} {'counted':>9}"
+          f"{peak_column} {'peak RSS':>9}   (MiB)")
+    for config, r in results.items():
+        peak = f" {r['peak'] / mib:8.0f}" if key == "peak" else ""
+        print(f"{config:>5} {r['trained_parameters']:>12,} {r['weights'] / mib:9.0f} {r['gradients'] / mib:9.0f} "
+              f"{r['optimizer'] / mib:9.0f} {r['activations'] / mib:9.0f} {r['counted'] / mib:9.0f}{peak} "
+              f"{r['rss'] / mib:9.0f}")
+    ratio = results["lora"][key] / results["full"][key]
+    print(f"LoRA / full ({key}): {ratio:.3f} (target <= 0.55); peak RSS: "
+          f"{results['lora']['rss'] / results['full']['rss']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
