@@ -29,22 +29,9 @@ from models.lora import add_adapter  # noqa: E402
 from trainers import DPOTrainer, configure_optimizer  # noqa: E402
 from trainers.dpo import collate_pairs  # noqa: E402
 from trainers.reference import AdapterDisabled  # noqa: E402
+from logprob_memory import pairs  # noqa: E402  (bench/, beside this script)
 
 CONFIGS = ("full", "lora")
-
-
-def pairs(n: int, seq: int, vocab: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        pair = {}
-        for side in ("chosen", "rejected"):
-            ids = torch.randint(3, vocab, (seq,), generator=g)
-            labels = ids.clone()
-            labels[: seq // 4] = -100  # the prompt
-            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, labels
-        out.append(pair)
-    return out
 
 
 def nbytes(tensors) -> int:

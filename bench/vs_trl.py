@@ -1,56 +1,66 @@
-"""Training tokens/s of alignflow's SFT and DPO trainers against TRL's, same model, data and settings, on CPU.
+"""Training tokens/s of alignflow's SFT and DPO trainers against TRL's: same model, data and settings, CPU.
 
 Both sides train the same random-weight Hugging Face model (Llama by default, `--arch qwen2`;
-`--model-size`, default `small`: ~22M parameters at vocabulary 32000), loaded the same way (`from_pretrained`,
-fp32, `attn_implementation="sdpa"`, `config.use_cache=False`), with the same tokenizer, data,
-batch size, max length, learning rate (constant), AdamW betas (0.9, 0.95), weight decay 0.01,
-gradient clipping at 1.0 and number of optimizer steps, one micro-batch per step, fp32, seed 0.
+`--model-size`, default `small`: ~22M parameters, 16M of them the untied 32k-vocabulary
+embeddings), loaded the same way (`from_pretrained`, fp32, `attn_implementation="sdpa"`,
+`config.use_cache=False`), with the same word-level tokenizer, data, batch size, max length,
+learning rate (constant), AdamW betas (0.9, 0.95), weight decay 0.01, clipping at 1.0, seed and
+number of optimizer steps, fp32 throughout. Each keeps its own AdamW kernel (alignflow's
+`configure_optimizer`: foreach; TRL: transformers' default `adamw_torch_fused`), printed.
 
   sft  chat-like data: prompt+completion lengths log-uniform in 16..max_length (seeded), the
-       prompt 1/8..1/2 of it (labels -100 there), the completion ending in EOS.
+       prompt 1/8..1/2 of it (labels -100 there), the completion ending in EOS. The data
+       reaches TRL already tokenized (input_ids and labels columns), so both pack the same ids.
        alignflow: `trainers.packing.pack_examples` (best-fit decreasing) + `trainers.sft.collate_packed`,
-       `--rows` packed rows per step (position_ids restart per example; no attention mask).
-       TRL: `SFTTrainer` with `packing=True` (strategy "bfd", best-fit decreasing), which turns on
-       `padding_free` whatever `padding_free` says: `--rows` packed rows per step flattened
-       into one sequence, with position_ids and no attention mask. Both sides count packed rows
-       of max_length, so they process about the same real tokens per step.
-       The data reaches TRL already tokenized (input_ids and labels columns), so both sides
-       pack exactly the same token sequences.
+       `--rows` packed rows per step, the model given position_ids (restarting per example).
+       TRL: `SFTTrainer(packing=True)` (strategy "bfd", best-fit decreasing, which turns
+       `padding_free` on whatever it is set to): `--rows` packed rows per step, flattened into
+       one sequence with position_ids. Both count packed rows of max_length, so a step holds
+       about the same real tokens on both sides. `--trl-accumulate` adds a TRL row that takes
+       one packed row per forward and accumulates `--rows` of them per step.
        Until `trainers.packing` exists alignflow falls back to `collate_causal_lm` padded
        batches of consecutive examples holding at most rows x max_length real tokens (said so
-       in the output): the rate then includes the cost of padding.
+       in the output): its rate then includes the cost of padding.
   dpo  pairs sharing a prompt, chosen and rejected lengths log-uniform in 16..dpo_max_length,
-       given to TRL as text ("w17 w3 ..." over a word-level vocabulary, so one word is one token)
-       and tokenised by TRL itself; alignflow gets the same ids (checked against TRL's).
-       alignflow: `DPOTrainer` with `precompute_ref_log_probs=True`; TRL: `DPOTrainer` with
-       `precompute_ref_log_probs=True`. Both pad a step's 2 x `--pairs` sequences to the
-       longest one and run one policy forward over them (TRL's `padding_free` is disabled for
-       DPO in the TRL versions that say so; see the settings line). The one-off reference
-       scoring is not timed.
+       given to TRL as text ("w17 w3 ...": one word is one token) and tokenised by TRL itself;
+       alignflow gets the same ids (checked against TRL's). Both `DPOTrainer`s with
+       `precompute_ref_log_probs=True` (the one-off scoring pass is not timed), sigmoid loss,
+       `--pairs` pairs per step, chosen and rejected padded to one width and run as one forward.
+       TRL is asked for `padding_free=True`; the output says whether it used it (TRL 1.16
+       turns it off for DPO: "temporarily unavailable after a refactor").
 
-Timing: each side trains `--warmup` + `--steps` optimizer steps through its own `train()`; the
+Timing: each side runs `--warmup` + `--steps` optimizer steps through its own `train()`; the
 clock runs from the end of the last warm-up step to the end of the last step (alignflow: its
 `training_step` returning; TRL: `on_step_end`), so data loading, collation, the step and the
-library's per-step bookkeeping are all inside. Real tokens are counted from the data each side's
-collator was given for the timed steps (the non-pad tokens of its rows: packed rows' lengths,
-prompt+chosen and prompt+rejected lengths), with one function for both sides, not from either
-library's logging; "positions" is what the model ran over, padding included. The sides run one
-after the other, not interleaved: on a busy machine run it twice.
+library's per-step bookkeeping are all inside. Real tokens are counted from the rows each side's
+collator was given for the timed steps (packed rows' lengths; prompt+chosen plus prompt+rejected),
+by one function for both sides, not from either library's logging; "positions" is what the
+model ran over, padding included. The sides run one after the other, not interleaved: on a
+shared machine run it more than once (and try --threads 1).
 
-Environment (TRL lives only here, never in the project's own .venv or pyproject.toml):
+Not equal by design (what each library does, measured as it is): TRL's padding-free SFT
+flattens a step's rows into one sequence, so with sdpa its attention (and the block-diagonal
+mask transformers builds from position_ids) is quadratic in the whole step's tokens, not in
+each row's; flash-attention's varlen kernel, which TRL targets, would not pay that (GPU only).
+TRL's LM head is a chunked log-prob kernel: Triton on GPU (only label positions scored); on CPU
+a torch-op fallback over every position that recomputes the projection in backward and also
+computes entropy, top-1 and (DPO) mean-logit metrics each step. alignflow computes the full
+logits, then chunked label log-probs. So CPU ratios say nothing about GPU ones.
+
+Environment (TRL lives only here, never in the project's .venv or pyproject.toml):
 
     python3 -m venv /tmp/trl-bench && /tmp/trl-bench/bin/pip install torch==2.13.0 -e /work/main trl
     /tmp/trl-bench/bin/python bench/vs_trl.py [--only sft|dpo] [--steps 8] [--warmup 2]
         [--model-size tiny|small|medium|large] [--arch llama|qwen2] [--rows 2] [--pairs 2]
         [--max-length 1024] [--dpo-max-length 1024] [--vocab 32000] [--lr 1e-5] [--threads N]
+        [--trl-accumulate]
 
-(`torch==2.13.0` makes pip take the CPU build.)
+(`torch==2.13.0` makes pip take the CPU build.) Default size: ~3 minutes on 2 idle cores.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import logging
 import math
@@ -236,15 +246,23 @@ class Counting:
 
 
 class Result:
-    def __init__(self, side: str, stamps: list[float], counter: Counting, warmup: int, steps: int, note: str = ""):
-        if len(stamps) < warmup + steps:
-            raise RuntimeError(f"{side}: {len(stamps)} steps ran, {warmup + steps} expected")
-        if len(counter.tokens) < warmup + steps:
-            raise RuntimeError(f"{side}: the collator saw {len(counter.tokens)} batches, {warmup + steps} expected")
-        self.side, self.steps, self.note = side, steps, note
-        self.seconds = stamps[warmup + steps - 1] - stamps[warmup - 1]
-        self.tokens = sum(counter.tokens[warmup:warmup + steps])
-        self.positions = sum(counter.positions[warmup:warmup + steps])
+    """Seconds, real tokens and positions of the timed steps. Batches are consumed in order, so
+    step k used the collator's batches k*per_step .. (k+1)*per_step - 1 (a loader that reads
+    ahead only appends later batches)."""
+
+    def __init__(self, side: str, stamps: list[float], counter: Counting, warmup: int, steps: int,
+                 losses: list[float], batches_per_step: int = 1):
+        n = warmup + steps
+        if len(stamps) < n:
+            raise RuntimeError(f"{side}: {len(stamps)} steps ran, {n} expected")
+        if len(counter.tokens) < n * batches_per_step:
+            raise RuntimeError(f"{side}: the collator saw {len(counter.tokens)} batches, "
+                               f"{n * batches_per_step} expected")
+        self.side, self.steps, self.losses = side, steps, losses[:2]
+        self.seconds = stamps[n - 1] - stamps[warmup - 1]
+        timed = slice(warmup * batches_per_step, n * batches_per_step)
+        self.tokens = sum(counter.tokens[timed])
+        self.positions = sum(counter.positions[timed])
 
     @property
     def rate(self) -> float:
@@ -258,18 +276,40 @@ def alignflow_common(args, steps: int) -> dict:
                 max_grad_norm=1.0, precision="fp32")
 
 
-def stamp_steps(trainer) -> list[float]:
-    """Time at the end of every `training_step` of an alignflow trainer."""
+def stamp_steps(trainer) -> tuple[list[float], list[float]]:
+    """Time at the end of every `training_step` of an alignflow trainer, and its losses."""
     stamps: list[float] = []
+    losses: list[float] = []
     inner = trainer.training_step
 
     def timed(micro):
         out = inner(micro)
         stamps.append(time.perf_counter())
+        losses.append(out["loss"])
         return out
 
     trainer.training_step = timed
-    return stamps
+    return stamps, losses
+
+
+def step_losses(trainer, micro_batches: int) -> list[float]:
+    """Loss of each of a TRL trainer's first two optimizer steps: the sums of its compute_loss
+    values per step (each is already divided by the whole step's label count)."""
+    values: list[float] = []
+    inner = trainer.compute_loss
+
+    def recorded(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if len(values) < 2 * micro_batches:
+            values.append(float((out[0] if isinstance(out, tuple) else out).detach()))
+        return out
+
+    trainer.compute_loss = recorded
+    return values
+
+
+def per_step(values: list[float], micro_batches: int) -> list[float]:
+    return [sum(values[i:i + micro_batches]) for i in range(0, len(values), micro_batches)]
 
 
 def arguments_received(model) -> dict:
@@ -352,13 +392,17 @@ def run_sft_alignflow(args, model_dir: str, examples: list[dict], pad_id: int) -
     trainer = SFTTrainer(model=model, optimizer=configure_optimizer(model, lr=args.lr, weight_decay=0.01),
                          train_loader=loader, **alignflow_common(args, n))
     seen = arguments_received(model)
-    stamps = stamp_steps(trainer)
+    stamps, losses = stamp_steps(trainer)
     trainer.train()
     info["model_kwargs"] = dict(seen)
-    return Result("alignflow", stamps, counter, args.warmup, args.steps), info
+    info["optimizer"] = optimizer_name(trainer.optimizer, "configure_optimizer")
+    return Result("alignflow", stamps, counter, args.warmup, args.steps, losses), info
 
 
-def run_sft_trl(args, model_dir: str, examples: list[dict], tok, out_dir: str) -> tuple[Result, dict]:
+def run_sft_trl(args, model_dir: str, examples: list[dict], tok, out_dir: str,
+                accumulate: bool = False) -> tuple[Result, dict]:
+    """`accumulate`: one packed row per forward, `rows` forwards accumulated per step (the same
+    tokens per optimizer step without flattening the rows into one sequence)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer as TRLSFTTrainer
 
@@ -366,9 +410,11 @@ def run_sft_trl(args, model_dir: str, examples: list[dict], tok, out_dir: str) -
     model = load_model(model_dir)
     data = Dataset.from_dict({"input_ids": [x["input_ids"] for x in examples],
                               "labels": [x["labels"] for x in examples]})
-    config = SFTConfig(per_device_train_batch_size=args.rows, max_length=args.max_length, packing=True,
-                       packing_strategy="bfd", padding_free=True, completion_only_loss=None,
-                       **trl_common(args, n, out_dir))
+    per_forward, accum = (1, args.rows) if accumulate else (args.rows, 1)
+    common = trl_common(args, n, out_dir)
+    common["gradient_accumulation_steps"] = accum
+    config = SFTConfig(per_device_train_batch_size=per_forward, max_length=args.max_length, packing=True,
+                       packing_strategy="bfd", padding_free=True, completion_only_loss=None, **common)
     stamps = trl_stamps()
     trainer = TRLSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[stamps])
     silence(trainer)
@@ -376,14 +422,23 @@ def run_sft_trl(args, model_dir: str, examples: list[dict], tok, out_dir: str) -
     trainer.data_collator = counter
     seen = arguments_received(model)
     rows = trainer.train_dataset
+    losses = step_losses(trainer, accum)
     trainer.train()
     info = {"padding_free": trainer.padding_free, "model_kwargs": dict(seen),
             "batching": (f"packing=True (bfd) -> {len(rows)} packed rows (mean {mean_len(rows['input_ids']):.0f} "
-                         f"tokens), {args.rows} rows/step, padding_free={trainer.padding_free} "
-                         f"(the step's rows flattened into one sequence)"),
-            "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                              else trainer.optimizer).__name__ + f" ({config.optim})"}
-    return Result("trl", stamps.stamps, counter, args.warmup, args.steps), info
+                         f"tokens), {per_forward} row(s)/forward x {accum} accumulated = {args.rows} rows/step, "
+                         f"padding_free={trainer.padding_free}"
+                         + (" (a forward's rows flattened into one sequence)" if per_forward > 1 else "")),
+            "optimizer": optimizer_name(trainer.optimizer, config.optim)}
+    side = f"trl {per_forward}x{accum}" if accumulate else "trl"
+    return Result(side, stamps.stamps, counter, args.warmup, args.steps, per_step(losses, accum),
+                  batches_per_step=accum), info
+
+
+def optimizer_name(optimizer, name) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    flags = [k for k in ("fused", "foreach") if inner.defaults.get(k)]
+    return f"{type(inner).__name__}({', '.join(flags) or 'for-loop'}; optim={getattr(name, 'value', name)})"
 
 
 def run_dpo_alignflow(args, model_dir: str, pairs: list[dict], pad_id: int) -> tuple[Result, dict]:
@@ -394,15 +449,18 @@ def run_dpo_alignflow(args, model_dir: str, pairs: list[dict], pad_id: int) -> t
     items = [as_alignflow_pair(p) for p in pairs]
     counter = Counting(functools.partial(collate_pairs, pad_id=pad_id), args.dpo_max_length)
     loader = DataLoader(items, batch_size=args.pairs, shuffle=False, collate_fn=counter)
-    trainer = DPOTrainer(model=model, ref_model=ref, optimizer=configure_optimizer(model, lr=args.lr, weight_decay=0.01),
-                         train_loader=loader, precompute_ref_log_probs=True, beta=args.beta, loss_type="sigmoid",
+    optimizer = configure_optimizer(model, lr=args.lr, weight_decay=0.01)
+    trainer = DPOTrainer(model=model, ref_model=ref, optimizer=optimizer, train_loader=loader,
+                         precompute_ref_log_probs=True, beta=args.beta, loss_type="sigmoid",
                          **alignflow_common(args, n))
     del ref
     trainer.precompute_reference_logps()  # the one-off scoring pass, as TRL's happens in its __init__
     counter.reset()
-    stamps = stamp_steps(trainer)
+    seen = arguments_received(model)
+    stamps, losses = stamp_steps(trainer)
     trainer.train()
-    return Result("alignflow", stamps, counter, args.warmup, args.steps), {}
+    return Result("alignflow", stamps, counter, args.warmup, args.steps, losses), {
+        "model_kwargs": dict(seen), "optimizer": optimizer_name(trainer.optimizer, "configure_optimizer")}
 
 
 def run_dpo_trl(args, model_dir: str, texts: list[dict], pairs: list[dict], tok, out_dir: str) -> tuple[Result, dict]:
@@ -411,8 +469,9 @@ def run_dpo_trl(args, model_dir: str, texts: list[dict], pairs: list[dict], tok,
 
     n = args.warmup + args.steps
     model = load_model(model_dir)
+    # padding_free=True is asked for; TRL versions that cannot do it for DPO turn it off (reported)
     config = DPOConfig(per_device_train_batch_size=args.pairs, max_length=args.dpo_max_length, beta=args.beta,
-                       loss_type=["sigmoid"], precompute_ref_log_probs=True, padding_free=False,
+                       loss_type=["sigmoid"], precompute_ref_log_probs=True, padding_free=True,
                        **trl_common(args, n, out_dir))
     stamps = trl_stamps()
     trainer = TRLDPOTrainer(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(texts),
@@ -425,8 +484,12 @@ def run_dpo_trl(args, model_dir: str, texts: list[dict], pairs: list[dict], tok,
             raise AssertionError(f"pair {i}: TRL tokenised the text differently from alignflow's copy")
     counter = Counting(trainer.data_collator, args.dpo_max_length)
     trainer.data_collator = counter
+    seen = arguments_received(model)
+    losses = step_losses(trainer, 1)
     trainer.train()
-    return Result("trl", stamps.stamps, counter, args.warmup, args.steps), {}
+    return Result("trl", stamps.stamps, counter, args.warmup, args.steps, losses), {
+        "padding_free": trainer.padding_free, "model_kwargs": dict(seen),
+        "optimizer": optimizer_name(trainer.optimizer, config.optim)}
 
 
 # ---- output ----
@@ -439,13 +502,14 @@ def mean_len(rows) -> float:
 def table(title: str, results: list[Result]) -> None:
     print(f"\n{title}")
     print(f"  {'side':10s} {'steps':>5s} {'real tokens':>12s} {'positions':>10s} {'pad %':>6s} {'seconds':>8s} "
-          f"{'real tok/s':>11s}")
+          f"{'real tok/s':>11s}  loss at steps 1, 2")
     for r in results:
         pad = 100.0 * (1 - r.tokens / r.positions) if r.positions else 0.0
         print(f"  {r.side:10s} {r.steps:5d} {r.tokens:12,d} {r.positions:10,d} {pad:6.1f} {r.seconds:8.2f} "
-              f"{r.rate:11,.0f}")
-    ours, theirs = results
-    print(f"  ratio alignflow / TRL (real tok/s) = {ours.rate / theirs.rate:.3f}")
+              f"{r.rate:11,.0f}  {', '.join(f'{x:.6f}' for x in r.losses)}")
+    ours, *theirs = results
+    for other in theirs:
+        print(f"  ratio alignflow / {other.side.replace('trl', 'TRL')} (real tok/s) = {ours.rate / other.rate:.3f}")
 
 
 @contextlib.contextmanager
@@ -484,6 +548,9 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--trl-accumulate", action="store_true",
+                    help="SFT: also time TRL with one packed row per forward and --rows of them accumulated "
+                         "per step (no flattening of rows into one sequence)")
     args = ap.parse_args()
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be at least 1")
@@ -502,7 +569,7 @@ def main() -> None:
     datasets.disable_progress_bars()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"accelerate {accelerate.__version__}, datasets {datasets.__version__}; cpu, "
-          f"{torch.get_num_threads()} threads, fp32")
+          f"threads {torch.get_num_threads()}, fp32")
 
     tok = build_tokenizer(args.vocab)
     with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp, quiet():
@@ -523,22 +590,32 @@ def main() -> None:
             examples = sft_examples(int(1.1 * n * args.rows * args.max_length), args.max_length, args.vocab,
                                     tok.eos_token_id, args.seed)
             lengths = [len(x["input_ids"]) for x in examples]
-            print(f"\nSFT data: {len(examples)} examples, {sum(lengths):,} tokens, length log-uniform 16..{args.max_length} "
-                  f"(mean {sum(lengths) / len(lengths):.0f}, median {sorted(lengths)[len(lengths) // 2]}), "
+            median = sorted(lengths)[len(lengths) // 2]
+            print(f"\nSFT data: {len(examples)} examples, {sum(lengths):,} tokens, length log-uniform "
+                  f"16..{args.max_length} (mean {sum(lengths) / len(lengths):.0f}, median {median}), "
                   f"prompt 1/8..1/2 of each (no loss there)")
             ours, ours_info = run_sft_alignflow(args, model_dir, examples, tok.pad_token_id)
             theirs, theirs_info = run_sft_trl(args, model_dir, examples, tok, os.path.join(tmp, "trl-sft"))
-            print(f"  alignflow: {ours_info['batching']}; model got {describe(ours_info['model_kwargs'])}")
+            extra = []
+            if args.trl_accumulate and args.rows > 1:
+                extra = [run_sft_trl(args, model_dir, examples, tok, os.path.join(tmp, "trl-sft-acc"), True)]
+            print(f"  alignflow: {ours_info['batching']}; model got {describe(ours_info['model_kwargs'])}; "
+                  f"{ours_info['optimizer']}")
             if PACKING_ERROR is None and "position_ids" not in ours_info["model_kwargs"]:
                 print("  WARNING: SFTTrainer did not pass position_ids: packed examples attended across their "
                       "boundaries (the timing holds, the training would be wrong)")
-            print(f"  trl:       {theirs_info['batching']}; model got {describe(theirs_info['model_kwargs'])}; "
-                  f"optimizer {theirs_info['optimizer']}")
-            print(f"  batch sizes: both sides take {args.rows} packed rows of <= {args.max_length} tokens a step"
-                  + ("" if PACKING_ERROR is None else
-                     f" (alignflow padded: at most {args.rows * args.max_length} real tokens a step)"))
-            table(f"SFT ({'packed' if PACKING_ERROR is None else 'alignflow PADDED (no packing yet)'} vs TRL "
-                  f"packing=True, padding_free={theirs_info['padding_free']})", [ours, theirs])
+            for result, info in [(theirs, theirs_info)] + extra:
+                print(f"  {result.side + ':':10s} {info['batching']}; model got {describe(info['model_kwargs'])}; "
+                      f"{info['optimizer']}")
+            if PACKING_ERROR is None:
+                print(f"  batch size: {args.rows} packed rows of <= {args.max_length} tokens a step on both sides "
+                      "(both count packed rows, so a step holds about the same real tokens)")
+            else:
+                print(f"  batch size: TRL {args.rows} packed rows of <= {args.max_length} tokens a step; alignflow "
+                      f"padded batches of at most {args.rows * args.max_length} real tokens a step")
+            table(f"SFT: alignflow {'packed' if PACKING_ERROR is None else 'PADDED (no packing yet)'} vs TRL "
+                  f"packing=True (bfd), padding_free={theirs_info['padding_free']}",
+                  [ours, theirs] + [result for result, _ in extra])
 
         if args.only in (None, "dpo"):
             texts = dpo_texts(n * args.pairs, args.dpo_max_length, args.vocab, args.seed + 1)
@@ -546,11 +623,17 @@ def main() -> None:
             seqs = [len(p["prompt_ids"]) + len(p[f"{s}_ids"]) for p in pairs for s in ("chosen", "rejected")]
             print(f"\nDPO data: {len(pairs)} pairs, sequence lengths log-uniform 16..{args.dpo_max_length} "
                   f"(mean {sum(seqs) / len(seqs):.0f}); {args.pairs} pairs/step on both sides "
-                  f"(a [{2 * args.pairs}, longest] policy batch), beta {args.beta}, sigmoid, "
-                  f"precompute_ref_log_probs=True on both sides (scoring not timed)")
-            ours, _ = run_dpo_alignflow(args, model_dir, pairs, tok.pad_token_id)
-            theirs, _ = run_dpo_trl(args, model_dir, texts, pairs, tok, os.path.join(tmp, "trl-dpo"))
-            table("DPO (TRL padding_free: not used, TRL's DPOTrainer disables it)", [ours, theirs])
+                  f"(chosen and rejected in one forward), beta {args.beta}, sigmoid, "
+                  f"precompute_ref_log_probs=True on both sides (the scoring pass is not timed)")
+            ours, ours_info = run_dpo_alignflow(args, model_dir, pairs, tok.pad_token_id)
+            theirs, theirs_info = run_dpo_trl(args, model_dir, texts, pairs, tok, os.path.join(tmp, "trl-dpo"))
+            print(f"  alignflow: collate_pairs; model got {describe(ours_info['model_kwargs'])}; "
+                  f"{ours_info['optimizer']}")
+            print(f"  trl:       padding_free=True asked, {theirs_info['padding_free']} used"
+                  + ("" if theirs_info["padding_free"] else
+                     f" (TRL {trl.__version__}'s DPOTrainer turns it off: 'temporarily unavailable')")
+                  + f"; model got {describe(theirs_info['model_kwargs'])}; {theirs_info['optimizer']}")
+            table(f"DPO: alignflow vs TRL (padding_free={theirs_info['padding_free']})", [ours, theirs])
     print("\n(one run, sides one after the other; on a shared machine compare several runs)")
 
 

@@ -119,12 +119,12 @@ def test_the_lora_reference_is_the_parent_and_holds_no_second_copy(kind, hf_mode
     assert (live[0] - want[0]).abs().max() > 1e-3  # the policy's own adapter does change its numbers
 
 
-def test_a_lora_sft_then_lora_dpo_chain_hands_on_merged_models_and_dpo_starts_at_log_2(hf_model_dir, tmp_path,
-                                                                                       small_config):
-    """Stage by stage (stages.sft/dpo.run, as torchrun or a Prefect task runs them)."""
+def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_parent(hf_model_dir, tmp_path,
+                                                                                     small_config, monkeypatch):
+    """Stage by stage (stages.sft/dpo/grpo.run, as torchrun or a Prefect task runs them)."""
     from peft import PeftModel
 
-    from stages import dpo, handoff, sft
+    from stages import dpo, grpo, handoff, sft
     from test_hf_pipeline import FAST, preference_file
 
     base = hf_model_dir("llama3")
@@ -132,7 +132,9 @@ def test_a_lora_sft_then_lora_dpo_chain_hands_on_merged_models_and_dpo_starts_at
                           **{"sft.lora": {"r": 8, "alpha": 16}, "dpo.lora": {"r": 8, "alpha": 16},
                              "dpo.data.source": preference_file(tmp_path / "pairs.jsonl"),
                              "dpo.data.val_fraction": 0.2, "dpo.train.max_steps": 16, "dpo.train.lr": 3e-3,
-                             "dpo.train.log_interval": 1})
+                             "dpo.train.log_interval": 1, "grpo.lora": {"r": 8, "alpha": 16},
+                             "grpo.train.max_steps": 3, "grpo.train.lr": 3e-2, "grpo.train.log_interval": 1,
+                             "grpo.max_completion_length": 8, "grpo.num_generations": 4})
     sft_dir, dpo_dir = tmp_path / "runs" / "sft", tmp_path / "runs" / "dpo"
     sft.run(config, base, sft_dir)
     manifest = handoff.verify(sft_dir)
@@ -168,3 +170,14 @@ def test_unsupported_lora_settings_are_refused_by_name(overrides, says):
 
     with pytest.raises(ValueError, match="(?s)" + re.escape(says)):
         load_config("tiny", overrides=overrides)
+
+    # GRPO loads its parent once (the reference is the policy without its adapter), and the KL to
+    # that reference is 0 before the first update and grows after: the reference stays the parent.
+    loads = []
+    load_stage = handoff.load_stage
+    monkeypatch.setattr(handoff, "load_stage", lambda *a, **k: loads.append(a[0]) or load_stage(*a, **k))
+    grpo.run(config, sft_dir, tmp_path / "runs" / "grpo")
+    assert len(loads) == 1
+    kl = [json.loads(line)["kl"] for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()
+          if "kl" in json.loads(line)]
+    assert kl[0] == 0.0 and kl[-1] > 1e-6, kl

@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--hf", help="a Hugging Face model directory to train instead of the built-in model")
     ap.add_argument("--lora", type=int, help="train a LoRA adapter of this rank instead of every weight")
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -92,7 +93,7 @@ def main() -> None:
     if args.lora:
         from models.lora import add_adapter
 
-        model = add_adapter(model, r=args.lora, alpha=2.0 * args.lora, dropout=0.1)  # dropout: RNG on resume
+        model = add_adapter(model, r=args.lora, alpha=2.0 * args.lora, dropout=args.lora_dropout)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     train_loader = loader(data, args.global_batch // world, shuffle=args.shuffle and sampler is None,
                           sampler=sampler)
