@@ -114,12 +114,6 @@ class StageConfig(Settings):
     lora: LoRAConfig | None = Field(None, description="train a LoRA adapter instead of every weight "
                                                       "(absent: full fine-tuning)")
 
-    @model_validator(mode="after")
-    def _lora_runs_under_ddp(self) -> "StageConfig":
-        if self.lora is not None and self.train.strategy == "fsdp":
-            raise ValueError("lora with train.strategy: fsdp is not supported yet: a LoRA stage trains under ddp")
-        return self
-
 
 class PretrainConfig(StageConfig):
     pass

@@ -61,11 +61,13 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path, family, hf_model_dir):
     assert max_diff(tmp_path / "one.st", tmp_path / "fsdp.st") < 5e-5
 
 
-def test_fsdp_sigkill_resume_is_bitwise_and_a_two_rank_checkpoint_continues_on_one(tmp_path):
+@pytest.mark.parametrize("lora", [None, 4], ids=["full", "lora"])
+def test_fsdp_sigkill_resume_is_bitwise_and_a_two_rank_checkpoint_continues_on_one(tmp_path, lora):
+    """With LoRA the sharded checkpoint holds the adapter and its optimizer state only."""
     # SGD for the 2 -> 1 comparison: its update is proportional to the gradient, so one rank and
     # two agree to ~1e-9 (see test_two_fsdp_ranks_equal_one_process for Adam).
     common = ["--global-batch", "8", "--num-seqs", "48", "--max-steps", "6", "--save-interval", "2",
-              "--strategy", "fsdp", "--optimizer", "sgd"]
+              "--strategy", "fsdp", "--optimizer", "sgd", *(("--lora", str(lora)) if lora else ())]
     launch("--out", str(tmp_path / "straight.st"), "--save-dir", str(tmp_path / "straight"), *common, ranks=2)
     killed = tmp_path / "killed"
     launch("--out", str(tmp_path / "never.st"), "--save-dir", str(killed), "--kill-at", "5", *common,
@@ -73,6 +75,12 @@ def test_fsdp_sigkill_resume_is_bitwise_and_a_two_rank_checkpoint_continues_on_o
     state = killed / "state"
     assert sorted(p.name for p in state.iterdir()) == ["step-00000002", "step-00000004"]
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (state / "step-00000004").iterdir()}
+    if lora:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        saved = FileSystemReader(state / "step-00000004").read_metadata().state_dict_metadata
+        weights = [k for k in saved if k.startswith("model.")]
+        assert weights and all("lora_" in k for k in weights), weights[:4]
     two_ranks = copy_run(killed, tmp_path / "on-two")
     launch("--out", str(tmp_path / "resumed.st"), "--save-dir", str(two_ranks), "--resume", *common, ranks=2)
     straight, resumed = load_file(tmp_path / "straight.st"), load_file(tmp_path / "resumed.st")
@@ -81,6 +89,16 @@ def test_fsdp_sigkill_resume_is_bitwise_and_a_two_rank_checkpoint_continues_on_o
     # The same 2-rank checkpoint, resharded by DCP onto one rank with the whole batch.
     launch("--out", str(tmp_path / "one-rank.st"), "--save-dir", str(killed), "--resume", *common, ranks=1)
     assert max_diff(tmp_path / "straight.st", tmp_path / "one-rank.st") < 1e-6
+
+
+def test_lora_under_fsdp_equals_one_process(tmp_path):
+    common = ["--lora", "4", "--global-batch", "8", "--accum", "2", "--num-seqs", "48", "--max-steps", "3",
+              "--optimizer", "sgd"]
+    launch("--out", str(tmp_path / "one.st"), *common)
+    launch("--out", str(tmp_path / "fsdp.st"), "--strategy", "fsdp", *common, ranks=2)
+    one = load_file(tmp_path / "one.st")
+    assert max(one[k].abs().max().item() for k in one if ".lora_B." in k) > 1e-5  # the adapter moved
+    assert max_diff(tmp_path / "one.st", tmp_path / "fsdp.st") < 1e-8
 
 
 def copy_run(src: Path, dst: Path) -> Path:

@@ -161,7 +161,6 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
 
 @pytest.mark.parametrize("overrides, says", [
     ({"pretrain.lora": {"r": 8}}, "pretrain.lora: the built-in model 'tiny' is trained from scratch"),
-    ({"sft.lora": {"r": 8}, "sft.train.strategy": "fsdp"}, "lora with train.strategy: fsdp is not supported"),
     ({"dpo.lora": {"r": 8, "quantize": "4bit"}}, "lora.quantize: 4bit (QLoRA) is not built yet"),
     ({"sft.lora": {"rank": 8}}, "rank"),
 ])

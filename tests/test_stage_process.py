@@ -81,13 +81,15 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, sm
         torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("parent, strategy", [("builtin", "ddp"), ("hf", "ddp"), ("hf", "fsdp")],
-                         indirect=["parent"])
-def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, strategy, small_config, prefect_harness):
+@pytest.mark.parametrize("parent, strategy, lora", [("builtin", "ddp", None), ("hf", "ddp", None),
+                                                   ("hf", "fsdp", None), ("hf", "fsdp", {"r": 4})],
+                         indirect=["parent"], ids=["builtin-ddp", "hf-ddp", "hf-fsdp", "hf-fsdp-lora"])
+def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, strategy, lora, small_config,
+                                                      prefect_harness):
     pretrained = parent
     # SGD: its update is proportional to the gradient, which is what DDP reduces (see test_ddp.py).
     common = {"runs_dir": str(tmp_path), "sft.train.optimizer": "sgd", "sft.train.lr": 0.05,
-              "sft.train.max_steps": 3, "sft.train.max_grad_norm": None}
+              "sft.train.max_steps": 3, "sft.train.max_grad_norm": None, "sft.lora": lora}
     one = small_config(**common, **{"sft.train.batch_size": 8})
     two = small_config(**common, **{"sft.train.batch_size": 4, "sft.train.nproc_per_node": 2,
                                     "sft.train.strategy": strategy})
@@ -110,6 +112,7 @@ def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, strategy
         from transformers import AutoModelForCausalLM
 
         assert (tmp_path / "two" / "sft" / "state" / "step-00000003" / ".metadata").exists()
+        assert (tmp_path / "two" / "sft" / "adapter").is_dir() == bool(lora)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "sft").state_dict()
         for name, tensor in wb.items():
             assert torch.equal(loaded[name], tensor), name

@@ -210,12 +210,20 @@ def save_state(tmp: Path, model: torch.nn.Module | None, training_state: dict) -
     torch.save(training_state, tmp / "training_state.pt")
 
 
+def _trained_only():
+    """Sharded checkpoints leave out frozen parameters too (a LoRA adapter's base), as
+    `trained_tensors` does for one process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
 def save_sharded(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the weights and of the optimizer state into `tmp`."""
     from torch.distributed.checkpoint import FileSystemWriter, save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_trained_only())
     save({"model": model_state, "optimizer": optim_state}, storage_writer=FileSystemWriter(tmp))
 
 
@@ -223,15 +231,17 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """The weights and optimizer state of `path` into this rank's shards, however many ranks
     wrote them. Every rank must call it."""
     from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)  # what this rank holds, to fill
+    model_state, optim_state = get_state_dict(model, optimizer, options=_trained_only())  # this rank's, to fill
     state = {"model": model_state, "optimizer": optim_state}
     try:
         load(state, storage_reader=FileSystemReader(path))
     except Exception as e:
         raise CheckpointError(f"cannot load the sharded weights and optimizer state of {path}: {e}") from e
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    # Not strict: the frozen parameters are not in it (`load` has already refused a missing key).
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def commit(tmp: Path, meta: dict, keep_last: int | None) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models.files import atomic_write
 
@@ -61,6 +62,8 @@ def reference_fingerprint(model: nn.Module, scoring: str) -> str:
     h = hashlib.sha256(scoring.encode())
     weights = model.weights() if isinstance(model, AdapterDisabled) else model.state_dict()
     for name, t in sorted(weights.items()):
+        if isinstance(t, DTensor):  # a sharded LoRA policy's base: the whole tensor (every rank calls this)
+            t = t.full_tensor()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()

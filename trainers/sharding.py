@@ -106,6 +106,17 @@ def original_class(model: nn.Module) -> type:
     return cls
 
 
+def _empty_copy(model: nn.Module) -> nn.Module:
+    """A new model of the same structure (on the device in use: meta): the model's own class built
+    from its config; for a peft model, its base so, with the same adapter injected."""
+    cls = original_class(model)
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        base = model.get_base_model()
+        adapter = model.active_adapter
+        return cls(original_class(base)(base.config), model.peft_config[adapter], adapter_name=adapter)
+    return cls(model.config)
+
+
 def gathered_copy(model: nn.Module, is_main: bool) -> nn.Module | None:
     """An unsharded copy of a sharded model with its full weights, on the CPU of rank 0 (None on
     the others). Every rank must call it: the weights are gathered from all of them.
@@ -119,7 +130,7 @@ def gathered_copy(model: nn.Module, is_main: bool) -> nn.Module | None:
     if not is_main:
         return None
     with torch.device("meta"):
-        plain = original_class(model)(model.config)
+        plain = _empty_copy(model)
     plain.load_state_dict(full, assign=True)
     for name, buffer in model.named_buffers():
         owner, _, attr = name.rpartition(".")
