@@ -129,6 +129,10 @@ def gathered_copy(model: nn.Module, is_main: bool) -> nn.Module | None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return None
+    # A dimension that does not divide by the ranks is padded for sharding, and its gathered tensor
+    # is a view of the padded storage, which safetensors refuses to save: give it its own.
+    full = {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+            for k, v in full.items()}
     with torch.device("meta"):
         plain = _empty_copy(model)
     plain.load_state_dict(full, assign=True)

@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--hf", help="a Hugging Face model directory to train instead of the built-in model")
     ap.add_argument("--lora", type=int, help="train a LoRA adapter of this rank instead of every weight")
     ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--save-model", help="also save the final model here as a stage does (a LoRA one merged)")
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -113,6 +114,11 @@ def main() -> None:
     if rank == 0:
         state = {k: v.detach().clone().contiguous() for k, v in final.state_dict().items()}  # tied: two copies
         save_file(state, args.out)
+        if args.save_model:
+            from models import save_model
+            from models.lora import is_adapted, merge
+
+            save_model(merge(final) if is_adapted(final) else final, args.save_model)
     if world > 1:
         exit_worker(0)
 
