@@ -54,11 +54,13 @@ class _Decoder:
     the cache argument and output `past_key_values` -> `cache`; the model's signature says which."""
 
     def __init__(self, model, max_len: int, use_cache: bool):
-        model = base_of(model)  # a peft model decodes through its base, whose layers carry the adapter
         self.model, self.use_cache = model, use_cache
-        self.builtin = isinstance(model, LlamaForCausalLM)
-        self.cache = KVCache(model.config, max_len) if use_cache and self.builtin else None
-        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # A peft model is called as it is (it passes every argument on, and under FSDP it is the
+        # root that must run first); what it wraps says which kind of model it is.
+        base = base_of(model)
+        self.builtin = isinstance(base, LlamaForCausalLM)
+        self.cache = KVCache(base.config, max_len) if use_cache and self.builtin else None
+        self.cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def __call__(self, tokens: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] after `tokens` (of which `new` are not yet in the cache)."""

@@ -134,7 +134,8 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
                              "dpo.data.val_fraction": 0.2, "dpo.train.max_steps": 16, "dpo.train.lr": 3e-3,
                              "dpo.train.log_interval": 1, "grpo.lora": {"r": 8, "alpha": 16},
                              "grpo.train.max_steps": 3, "grpo.train.lr": 3e-2, "grpo.train.log_interval": 1,
-                             "grpo.max_completion_length": 8, "grpo.num_generations": 4})
+                             "grpo.max_completion_length": 8, "grpo.num_generations": 4,
+                             "grpo.reward_funcs": ["digits"]})  # test_hf_pipeline's: a random model climbs it
     sft_dir, dpo_dir = tmp_path / "runs" / "sft", tmp_path / "runs" / "dpo"
     sft.run(config, base, sft_dir)
     manifest = handoff.verify(sft_dir)
@@ -158,6 +159,17 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
     assert sum(losses[-4:]) / 4 < math.log(2) - 0.05, losses
     assert handoff.verify(dpo_dir)["parent"]["content_hash"] == manifest["content_hash"]
 
+    # GRPO loads its parent once (the reference is the policy without its adapter), and the KL to
+    # that reference is 0 before the first update and grows after: the reference stays the parent.
+    loads = []
+    load_stage = handoff.load_stage
+    monkeypatch.setattr(handoff, "load_stage", lambda *a, **k: loads.append(a[0]) or load_stage(*a, **k))
+    grpo.run(config, sft_dir, tmp_path / "runs" / "grpo")
+    assert len(loads) == 1
+    kl = [json.loads(line)["kl"] for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()
+          if "kl" in json.loads(line)]
+    assert kl[0] == 0.0 and kl[-1] > 1e-6, kl
+
 
 @pytest.mark.parametrize("overrides, says", [
     ({"pretrain.lora": {"r": 8}}, "pretrain.lora: the built-in model 'tiny' is trained from scratch"),
@@ -170,13 +182,3 @@ def test_unsupported_lora_settings_are_refused_by_name(overrides, says):
     with pytest.raises(ValueError, match="(?s)" + re.escape(says)):
         load_config("tiny", overrides=overrides)
 
-    # GRPO loads its parent once (the reference is the policy without its adapter), and the KL to
-    # that reference is 0 before the first update and grows after: the reference stays the parent.
-    loads = []
-    load_stage = handoff.load_stage
-    monkeypatch.setattr(handoff, "load_stage", lambda *a, **k: loads.append(a[0]) or load_stage(*a, **k))
-    grpo.run(config, sft_dir, tmp_path / "runs" / "grpo")
-    assert len(loads) == 1
-    kl = [json.loads(line)["kl"] for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()
-          if "kl" in json.loads(line)]
-    assert kl[0] == 0.0 and kl[-1] > 1e-6, kl
