@@ -18,9 +18,6 @@ number of optimizer steps, fp32 throughout. Each keeps its own AdamW kernel (ali
        one sequence with position_ids. Both count packed rows of max_length, so a step holds
        about the same real tokens on both sides. `--trl-accumulate` adds a TRL row that takes
        one packed row per forward and accumulates `--rows` of them per step.
-       Until `trainers.packing` exists alignflow falls back to `collate_causal_lm` padded
-       batches of consecutive examples holding at most rows x max_length real tokens (said so
-       in the output): its rate then includes the cost of padding.
   dpo  pairs sharing a prompt, chosen and rejected lengths log-uniform in 16..dpo_max_length,
        given to TRL as text ("w17 w3 ...": one word is one token) and tokenised by TRL itself;
        alignflow gets the same ids (checked against TRL's). Both `DPOTrainer`s with
@@ -80,15 +77,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainers import configure_optimizer  # noqa: E402
 from trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
-from trainers.sft import SFTTrainer, collate_causal_lm  # noqa: E402
+from trainers.sft import SFTTrainer  # noqa: E402
 
-try:  # being written: fall back to padded batches until it lands
-    from trainers.packing import pack_examples  # noqa: E402
-    from trainers.sft import collate_packed  # noqa: E402
-    PACKING_ERROR = None
-except ImportError as e:
-    pack_examples = collate_packed = None
-    PACKING_ERROR = str(e)
+from trainers.packing import pack_examples  # noqa: E402
+from trainers.sft import collate_packed  # noqa: E402
 
 IGNORE = -100
 SPECIALS = ("<|pad|>", "<|eos|>", "<|unk|>")  # ids 0, 1, 2; words w3 .. w{vocab-1} after them
@@ -360,35 +352,12 @@ def run_sft_alignflow(args, model_dir: str, examples: list[dict], pad_id: int) -
 
     n = args.warmup + args.steps
     model = load_model(model_dir)
-    info = {}
-    if PACKING_ERROR is None:
-        rows = pack_examples(examples, args.max_length)
-        loader_data, batch_size = rows, args.rows
-        collate = functools.partial(collate_packed, pad_id=pad_id)
-        info["rows"] = rows
-        info["batching"] = (f"pack_examples -> {len(rows)} packed rows (mean {mean_len(rows):.0f} tokens), "
-                            f"{args.rows} rows/step, collate_packed")
-    else:
-        # Padded fallback: consecutive examples, at most rows x max_length real tokens a batch,
-        # so a step holds about as many real tokens as `rows` packed rows would.
-        budget, batches, current, used = args.rows * args.max_length, [], [], 0
-        for i, ex in enumerate(examples):
-            if current and used + len(ex["input_ids"]) > budget:
-                batches.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += len(ex["input_ids"])
-        batches.append(current)
-        loader_data, batch_size = examples, None
-        collate = functools.partial(collate_causal_lm, pad_id=pad_id)
-        info["batching"] = (f"PADDED FALLBACK (trainers.packing not available yet: {PACKING_ERROR}): consecutive "
-                            f"examples up to {budget} real tokens a batch "
-                            f"(mean {sum(map(len, batches)) / len(batches):.1f} examples), collate_causal_lm")
+    rows = pack_examples(examples, args.max_length)
+    collate = functools.partial(collate_packed, pad_id=pad_id)
+    info = {"rows": rows, "batching": (f"pack_examples -> {len(rows)} packed rows (mean {mean_len(rows):.0f} "
+                                       f"tokens), {args.rows} rows/step, collate_packed")}
     counter = Counting(collate, args.max_length)
-    if batch_size is None:
-        loader = DataLoader(loader_data, batch_sampler=batches, collate_fn=counter)
-    else:
-        loader = DataLoader(loader_data, batch_size=batch_size, shuffle=False, collate_fn=counter)
+    loader = DataLoader(rows, batch_size=args.rows, shuffle=False, collate_fn=counter)
     trainer = SFTTrainer(model=model, optimizer=configure_optimizer(model, lr=args.lr, weight_decay=0.01),
                          train_loader=loader, **alignflow_common(args, n))
     seen = arguments_received(model)
@@ -601,19 +570,15 @@ def main() -> None:
                 extra = [run_sft_trl(args, model_dir, examples, tok, os.path.join(tmp, "trl-sft-acc"), True)]
             print(f"  alignflow: {ours_info['batching']}; model got {describe(ours_info['model_kwargs'])}; "
                   f"{ours_info['optimizer']}")
-            if PACKING_ERROR is None and "position_ids" not in ours_info["model_kwargs"]:
+            if "position_ids" not in ours_info["model_kwargs"]:
                 print("  WARNING: SFTTrainer did not pass position_ids: packed examples attended across their "
                       "boundaries (the timing holds, the training would be wrong)")
             for result, info in [(theirs, theirs_info)] + extra:
                 print(f"  {result.side + ':':10s} {info['batching']}; model got {describe(info['model_kwargs'])}; "
                       f"{info['optimizer']}")
-            if PACKING_ERROR is None:
-                print(f"  batch size: {args.rows} packed rows of <= {args.max_length} tokens a step on both sides "
-                      "(both count packed rows, so a step holds about the same real tokens)")
-            else:
-                print(f"  batch size: TRL {args.rows} packed rows of <= {args.max_length} tokens a step; alignflow "
-                      f"padded batches of at most {args.rows * args.max_length} real tokens a step")
-            table(f"SFT: alignflow {'packed' if PACKING_ERROR is None else 'PADDED (no packing yet)'} vs TRL "
+            print(f"  batch size: {args.rows} packed rows of <= {args.max_length} tokens a step on both sides "
+                  "(both count packed rows, so a step holds about the same real tokens)")
+            table(f"SFT: alignflow packed vs TRL "
                   f"packing=True (bfd), padding_free={theirs_info['padding_free']}",
                   [ours, theirs] + [result for result, _ in extra])
 
