@@ -66,7 +66,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], object]:
     from peft.utils import get_peft_model_state_dict
 
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    return state, model.peft_config["default"]
+    return state, model.peft_config[model.active_adapter]
 
 
 def save_adapter(directory: str, state: dict[str, torch.Tensor], config) -> list[str]:

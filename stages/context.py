@@ -6,9 +6,10 @@
         stage.train(trainer, tok)                           # train (resuming), held-out evaluation
     return stage.result                                     # set on a clean exit: directory written
 
-On a clean exit rank 0 writes the model directory (a LoRA policy merged, its adapter in adapter/) (Hugging Face layout) and, last, the manifest (stages.handoff),
-then publishes the directory when it lives at a URL (stages.storage). On an exception nothing
-is written: a retry resumes from the trainer's last checkpoint in `state/`."""
+On a clean exit rank 0 writes the model directory (Hugging Face layout; a LoRA policy merged, its
+adapter in adapter/) and, last, the manifest (stages.handoff), then publishes the directory when
+it lives at a URL (stages.storage). On an exception nothing is written: a retry resumes from the
+trainer's last checkpoint in `state/`."""
 from __future__ import annotations
 
 import functools

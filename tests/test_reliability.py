@@ -164,7 +164,7 @@ def test_a_read_only_stage_directory_is_one_line_naming_the_path_and_not_retried
     config, result = finished
     attempts = []
 
-    def read_only(out_dir, *args):
+    def read_only(out_dir, *args, **kwargs):
         attempts.append(out_dir)
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out_dir / "model.safetensors"))
 
