@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainers.packing import check_isolation
 from trainers.sft import collate_causal_lm, collate_packed
 
 from .config import PipelineConfig
@@ -12,6 +13,9 @@ from .context import StageRun
 def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
     with StageRun("sft", config, parent_dir, out_dir) as stage:
         model, tok = stage.load_policy()
-        collate = collate_packed if config.sft.data.packing else collate_causal_lm
+        collate = collate_causal_lm
+        if config.sft.data.packing:
+            check_isolation(model, len(tok), stage.device)  # no example may see another
+            collate = collate_packed
         stage.train(stage.trainer(model, tok, collate), tok)
     return stage.result

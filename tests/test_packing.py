@@ -62,7 +62,7 @@ def logps_of(model, batch) -> torch.Tensor:
     return token_logps(logits, next_token_labels(batch))
 
 
-@pytest.mark.parametrize("kind", ["builtin", "llama3", "chatml"])
+@pytest.mark.parametrize("kind", ["builtin", "llama3", "chatml", "neox"])
 def test_each_example_in_a_packed_row_scores_as_it_does_alone(kind, hf_model_dir):
     model, vocab = model_of(kind, hf_model_dir)
     data = examples(12, min(vocab, 200), seed=1)
@@ -118,3 +118,16 @@ def test_packing_is_an_sft_setting():
 
     with pytest.raises(ValueError, match="dpo.data.packing"):
         load_config("tiny", overrides={"dpo.data.packing": True})
+
+
+def test_a_model_that_lets_packed_examples_see_each_other_is_refused(hf_model_dir):
+    """transformers reads packed sequences from position ids only without a cache: with
+    use_cache on (its own default) the examples silently attend to each other."""
+    from trainers.packing import check_isolation
+
+    model, vocab = model_of("llama3", hf_model_dir)
+    check_isolation(model, vocab)
+    model.config.use_cache = True
+    with pytest.raises(ValueError, match="LlamaForCausalLM lets packed examples attend to each other"):
+        check_isolation(model, vocab)
+    check_isolation(small_model(seed=0), VOCAB)
