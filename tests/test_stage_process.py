@@ -39,14 +39,16 @@ def parent(request, pretrained, hf_model_dir):
     return pretrained if request.param == "builtin" else hf_model_dir("llama3")
 
 
-@pytest.mark.parametrize("where, parent", [("local", "builtin"), ("bucket", "builtin"), ("local", "hf")],
-                         indirect=["parent"])
-def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, small_config, monkeypatch):
+@pytest.mark.parametrize("where, parent, lora", [("local", "builtin", None), ("bucket", "builtin", None),
+                                                 ("local", "hf", None), ("local", "hf", {"r": 4, "dropout": 0.1})],
+                         indirect=["parent"], ids=["local-builtin", "bucket-builtin", "local-hf", "local-hf-lora"])
+def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, lora, small_config, monkeypatch):
     """local: the retry finds the stage's own state/. bucket: the stage publishes to a URL and
     the retry runs elsewhere (an empty cache), resuming from the checkpoints it mirrored there.
-    hf: the same with a Hugging Face model as the parent."""
+    hf: the same with a Hugging Face model as the parent; lora: a LoRA stage, whose checkpoints
+    hold the adapter alone, and whose merged output must match."""
     pretrained = parent
-    config = small_config()
+    config = small_config(**{"sft.lora": lora})
     STAGES["sft"].run(config, pretrained, tmp_path / "straight")
 
     cfg_file = tmp_path / "config.yaml"
