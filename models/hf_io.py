@@ -94,10 +94,16 @@ def needs_remote_code(directory: str, file: str = CONFIG_NAME) -> bool:
 
 
 def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.device = "cpu", dtype: str = "float32",
-               attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> torch.nn.Module:
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+               quantize: str | None = None) -> torch.nn.Module:
     """The model saved in `directory`: the built-in class, or transformers' AutoModelForCausalLM with
-    weights in `dtype` and the given attention kernel ('sdpa', 'eager', 'flash_attention_2')."""
+    weights in `dtype` and the given attention kernel ('sdpa', 'eager', 'flash_attention_2').
+    quantize="4bit": its linear layers in 4-bit NF4 (bitsandbytes, double quantization; they
+    compute in `dtype`), as QLoRA trains on a frozen base."""
     if kind == BUILTIN:
+        if quantize:
+            raise ValueError(f"{directory} holds the built-in model: 4-bit quantization (QLoRA) applies to "
+                             "transformers models only")
         return load_pretrained(directory, device=device, dtype=DTYPES[dtype] if dtype != "float32" else None)
     directory = os.path.abspath(directory)
     if needs_remote_code(directory) and not trust_remote_code:
@@ -106,16 +112,42 @@ def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.dev
     from transformers import AutoModelForCausalLM
 
     _bars_only_on_a_terminal()
+    placement = {"quantization_config": four_bit(DTYPES[dtype]), "device_map": {"": str(device)}} if quantize else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype],
                                                      attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True,
+                                                     **placement)
     except Exception as e:  # transformers raises many types; the user needs the directory
         raise ValueError(f"cannot load a causal LM from {directory}: {e}") from e
     # Training forwards must not fill a KV cache nobody reads (fp32 under autocast, copied per
     # layer: 3-7% of a step, bench/hf_vs_builtin.py); generation asks for one explicitly.
     model.config.use_cache = False
-    return model.to(device)
+    if quantize and torch.device(device).type == "cpu":
+        keep_4bit_weights_differentiable(model)
+    return model if quantize else model.to(device)  # a quantized model is placed as it loads
+
+
+def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights in place the first
+    time it runs in eval mode without gradients (a reference pass, an evaluation), and from then on
+    multiplies through a kernel autograd cannot differentiate: every later training step would
+    silently lose the gradient through the frozen layers. Turn that repacking off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def four_bit(compute_dtype: torch.dtype):
+    """transformers' settings for QLoRA's frozen base: NF4 weights, double quantization."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("lora.quantize: 4bit needs bitsandbytes: pip install 'alignflow[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def fit_vocabulary(model: torch.nn.Module, tokenizer) -> None:

@@ -8,7 +8,8 @@ that is DPO's and GRPO's reference, with no second copy of the weights (docs/tra
 
 The stage hands on a plain model, never the adapter: `adapter_state` copies the adapter out
 (peft's own file layout, for users who want it alone), then `merge` folds W + (alpha/r)·B·A into
-the base weights and unwraps them."""
+the base weights and unwraps them. QLoRA (the base loaded in 4-bit NF4, models.hf_io) merges
+into the parent loaded again unquantized (`with_adapter`)."""
 from __future__ import annotations
 
 import os
@@ -42,8 +43,10 @@ def add_adapter(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, ta
     generator state, so the draw does not depend on what ran before in this process), B is zero:
     at step 0 the adapted model equals the parent exactly. `base`: where the parent lives,
     recorded in the adapter's config."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms and embeddings to fp32, all frozen
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = target_modules or linear_targets(model)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         modules_to_save=modules_to_save, base_model_name_or_path=base)
@@ -77,6 +80,18 @@ def save_adapter(directory: str, state: dict[str, torch.Tensor], config) -> list
                            lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config.save_pretrained(directory)  # peft's own JSON (adds peft_version)
     return [weights, os.path.join(directory, ADAPTER_CONFIG)]
+
+
+def with_adapter(model: nn.Module, state: dict[str, torch.Tensor], config) -> nn.Module:
+    """`model` (the parent, unquantized) carrying the adapter `adapter_state` copied out: how a
+    QLoRA stage gets a model to merge, since folding B·A into 4-bit weights would round it away."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    adapted = get_peft_model(model, config)
+    result = set_peft_model_state_dict(adapted, state)
+    if result.unexpected_keys:
+        raise ValueError(f"the adapter does not fit the parent: {result.unexpected_keys[:3]}")
+    return adapted
 
 
 def merge(model: nn.Module) -> nn.Module:

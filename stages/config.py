@@ -96,16 +96,8 @@ class LoRAConfig(Settings):
         None, description="module names to adapt (e.g. [q_proj, v_proj]); default: every linear layer but the head")
     modules_to_save: list[str] | None = Field(None, description="modules trained in full beside the adapter "
                                                                  "(e.g. [lm_head])")
-    quantize: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA, the frozen base in 4-bit NF4 "
-                                                                  "(not available yet: refused)")
-
-    @field_validator("quantize")
-    @classmethod
-    def _no_qlora_yet(cls, value: str) -> str:
-        if value != "none":
-            raise ValueError("lora.quantize: 4bit (QLoRA) is not built yet: it needs bitsandbytes on a CUDA "
-                             "device, which alignflow does not support so far; use quantize: none")
-        return value
+    quantize: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA, the frozen base's linear layers "
+                                                                  "in 4-bit NF4 (bitsandbytes; transformers models)")
 
 
 class StageConfig(Settings):
@@ -113,6 +105,16 @@ class StageConfig(Settings):
     train: TrainConfig = TrainConfig()
     lora: LoRAConfig | None = Field(None, description="train a LoRA adapter instead of every weight "
                                                       "(absent: full fine-tuning)")
+
+    @property
+    def quantized(self) -> bool:
+        return self.lora is not None and self.lora.quantize != "none"
+
+    @model_validator(mode="after")
+    def _qlora_runs_under_ddp(self) -> "StageConfig":
+        if self.quantized and self.train.strategy == "fsdp":
+            raise ValueError("lora.quantize: 4bit with train.strategy: fsdp is not supported: QLoRA trains under ddp")
+        return self
 
 
 class PretrainConfig(StageConfig):
@@ -192,6 +194,10 @@ class PipelineConfig(Settings):
             raise ValueError(f"pretrain.lora: the built-in model {self.model!r} is trained from scratch by "
                              "pretrain, and an adapter on random weights learns nothing useful; use lora on "
                              "sft/dpo/grpo, or set model to a Hugging Face model directory")
+        quantized = [name for name in STAGES if self.stage(name).quantized]
+        if quantized and self.builtin_model:
+            raise ValueError(f"{quantized[0]}.lora.quantize: 4bit quantizes a transformers model (bitsandbytes), "
+                             f"not the built-in model {self.model!r}; set model to a Hugging Face model directory")
         return self
 
     @property

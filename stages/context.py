@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models import Tokenizer, model_kind
-from models.lora import adapter_state, add_adapter, base_of, is_adapted, merge
+from models.lora import adapter_state, add_adapter, base_of, is_adapted, merge, with_adapter
 from trainers import configure_optimizer, create_trainer
 from trainers import distributed as dist_utils
 from trainers import BaseTrainer
@@ -156,14 +156,23 @@ class StageRun:
         return model, tok
 
     def load_policy(self) -> tuple[torch.nn.Module, Tokenizer]:
-        """The model this stage trains: the parent, with a fresh LoRA adapter when `lora` is set."""
-        model, tok = self.load_parent()
+        """The model this stage trains: the parent, with a fresh LoRA adapter when `lora` is set
+        (QLoRA: on the parent's linear layers quantized to 4 bits)."""
         lora = self.settings.lora
+        quantize = lora.quantize if self.settings.quantized else None
+        model, tok, _ = handoff.load_stage(self.parent_dir, self.device, self.config.hf,
+                                           manifest=self.parent_manifest, quantize=quantize)
         if lora is not None:
             model = add_adapter(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                                 target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
                                 seed=self.train_cfg.seed or 0, base=self.parent_ref)
         return model, tok
+
+    def reference_weights_id(self) -> str:
+        """What names the reference's weights for DPO's score cache: the parent's content hash and
+        how it is loaded (dtype, attention kernel, 4-bit quantization)."""
+        quantized = ":4bit" if self.settings.quantized else ""
+        return f"{self.parent_hash}:{self.config.hf.model_dump_json()}{quantized}"
 
     def reference_loader(self, policy: torch.nn.Module) -> Callable[[], torch.nn.Module]:
         """How DPO and GRPO get their frozen reference, the parent: a LoRA policy without its
@@ -240,7 +249,8 @@ class StageRun:
         if lora is None:
             return line + ")"
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return line + f", LoRA r={lora.r} alpha={lora.alpha:g}: {trained / 1e6:.2f}M trained)"
+        kind = "QLoRA (4-bit base)" if self.settings.quantized else "LoRA"
+        return line + f", {kind} r={lora.r} alpha={lora.alpha:g}: {trained / 1e6:.2f}M trained)"
 
     def _strategy(self) -> str:
         t = self.train_cfg
@@ -257,6 +267,9 @@ class StageRun:
         if self.dist.is_main:
             if is_adapted(model):  # hand on a plain model: the adapter merged into the weights
                 adapter = adapter_state(model)
+                if self.settings.quantized:  # into the parent's own weights, not their 4-bit rounding
+                    model = with_adapter(handoff.load_stage(self.parent_dir, "cpu", self.config.hf,
+                                                            manifest=self.parent_manifest)[0], *adapter)
                 model = merge(model)
             model.to(self.device)  # fsdp gathers onto the CPU
             evaluation = heldout_metrics(self.config, self.settings.data, model, tok)

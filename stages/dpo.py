@@ -14,9 +14,7 @@ from .context import StageRun
 def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
     with StageRun("dpo", config, parent_dir, out_dir) as stage:
         model, tok = stage.load_policy()
-        # Loaded only if its log-probs are not cached for these weights (the parent's content hash
-        # and how it is loaded: dtype, attention kernel), and let go once they are computed.
-        weights_id = f"{stage.parent_hash}:{config.hf.model_dump_json()}"
+        # Loaded only if its log-probs are not cached for these weights, and let go once they are computed.
         stage.train(stage.trainer(model, tok, collate_pairs, ref_model=stage.reference_loader(model),
-                                  ref_weights_id=weights_id, dpo=config.dpo), tok)
+                                  ref_weights_id=stage.reference_weights_id(), dpo=config.dpo), tok)
     return stage.result

@@ -177,12 +177,12 @@ def adapter_files(directory: Path) -> list[str]:
 
 
 def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", options=None,
-               manifest: dict | None = None):
+               manifest: dict | None = None, quantize: str | None = None):
     """(model, tokenizer, manifest) of a verified stage directory or plain Hugging Face model
     directory. `options`: how to load a transformers model (stages.config.HFConfig); the
     tokenizer gets a padding token that is not EOS, the model an embedding row for it.
     `manifest`: what `verify` already returned for it (a multi-GB base is hashed once, not at
-    every load)."""
+    every load). `quantize`: "4bit" loads a transformers model's linear layers in NF4 (QLoRA)."""
     manifest = manifest or verify(stage_dir)
     chat_template = None
     if options is not None and options.chat_template:
@@ -196,7 +196,7 @@ def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", option
     kwargs = {} if options is None else {"dtype": options.dtype, "attn_implementation": options.attn_implementation}
     # Manifests from before transformers models were supported only ever held the built-in model.
     model = load_model(str(stage_dir), manifest.get("model_kind", BUILTIN), device=device, trust_remote_code=trust,
-                       **kwargs)
+                       quantize=quantize, **kwargs)
     fit_vocabulary(model, tokenizer)
     return model, tokenizer, manifest
 

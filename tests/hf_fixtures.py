@@ -126,9 +126,9 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
         chat_template=spec["template"], clean_up_tokenization_spaces=False, model_max_length=256)
 
 
-def _model(family: str, tok: PreTrainedTokenizerFast):
+def _model(family: str, tok: PreTrainedTokenizerFast, hidden_size: int = 32):
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    size = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=256, dtype="float32", **ids)
     if family == "llama3":
         return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), num_key_value_heads=2, tie_word_embeddings=False,
@@ -140,12 +140,13 @@ def _model(family: str, tok: PreTrainedTokenizerFast):
     return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), rotary_pct=0.5, tie_word_embeddings=False, **size))
 
 
-def build_model_dir(family: str, path, seed: int = 0) -> pathlib.Path:
-    """Write a tiny seeded model, its tokenizer and generation_config to `path` (created if needed)."""
+def build_model_dir(family: str, path, seed: int = 0, hidden_size: int = 32) -> pathlib.Path:
+    """Write a tiny seeded model, its tokenizer and generation_config to `path` (created if needed).
+    `hidden_size` 64 or more for 4-bit tests (bitsandbytes quantizes blocks of 64)."""
     path = pathlib.Path(path)
     tok = build_tokenizer(family)
     torch.manual_seed(seed)
-    model = _model(family, tok).float().eval()
+    model = _model(family, tok, hidden_size).float().eval()
     # Instruct checkpoints stop on every end token: Llama 3 on <|eot_id|> and <|end_of_text|>,
     # Phi-3 on <|end|> and <|endoftext|>. ChatML's eos is already its end of turn.
     stops = {"llama3": ["<|eot_id|>", "<|end_of_text|>"], "chatml": ["<|im_end|>"],

@@ -173,7 +173,9 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
 
 @pytest.mark.parametrize("overrides, says", [
     ({"pretrain.lora": {"r": 8}}, "pretrain.lora: the built-in model 'tiny' is trained from scratch"),
-    ({"dpo.lora": {"r": 8, "quantize": "4bit"}}, "lora.quantize: 4bit (QLoRA) is not built yet"),
+    ({"dpo.lora": {"r": 8, "quantize": "4bit"}}, "dpo.lora.quantize: 4bit quantizes a transformers model"),
+    ({"model": "/models/x", "start": "sft", "sft.lora": {"quantize": "4bit"}, "sft.train.strategy": "fsdp"},
+     "lora.quantize: 4bit with train.strategy: fsdp is not supported"),
     ({"sft.lora": {"rank": 8}}, "rank"),
 ])
 def test_unsupported_lora_settings_are_refused_by_name(overrides, says):
@@ -182,3 +184,73 @@ def test_unsupported_lora_settings_are_refused_by_name(overrides, says):
     with pytest.raises(ValueError, match="(?s)" + re.escape(says)):
         load_config("tiny", overrides=overrides)
 
+
+
+def test_qlora_trains_on_a_4bit_base_and_hands_on_the_parent_plus_its_adapter(tmp_path, small_config, monkeypatch):
+    """bitsandbytes quantizes on the CPU too (its pure-torch backend), so QLoRA runs here."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    from hf_fixtures import build_model_dir
+    from stages import context, dpo, handoff, sft
+    from test_hf_pipeline import FAST, preference_file
+
+    base = build_model_dir("llama3", tmp_path / "base", hidden_size=64)  # 4-bit blocks of 64
+    qlora = {"r": 8, "alpha": 16, "quantize": "4bit"}
+    config = small_config(**FAST, model=str(base), start="sft", runs_dir=str(tmp_path / "runs"),
+                          **{"sft.lora": qlora, "dpo.lora": qlora, "dpo.train.max_steps": 6,
+                             "dpo.data.source": preference_file(tmp_path / "pairs.jsonl"), "dpo.train.log_interval": 1})
+    lines = []
+    monkeypatch.setattr(context.log, "info", lambda message, *a: lines.append(message))
+    sft.run(config, base, tmp_path / "runs" / "sft")
+    assert any("QLoRA (4-bit base) r=8 alpha=16" in line for line in lines), lines
+
+    # The output is the parent's own fp32 weights plus the scaled B·A: the 4-bit copy only trained.
+    parent = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "sft", dtype=torch.float32).state_dict()
+    adapter = load_file(tmp_path / "runs" / "sft" / "adapter" / "adapter_model.safetensors")
+    q = "model.layers.0.self_attn.q_proj"
+    a, b = adapter[f"base_model.model.{q}.lora_A.weight"], adapter[f"base_model.model.{q}.lora_B.weight"]
+    assert b.abs().max() > 0
+    assert torch.equal(merged[f"{q}.weight"], parent[f"{q}.weight"] + (b @ a) * 2.0)
+    assert torch.equal(merged["model.layers.0.input_layernorm.weight"], parent["model.layers.0.input_layernorm.weight"])
+
+    # QLoRA DPO on it: policy and reference are the same 4-bit model at step 0, so loss log 2.
+    dpo.run(config, tmp_path / "runs" / "sft", tmp_path / "runs" / "dpo")
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert handoff.verify(tmp_path / "runs" / "dpo")["stage"] == "dpo"
+
+
+def test_qlora_gradients_equal_lora_on_the_dequantized_weights(tmp_path):
+    """The 4-bit base computes as its dequantized weights would, gradients included, also after
+    an evaluation pass (which, unchecked, makes bitsandbytes repack the weights on AVX512-BF16
+    CPUs into a form autograd cannot differentiate)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from hf_fixtures import build_model_dir
+    from models import load_model
+
+    base = str(build_model_dir("llama3", tmp_path, hidden_size=64))
+    quantized = add_adapter(load_model(base, quantize="4bit"), r=4, alpha=8.0)
+    plain = load_model(base)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            plain.get_submodule(name.removeprefix("base_model.model.").removesuffix(".base_layer")).weight.data = weight
+    plain = add_adapter(plain, r=4, alpha=8.0)
+    g = torch.Generator().manual_seed(0)
+    for model in (quantized, plain):  # the same non-zero B in both, so A gets gradients too
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
+    ids = torch.randint(3, 200, (2, 12), generator=g)
+    with torch.no_grad():
+        quantized.eval()(input_ids=ids)  # an evaluation pass first
+    grads = []
+    for model in (quantized, plain):
+        model.train()
+        model(input_ids=ids).logits.float().square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6, msg=name)

@@ -53,16 +53,18 @@ TRAINED_ONLY = "trained"  # metadata["contents"] of a checkpoint holding only wh
 
 
 def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """What a checkpoint holds of a partly frozen model (a LoRA adapter on a frozen base): every
-    state-dict entry but the frozen parameters, one name per storage. None when every parameter
+    """What a checkpoint holds of a partly frozen model (a LoRA adapter on a frozen base): the
+    parameters that train and the buffers, one name per storage. None when every parameter
     trains: then the whole model is saved. Frozen parameters never change, so a resumed run has
-    them already, rebuilt the way the first run built them (from the parent checkpoint)."""
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    if not frozen:
+    them already, rebuilt the way the first run built them (from the parent checkpoint); so has
+    what describes them (a 4-bit base's quantization state)."""
+    params = list(model.named_parameters(remove_duplicate=False))
+    if all(p.requires_grad for _, p in params):
         return None
+    kept = {n for n, p in params if p.requires_grad} | {n for n, _ in model.named_buffers()}
     out, seen = {}, set()
     for name, t in model.state_dict().items():
-        if name not in frozen and (t.data_ptr(), t.shape) not in seen:  # tied names: one copy
+        if name in kept and (t.data_ptr(), t.shape) not in seen:  # tied names: one copy
             seen.add((t.data_ptr(), t.shape))
             out[name] = t.detach().contiguous()
     return out
