@@ -11,21 +11,25 @@ visible, the bytes the step needs, counted: weights (the policy's and the refere
 storage once), gradients, optimizer state, and the activations the forward keeps for backward
 (parameters saved for backward are not counted twice); each process's peak RSS above what it
 held before building the model is printed too.
+With bitsandbytes installed a third configuration, qlora, runs the same model as a transformers
+Llama with its linear layers in 4-bit NF4 (lora.quantize: 4bit).
 Target (issue: lean training): LoRA / full <= 0.55."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import LlamaForCausalLM, get_preset  # noqa: E402
+from models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
 from models.lora import add_adapter  # noqa: E402
 from trainers import DPOTrainer, configure_optimizer  # noqa: E402
 from trainers.dpo import collate_pairs  # noqa: E402
@@ -60,7 +64,12 @@ def measure(config: str, args) -> dict:
                               intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
                               num_attention_heads=max(1, args.hidden // 64), max_position_embeddings=args.seq)
     policy = LlamaForCausalLM(model_config)
-    if config == "lora":
+    if config == "qlora":  # the same weights as a transformers model, its linear layers in 4 bits
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(policy, tmp)
+            dtype = "bfloat16" if args.precision == "bf16" else "float32"
+            policy = load_model(tmp, device=device, dtype=dtype, quantize="4bit")
+    if config in ("lora", "qlora"):
         policy = add_adapter(policy, r=args.r, alpha=2.0 * args.r)
         reference = AdapterDisabled(policy)
     else:
@@ -105,14 +114,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)  # one configuration, as a child
+    ap.add_argument("--config", choices=CONFIGS + ("qlora",), help=argparse.SUPPRESS)  # one configuration, as a child
     args = ap.parse_args()
     if args.config:
         print(json.dumps(measure(args.config, args)))
         return
 
     results = {}
-    for config in CONFIGS:
+    configs = CONFIGS + (("qlora",) if importlib.util.find_spec("bitsandbytes") else ())
+    for config in configs:
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--config", config], capture_output=True,
                              text=True, check=True)
         results[config] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -122,16 +132,18 @@ def main() -> None:
           f"{args.pairs} pairs x {args.seq} tokens, {args.precision}, {args.device}; LoRA r={args.r} on every "
           "linear layer but the head; reference run live every step")
     peak_column = f" {'peak':>8}" if key == "peak" else ""
-    print(f"{'':>5} {'trained':>12} {'weights':>9} {'grads':>9} {'optim':>9} {'activ.':>9} {'counted':>9}"
+    print(f"{'':>6} {'trained':>12} {'weights':>9} {'grads':>9} {'optim':>9} {'activ.':>9} {'counted':>9}"
           f"{peak_column} {'RSS':>9}   (MiB)")
     for config, r in results.items():
         peak = f" {r['peak'] / mib:8.0f}" if key == "peak" else ""
-        print(f"{config:>5} {r['trained_parameters']:>12,} {r['weights'] / mib:9.0f} {r['gradients'] / mib:9.0f} "
+        print(f"{config:>6} {r['trained_parameters']:>12,} {r['weights'] / mib:9.0f} {r['gradients'] / mib:9.0f} "
               f"{r['optimizer'] / mib:9.0f} {r['activations'] / mib:9.0f} {r['counted'] / mib:9.0f}{peak} "
               f"{r['rss'] / mib:9.0f}")
-    ratio = results["lora"][key] / results["full"][key]
-    print(f"LoRA / full ({key}): {ratio:.3f} (target <= 0.55); peak RSS above baseline: "
-          f"{results['lora']['rss'] / results['full']['rss']:.3f}")
+    for config in results:
+        if config != "full":
+            print(f"{config} / full ({key}): {results[config][key] / results['full'][key]:.3f}"
+                  f"{' (target <= 0.55)' if config == 'lora' else ''}; peak RSS above baseline: "
+                  f"{results[config]['rss'] / results['full']['rss']:.3f}")
 
 
 if __name__ == "__main__":
