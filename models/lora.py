@@ -72,14 +72,12 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], object]:
     return state, model.peft_config[model.active_adapter]
 
 
-def save_adapter(directory: str, state: dict[str, torch.Tensor], config) -> list[str]:
+def save_adapter(directory: str, state: dict[str, torch.Tensor], config) -> None:
     """adapter_config.json + adapter_model.safetensors, as peft writes them (loadable with
-    `PeftModel.from_pretrained(parent_model, directory)`); returns the two paths."""
+    `PeftModel.from_pretrained(parent_model, directory)`)."""
     os.makedirs(directory, exist_ok=True)
-    weights = atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
-                           lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, ADAPTER_WEIGHTS), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config.save_pretrained(directory)  # peft's own JSON (adds peft_version)
-    return [weights, os.path.join(directory, ADAPTER_CONFIG)]
 
 
 def with_adapter(model: nn.Module, state: dict[str, torch.Tensor], config) -> nn.Module:
