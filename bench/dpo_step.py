@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from models import LlamaForCausalLM, get_preset
-from trainers import SFTTrainer, configure_optimizer
-from trainers.dpo import DPOTrainer, collate_pairs
+from alignflow.models import LlamaForCausalLM, get_preset
+from alignflow.trainers import SFTTrainer, configure_optimizer
+from alignflow.trainers.dpo import DPOTrainer, collate_pairs
 
 
 def make_pair_batches(n: int, batch: int, seq: int, vocab: int) -> list[dict]:

@@ -19,8 +19,8 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from models import LlamaForCausalLM, generate, generate_text, get_preset
-from trainers.grpo import GRPOTrainer, collate_prompts
+from alignflow.models import LlamaForCausalLM, generate, generate_text, get_preset
+from alignflow.trainers.grpo import GRPOTrainer, collate_prompts
 
 from timing import seconds  # bench/timing.py, beside this script
 

@@ -48,11 +48,11 @@ from torch import nn
 # Run as a plain script from anywhere, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
-from trainers import SFTTrainer, configure_optimizer  # noqa: E402
-from trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
-from trainers.modules import logits_of  # noqa: E402
-from trainers.sft import collate_causal_lm  # noqa: E402
+from alignflow.models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
+from alignflow.trainers import SFTTrainer, configure_optimizer  # noqa: E402
+from alignflow.trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
+from alignflow.trainers.modules import logits_of  # noqa: E402
+from alignflow.trainers.sft import collate_causal_lm  # noqa: E402
 from timing import seconds  # noqa: E402  (bench/timing.py, beside this script)
 
 TARGET = 0.95

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import LlamaForCausalLM, get_preset  # noqa: E402
-from trainers import configure_optimizer, logprobs  # noqa: E402
-from trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
+from alignflow.models import LlamaForCausalLM, get_preset  # noqa: E402
+from alignflow.trainers import configure_optimizer, logprobs  # noqa: E402
+from alignflow.trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
 
 CHUNKED = logprobs.token_logps
 

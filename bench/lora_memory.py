@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
-from models.lora import add_adapter  # noqa: E402
-from trainers import DPOTrainer, configure_optimizer  # noqa: E402
-from trainers.dpo import collate_pairs  # noqa: E402
-from trainers.reference import AdapterDisabled  # noqa: E402
+from alignflow.models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
+from alignflow.models.lora import add_adapter  # noqa: E402
+from alignflow.trainers import DPOTrainer, configure_optimizer  # noqa: E402
+from alignflow.trainers.dpo import collate_pairs  # noqa: E402
+from alignflow.trainers.reference import AdapterDisabled  # noqa: E402
 from logprob_memory import pairs  # noqa: E402  (bench/, beside this script)
 
 CONFIGS = ("full", "lora")

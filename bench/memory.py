@@ -68,8 +68,8 @@ def worker(args) -> None:
     """One rank of one configuration: train `steps` steps, write this rank's numbers as JSON."""
     import torch
 
-    from models import LlamaForCausalLM, get_preset
-    from trainers import PretrainTrainer, configure_optimizer, sharding
+    from alignflow.models import LlamaForCausalLM, get_preset
+    from alignflow.trainers import PretrainTrainer, configure_optimizer, sharding
 
     settings = CONFIGS[args.config]
     torch.manual_seed(0)
@@ -144,7 +144,7 @@ def worker(args) -> None:
               "peak": peak, "step_s": step, "tok_s": tokens / step}
     Path(args.out).with_suffix(f".rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(result))
     if world > 1:
-        from trainers.distributed import exit_worker
+        from alignflow.trainers.distributed import exit_worker
         exit_worker(0)
 
 

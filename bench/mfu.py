@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from models import LlamaForCausalLM, flops_per_token, get_preset
-from trainers import SFTTrainer, configure_optimizer
+from alignflow.models import LlamaForCausalLM, flops_per_token, get_preset
+from alignflow.trainers import SFTTrainer, configure_optimizer
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' datasheets.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}

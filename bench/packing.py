@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
-from trainers import SFTTrainer, configure_optimizer  # noqa: E402
-from trainers.packing import pack_examples  # noqa: E402
-from trainers.sft import collate_causal_lm, collate_packed  # noqa: E402
+from alignflow.models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
+from alignflow.trainers import SFTTrainer, configure_optimizer  # noqa: E402
+from alignflow.trainers.packing import pack_examples  # noqa: E402
+from alignflow.trainers.sft import collate_causal_lm, collate_packed  # noqa: E402
 
 MAX_LEN = 1024
 

@@ -14,13 +14,13 @@ import shutil
 import tempfile
 import time
 
-import flows  # noqa: F401  (Prefect defaults for an offline machine)
+import alignflow.flows  # noqa: F401  (Prefect defaults for an offline machine)
 from prefect import flow
 
-from flows.pipeline import alignment_pipeline
-from models import train_tokenizer
-from stages import data as data_mod
-from stages.config import load_config
+from alignflow.flows.pipeline import alignment_pipeline
+from alignflow.models import train_tokenizer
+from alignflow.stages import data as data_mod
+from alignflow.stages.config import load_config
 
 
 @flow

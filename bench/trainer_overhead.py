@@ -14,8 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models import LlamaForCausalLM, get_preset
-from trainers import SFTTrainer, configure_optimizer
+from alignflow.models import LlamaForCausalLM, get_preset
+from alignflow.trainers import SFTTrainer, configure_optimizer
 
 
 def make_batches(n: int, batch: int, seq: int, vocab: int) -> list[dict]:

@@ -75,12 +75,12 @@ import torch  # noqa: E402
 # Run as a plain script from anywhere, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainers import configure_optimizer  # noqa: E402
-from trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
-from trainers.sft import SFTTrainer  # noqa: E402
+from alignflow.trainers import configure_optimizer  # noqa: E402
+from alignflow.trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
+from alignflow.trainers.sft import SFTTrainer  # noqa: E402
 
-from trainers.packing import pack_examples  # noqa: E402
-from trainers.sft import collate_packed  # noqa: E402
+from alignflow.trainers.packing import pack_examples  # noqa: E402
+from alignflow.trainers.sft import collate_packed  # noqa: E402
 
 IGNORE = -100
 SPECIALS = ("<|pad|>", "<|eos|>", "<|unk|>")  # ids 0, 1, 2; words w3 .. w{vocab-1} after them

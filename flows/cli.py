@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from stages import ALIGNERS, CHILDREN, STAGES
+from alignflow.stages import ALIGNERS, CHILDREN, STAGES
 
 EPILOG = """examples:
   alignflow run                                   # tiny preset, demo data, pretrain -> sft -> dpo
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args):
-    from stages.config import load_config, parse_override
+    from alignflow.stages.config import load_config, parse_override
 
     overrides = dict(parse_override(item) for item in args.overrides)
     # Names, not YAML: --run-id 2024 is the string "2024".
@@ -122,7 +122,7 @@ def resolve_config(args):
 
 
 def cmd_run(args) -> int:
-    from stages.storage import local_dir
+    from alignflow.stages.storage import local_dir
 
     from .pipeline import alignment_pipeline
 
@@ -132,7 +132,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from stages import check_parent, storage
+    from alignflow.stages import check_parent, storage
 
     from .pipeline import new_run_id, run_stage
 
@@ -149,7 +149,7 @@ def cmd_stage(args) -> int:
 
 def resume_hint(args) -> str:
     """What an interrupted `run` or `stage` left, and the command that continues it."""
-    from stages import chain, storage
+    from alignflow.stages import chain, storage
 
     from .pipeline import resume_point
 
@@ -171,8 +171,8 @@ def resume_hint(args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from stages import handoff, storage
-    from stages.evaluation import heldout_metrics
+    from alignflow.stages import handoff, storage
+    from alignflow.stages.evaluation import heldout_metrics
 
     config = resolve_config(args)
     model, tok, manifest = handoff.load_stage(storage.localize(args.dir), options=config.hf)
@@ -191,8 +191,8 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from models import generate_text, prompt_ids
-    from stages import handoff, storage
+    from alignflow.models import generate_text, prompt_ids
+    from alignflow.stages import handoff, storage
 
     model, tok, _ = handoff.load_stage(storage.localize(args.dir), options=resolve_config(args).hf)
     prompts = [prompt_ids(tok, [{"role": "user", "content": p}]) for p in args.prompt]
@@ -204,8 +204,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from flows.report import headline
-    from stages import handoff, storage
+    from alignflow.flows.report import headline
+    from alignflow.stages import handoff, storage
 
     runs = storage.subdirs(args.runs_dir)
     if not runs:
@@ -226,8 +226,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from models import PRESETS
-    from stages.config import PRESET_DIR, load_config
+    from alignflow.models import PRESETS
+    from alignflow.stages.config import PRESET_DIR, load_config
 
     for path in sorted(PRESET_DIR.glob("*.yaml")):
         try:
@@ -254,7 +254,7 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_job_preview(args) -> int:
-    from stages.config import parse_override
+    from alignflow.stages.config import parse_override
 
     from . import deploy
 
@@ -284,7 +284,7 @@ class OneLineErrors(logging.Filter):
     one-line message; its traceback through Prefect's engine helps nobody. --debug keeps it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from stages.failures import is_permanent
+        from alignflow.stages.failures import is_permanent
 
         if record.exc_info and record.exc_info[1] is not None and is_permanent(record.exc_info[1]):
             record.exc_info = record.exc_text = None

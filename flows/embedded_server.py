@@ -7,7 +7,7 @@ free loopback port, UI off, as Prefect does) in its own session, points the Pref
 it, and stops it last. The server watches the CLI's PID (stages.lifeline): if the CLI is
 killed outright, the server exits by itself within seconds.
 
-`python -m flows.embedded_server PORT` is the server process itself.
+`python -m alignflow.flows.embedded_server PORT` is the server process itself.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import sys
 import time
 from collections.abc import Iterator
 
-from stages import lifeline
+from alignflow.stages import lifeline
 
-from .launch import SAFE_PATH, stop_process_group
+from .launch import stop_process_group
 
 STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind
@@ -53,12 +53,12 @@ def _start(timeout: float) -> tuple[subprocess.Popen, str]:
     from prefect.settings import get_current_settings
 
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           **SAFE_PATH, lifeline.ENV: str(os.getpid()), "PREFECT_UI_ENABLED": "0",
+           lifeline.ENV: str(os.getpid()), "PREFECT_UI_ENABLED": "0",
            "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "flows.embedded_server", str(port)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "alignflow.flows.embedded_server", str(port)], env=env,
                                 start_new_session=True)  # out of the terminal's Ctrl-C
         url = f"http://127.0.0.1:{port}/api"
         while time.monotonic() < deadline and proc.poll() is None:

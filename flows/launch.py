@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from stages import failures, lifeline, storage
-from stages.config import PipelineConfig
+from alignflow.stages import failures, lifeline, storage
+from alignflow.stages.config import PipelineConfig
 
 
 class StageProcessError(RuntimeError):
@@ -43,15 +43,11 @@ def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir:
         if not endpoint:
             raise ValueError(f"nnodes={nnodes} needs ALIGNFLOW_RDZV_ENDPOINT=host:port (the rendezvous of all nodes)")
         cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
-    cmd += ["-m", "stages", stage, "--preset", preset, "--config", str(config_file), "--out", str(out_dir)]
+    cmd += ["-m", "alignflow.stages", stage, "--preset", preset, "--config", str(config_file), "--out", str(out_dir)]
     if parent:
         cmd += ["--parent", parent]
     return cmd
 
-
-# Children started with `python -m` would put the working directory first on sys.path, where a
-# user's own ./models or ./stages folder (checkpoints, say) would shadow our packages.
-SAFE_PATH = {"PYTHONSAFEPATH": "1"}
 
 TORCH_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")  # what torch prepends to an exception's lines
 
@@ -114,7 +110,7 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
     # Bytes, split on newlines only: text mode would turn every carriage return into a line.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True,
-                            env={**os.environ, **SAFE_PATH, "PYTHONUNBUFFERED": "1", lifeline.ENV: str(os.getpid()),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", lifeline.ENV: str(os.getpid()),
                                  failures.FAILURE_DIR_ENV: str(log_dir)})
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)

@@ -17,11 +17,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from stages import ALIGNERS, CHILDREN, STAGES, chain, check_parent, handoff, storage
-from stages.config import PipelineConfig, load_config
-from stages.failures import is_permanent
-from stages.lock import DirLock
-from trainers.checkpoint import latest_checkpoint, step_of
+from alignflow.stages import ALIGNERS, CHILDREN, STAGES, chain, check_parent, handoff, storage
+from alignflow.stages.config import PipelineConfig, load_config
+from alignflow.stages.failures import is_permanent
+from alignflow.stages.lock import DirLock
+from alignflow.trainers.checkpoint import latest_checkpoint, step_of
 
 from . import numbers, report, tracking
 from .launch import run_torchrun

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from stages import STAGES, storage  # noqa: E402
+from alignflow.stages import STAGES, storage  # noqa: E402
 
 from . import numbers  # noqa: E402
 

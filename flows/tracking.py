@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from stages import storage
-from stages.config import SHARED_KEYS, PipelineConfig
+from alignflow.stages import storage
+from alignflow.stages.config import SHARED_KEYS, PipelineConfig
 
 from .numbers import is_number
 from .report import read_metrics

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from trainers import distributed as dist_utils
+from alignflow.trainers import distributed as dist_utils
 
 from . import STAGES, failures, lifeline
 from .config import load_config

@@ -17,11 +17,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from models import PRESETS
-from trainers.args import Settings, TrainingArgs
-from trainers.dpo import DPOArgs
-from trainers.grpo import GRPOArgs
-from trainers.rewards import DEFAULT_REWARDS, required_columns
+from alignflow.models import PRESETS
+from alignflow.trainers.args import Settings, TrainingArgs
+from alignflow.trainers.dpo import DPOArgs
+from alignflow.trainers.grpo import GRPOArgs
+from alignflow.trainers.rewards import DEFAULT_REWARDS, required_columns
 
 from . import STAGES
 

@@ -23,13 +23,13 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from models import Tokenizer, model_kind
-from models.lora import adapter_state, add_adapter, base_of, is_adapted, merge, with_adapter
-from trainers import configure_optimizer, create_trainer
-from trainers import distributed as dist_utils
-from trainers import BaseTrainer
-from trainers.reference import AdapterDisabled
-from trainers.sharding import original_class
+from alignflow.models import Tokenizer, model_kind
+from alignflow.models.lora import adapter_state, add_adapter, base_of, is_adapted, merge, with_adapter
+from alignflow.trainers import configure_optimizer, create_trainer
+from alignflow.trainers import distributed as dist_utils
+from alignflow.trainers import BaseTrainer
+from alignflow.trainers.reference import AdapterDisabled
+from alignflow.trainers.sharding import original_class
 
 from . import check_parent, handoff, storage
 from . import data as data_mod

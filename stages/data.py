@@ -28,10 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
 
-from models import ChatTemplateError, Tokenizer, render_chat  # noqa: E402
-from models import prompt_ids as chat_prompt_ids  # noqa: E402
-from models.chat import ROLES  # noqa: E402
-from trainers.packing import pack_examples  # noqa: E402
+from alignflow.models import ChatTemplateError, Tokenizer, render_chat  # noqa: E402
+from alignflow.models import prompt_ids as chat_prompt_ids  # noqa: E402
+from alignflow.models.chat import ROLES  # noqa: E402
+from alignflow.trainers.packing import pack_examples  # noqa: E402
 
 from . import demo  # noqa: E402
 from .config import DataConfig, DemoConfig  # noqa: E402

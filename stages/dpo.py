@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainers.dpo import collate_pairs
+from alignflow.trainers.dpo import collate_pairs
 
 from .config import PipelineConfig
 from .context import StageRun

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from models import Tokenizer, generate_text
-from trainers import unwrap
-from trainers.rewards import get_reward, resolve_reward_weights
+from alignflow.models import Tokenizer, generate_text
+from alignflow.trainers import unwrap
+from alignflow.trainers.rewards import get_reward, resolve_reward_weights
 
 from . import data as data_mod
 from .config import DataConfig, PipelineConfig

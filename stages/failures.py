@@ -17,7 +17,7 @@ MARKER = "permanent-failure-rank{rank}.txt"
 
 
 def is_permanent(exc: BaseException) -> bool:
-    from trainers.base import NonFiniteLossError
+    from alignflow.trainers.base import NonFiniteLossError
 
     from .handoff import StageDirError
     from .lock import LockError

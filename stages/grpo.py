@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models import generate_text
-from trainers.grpo import collate_prompts
-from trainers.rewards import required_columns
+from alignflow.models import generate_text
+from alignflow.trainers.grpo import collate_prompts
+from alignflow.trainers.rewards import required_columns
 
 from . import data
 from .config import PipelineConfig

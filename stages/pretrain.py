@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from models import LlamaForCausalLM, Tokenizer, get_preset, load_tokenizer, train_tokenizer
-from trainers import distributed as dist_utils
-from trainers.sft import collate_causal_lm
+from alignflow.models import LlamaForCausalLM, Tokenizer, get_preset, load_tokenizer, train_tokenizer
+from alignflow.trainers import distributed as dist_utils
+from alignflow.trainers.sft import collate_causal_lm
 
 from . import data, handoff
 from .config import PipelineConfig

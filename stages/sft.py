@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainers.packing import check_isolation
-from trainers.sft import collate_causal_lm, collate_packed
+from alignflow.trainers.packing import check_isolation
+from alignflow.trainers.sft import collate_causal_lm, collate_packed
 
 from .config import PipelineConfig
 from .context import StageRun

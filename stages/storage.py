@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.files import write_json_atomic
-from trainers.checkpoint import CHECKPOINT_DIR, META_FILE
+from alignflow.models.files import write_json_atomic
+from alignflow.trainers.checkpoint import CHECKPOINT_DIR, META_FILE
 
 from . import handoff
 from .lock import LOCK_FILE

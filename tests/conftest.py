@@ -22,7 +22,7 @@ SMALL_PIPELINE = {"vocab_size": 300, "demo.pretrain_docs": 300, "demo.sft_exampl
 @pytest.fixture(scope="session")
 def small_config():
     """`small_config(**overrides)`: the tiny preset shrunk to SMALL_PIPELINE, plus overrides."""
-    from stages.config import load_config
+    from alignflow.stages.config import load_config
 
     return lambda **extra: load_config("tiny", overrides={**SMALL_PIPELINE, **extra})
 
@@ -38,7 +38,7 @@ def prefect_harness():
 
 def small_model(seed: int = 0, **overrides):
     """The built-in Llama, small enough for many CPU steps per second."""
-    from models import LlamaForCausalLM, get_preset
+    from alignflow.models import LlamaForCausalLM, get_preset
 
     cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, max_position_embeddings=64)

@@ -77,8 +77,8 @@ SPECS = {
 @functools.lru_cache(maxsize=1)
 def corpus() -> tuple[str, ...]:
     """The project's own demo texts (seeded, so every build trains the same BPE) plus role words."""
-    from stages.config import DemoConfig
-    from stages.demo import demo_data
+    from alignflow.stages.config import DemoConfig
+    from alignflow.stages.demo import demo_data
 
     def contents(value) -> list[str]:  # SFT fields are plain strings or conversational message lists
         return [value] if isinstance(value, str) else [message["content"] for message in value]

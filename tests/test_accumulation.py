@@ -4,7 +4,7 @@ import copy
 import torch
 
 from conftest import SequenceDataset, loader, small_model
-from trainers import SFTTrainer
+from alignflow.trainers import SFTTrainer
 
 
 def one_step(model, batch_size: int, accum: int, lr: float = 1.0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import SequenceDataset, loader, small_model
-from trainers import SFTTrainer, configure_optimizer
+from alignflow.trainers import SFTTrainer, configure_optimizer
 
 
 def train(dtype: str, steps: int = 40, **kw):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from models.files import write_json_atomic
-from stages import data as data_mod
-from stages import grpo as grpo_stage
-from stages.config import DataConfig, DemoConfig
-from trainers.rewards import register_reward, required_columns
+from alignflow.models.files import write_json_atomic
+from alignflow.stages import data as data_mod
+from alignflow.stages import grpo as grpo_stage
+from alignflow.stages.config import DataConfig, DemoConfig
+from alignflow.trainers.rewards import register_reward, required_columns
 
 GOOD = b'{"prompt": "What is 1 plus 1?", "answer": "2"}\n'
 LATIN1 = '{"prompt": "Caf\xe9 has 2 cups", "answer": "2"}\n'.encode("latin-1")  # \xe9 is no UTF-8 byte

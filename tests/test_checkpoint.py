@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import SequenceDataset, loader, small_model
-from trainers import CheckpointError, NonFiniteLossError, SFTTrainer, configure_optimizer, latest_checkpoint
+from alignflow.trainers import CheckpointError, NonFiniteLossError, SFTTrainer, configure_optimizer, latest_checkpoint
 
 
 def make_trainer(save_dir, max_steps=6, save_interval=2, keep_last=2, **kw):

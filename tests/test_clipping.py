@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SequenceDataset, loader, small_model
-from trainers import SFTTrainer
+from alignflow.trainers import SFTTrainer
 
 
 def manual_grad_norm(model, batches) -> float:

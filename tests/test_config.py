@@ -3,8 +3,8 @@ its key; the stage graph's parent check holds for the flows and `python -m stage
 import pytest
 from pydantic import ValidationError
 
-from flows.cli import build_parser, resolve_config
-from stages.config import load_config
+from alignflow.flows.cli import build_parser, resolve_config
+from alignflow.stages.config import load_config
 
 
 @pytest.mark.parametrize("key, value", [

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from models import train_tokenizer
-from stages import data as data_mod
-from stages.config import DataConfig, DemoConfig
-from stages.demo import demo_data, split_problems
+from alignflow.models import train_tokenizer
+from alignflow.stages import data as data_mod
+from alignflow.stages.config import DataConfig, DemoConfig
+from alignflow.stages.demo import demo_data, split_problems
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.workers.base import BaseWorker
 
 from conftest import SMALL_PIPELINE
-from flows.cli import main as cli
-from stages import handoff
-from stages.config import load_config
+from alignflow.flows.cli import main as cli
+from alignflow.stages import handoff
+from alignflow.stages.config import load_config
 
 BIN = Path(sys.executable).parent
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from conftest import small_model
 from scripts.dpo_worker import PAIR_VOCAB, preference_pairs
 from test_ddp import free_port, run
-from trainers import configure_optimizer
-from trainers.dpo import (DPOTrainer, collate_pairs, concatenated_inputs, concatenated_logps, dpo_loss,
+from alignflow.trainers import configure_optimizer
+from alignflow.trainers.dpo import (DPOTrainer, collate_pairs, concatenated_inputs, concatenated_logps, dpo_loss,
                           pair_keys)
 
 WORKER = Path(__file__).parent / "scripts" / "dpo_worker.py"

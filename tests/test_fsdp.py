@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import SequenceDataset, collate, small_model
 from test_ddp import free_port
-from trainers import sharding
+from alignflow.trainers import sharding
 
 WORKER = Path(__file__).parent / "scripts" / "train_worker.py"
 
@@ -161,7 +161,7 @@ def test_decoder_layers_are_found_in_each_model_kind(hf_model_dir):
 
 
 def test_fsdp_without_a_process_group_says_to_use_torchrun():
-    from trainers import SFTTrainer, configure_optimizer
+    from alignflow.trainers import SFTTrainer, configure_optimizer
 
     model = small_model()
     with pytest.raises(ValueError, match="strategy fsdp needs a process group: launch with torchrun"):

@@ -4,8 +4,8 @@ import re
 import pytest
 import torch
 
-from models import LlamaForCausalLM, ModelConfig, generate
-from models.generate import completion_mask, top_k_filter, top_p_filter
+from alignflow.models import LlamaForCausalLM, ModelConfig, generate
+from alignflow.models.generate import completion_mask, top_k_filter, top_p_filter
 
 VOCAB = 97
 
@@ -165,7 +165,7 @@ class IdTokenizer:
 
 
 def test_generate_text_refuses_prompts_past_the_context():
-    from models import generate_text
+    from alignflow.models import generate_text
 
     model = make_model()  # 256 positions
     calls = []
@@ -182,7 +182,7 @@ def test_generate_text_refuses_prompts_past_the_context():
 
 
 def test_generate_text_without_a_known_context_does_not_check():
-    from models import generate_text
+    from alignflow.models import generate_text
 
     model = make_model()
     model.config = object()  # a model whose config gives no positions: nothing to check against
@@ -197,9 +197,9 @@ def test_generate_text_without_a_known_context_does_not_check():
 
 
 def test_cli_generate_names_a_prompt_past_the_context(tmp_path, capsys):
-    from flows.cli import main as cli
-    from models import get_preset, train_tokenizer
-    from stages import handoff
+    from alignflow.flows.cli import main as cli
+    from alignflow.models import get_preset, train_tokenizer
+    from alignflow.stages import handoff
 
     tok = train_tokenizer(["The quick brown fox jumps over the lazy dog."] * 20, vocab_size=300)
     torch.manual_seed(0)

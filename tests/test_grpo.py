@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from models import LlamaForCausalLM, generate, generate_text, get_preset
-from trainers import grpo as grpo_module
-from trainers.grpo import (GRPOTrainer, collate_prompts, combine_rewards, completion_logits, completion_targets,
+from alignflow.models import LlamaForCausalLM, generate, generate_text, get_preset
+from alignflow.trainers import grpo as grpo_module
+from alignflow.trainers.grpo import (GRPOTrainer, collate_prompts, combine_rewards, completion_logits, completion_targets,
                            group_advantages, grpo_loss, kl_k3)
-from trainers.logprobs import token_logps
-from trainers.rewards import (answers_match, contains, exact_match, final_answer, format_reward, get_reward,
+from alignflow.trainers.logprobs import token_logps
+from alignflow.trainers.rewards import (answers_match, contains, exact_match, final_answer, format_reward, get_reward,
                               register_reward, reward_name)
 
 PAD, EOS = 0, 1

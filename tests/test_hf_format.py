@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from models import LlamaForCausalLM, ModelConfig, load_pretrained, save_pretrained
+from alignflow.models import LlamaForCausalLM, ModelConfig, load_pretrained, save_pretrained
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 VARIANTS = {

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_fixtures import FAMILIES
-from models import generate, generate_text, prompt_ids
-from stages import handoff
+from alignflow.models import generate, generate_text, prompt_ids
+from alignflow.stages import handoff
 
 PROMPTS = [[{"role": "user", "content": "What is 3 plus 4?"}],
            [{"role": "user", "content": "Tom has 2 apples and gets 5 more. How many apples does Tom have now?"}]]
@@ -138,7 +138,7 @@ def test_a_base_without_a_padding_token_gets_the_same_new_row_on_every_load(hf_m
 
 
 def test_cli_eval_and_generate_take_a_plain_model_directory(hf_model_dir, capsys):
-    from flows.cli import main as cli
+    from alignflow.flows.cli import main as cli
 
     base = str(hf_model_dir("chatml"))
     assert cli(["eval", base, "--set", "eval.max_prompts=3", "--set", "eval.reward_samples=0"]) == 0

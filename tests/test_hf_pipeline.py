@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models import prompt_ids
-from stages import handoff
-from stages.demo import assistant, split_problems, user
-from trainers.rewards import register_reward
+from alignflow.models import prompt_ids
+from alignflow.stages import handoff
+from alignflow.stages.demo import assistant, split_problems, user
+from alignflow.trainers.rewards import register_reward
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def preference_file(path: Path) -> str:
 
 def test_sft_then_dpo_from_a_llama3_model_and_a_changed_base_reruns(prefect_harness, hf_model_dir, tmp_path,
                                                                    small_config, trained_logits):
-    from flows.pipeline import alignment_pipeline
+    from alignflow.flows.pipeline import alignment_pipeline
 
     base = tmp_path / "base"
     shutil.copytree(hf_model_dir("llama3"), base)
@@ -102,7 +102,7 @@ def test_sft_then_dpo_from_a_llama3_model_and_a_changed_base_reruns(prefect_harn
 
 def test_sft_then_grpo_from_a_chatml_model_raises_its_reward(prefect_harness, hf_model_dir, tmp_path, small_config,
                                                              trained_logits):
-    from flows.pipeline import alignment_pipeline
+    from alignflow.flows.pipeline import alignment_pipeline
 
     config = small_config(**FAST, model=str(hf_model_dir("chatml")), start="sft", runs_dir=str(tmp_path / "runs"),
                           **{"grpo.reward_funcs": ["digits"], "grpo.train.max_steps": 24, "grpo.train.lr": 3e-3,
@@ -119,7 +119,7 @@ def test_sft_then_grpo_from_a_chatml_model_raises_its_reward(prefect_harness, hf
 
 def test_continued_pretraining_of_a_neox_model_trains_no_tokenizer(prefect_harness, hf_model_dir, tmp_path,
                                                                    small_config, trained_logits):
-    from flows.pipeline import alignment_pipeline
+    from alignflow.flows.pipeline import alignment_pipeline
 
     config = small_config(model=str(hf_model_dir("neox")), runs_dir=str(tmp_path / "runs"),
                           **{"pretrain.train.max_steps": 16, "pretrain.train.lr": 3e-3, "pretrain.train.log_interval": 1,

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from conftest import SMALL_PIPELINE
-from flows.pipeline import alignment_pipeline
-from stages.config import load_config
-from stages.lifeline import alive
+from alignflow.flows.pipeline import alignment_pipeline
+from alignflow.stages.config import load_config
+from alignflow.stages.lifeline import alive
 
 # Enough SFT steps that the signal lands while SFT trains (a checkpoint every 4 steps).
 SETTINGS = {**SMALL_PIPELINE, "sft.train.max_steps": 200}
@@ -22,7 +22,7 @@ SETTINGS = {**SMALL_PIPELINE, "sft.train.max_steps": 200}
 def cli_run(runs_dir, env, **extra) -> subprocess.Popen:
     sets = [arg for key, value in {**SETTINGS, **extra}.items() for arg in ("--set", f"{key}={value}")]
     # A session of its own, like a shell's foreground job: killpg reaches what a terminal reaches.
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--runs-dir", str(runs_dir), "--run-id", "r",
+    return subprocess.Popen([sys.executable, "-m", "alignflow.flows.cli", "run", "--runs-dir", str(runs_dir), "--run-id", "r",
                              *sets], env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

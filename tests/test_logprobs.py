@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers import logprobs
-from trainers.logprobs import IGNORE_INDEX, token_entropy, token_logps
+from alignflow.trainers import logprobs
+from alignflow.trainers.logprobs import IGNORE_INDEX, token_entropy, token_logps
 
 
 def full_logps(logits, labels, temperature=1.0):
@@ -82,7 +82,7 @@ def test_entropy_equals_the_full_formula(small_chunks):
 
 def test_sft_loss_is_the_cross_entropy_sum():
     from conftest import SequenceDataset, collate, small_model
-    from trainers.sft import SFTTrainer, next_token_labels
+    from alignflow.trainers.sft import SFTTrainer, next_token_labels
 
     model = small_model()
     batch = collate([SequenceDataset(4, seed=2)[i] for i in range(4)])

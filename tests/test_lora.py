@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import SequenceDataset, loader, small_model
-from models.lora import add_adapter, merge
-from trainers import DPOTrainer, SFTTrainer, configure_optimizer
-from trainers.dpo import collate_pairs, concatenated_logps
-from trainers.reference import AdapterDisabled
+from alignflow.models.lora import add_adapter, merge
+from alignflow.trainers import DPOTrainer, SFTTrainer, configure_optimizer
+from alignflow.trainers.dpo import collate_pairs, concatenated_logps
+from alignflow.trainers.reference import AdapterDisabled
 
 
 def base_model(kind, hf_model_dir):
@@ -64,7 +64,7 @@ def test_lora_sft_trains_only_the_adapter_learns_and_merges_to_base_plus_scaled_
         assert torch.equal(value, expected.get(key, original[key])), key  # exactly, in fp32
 
     # The merged model is a plain model directory that transformers loads.
-    from models import save_model
+    from alignflow.models import save_model
 
     save_model(merged, str(tmp_path / "merged"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
@@ -124,7 +124,7 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
     """Stage by stage (stages.sft/dpo/grpo.run, as torchrun or a Prefect task runs them)."""
     from peft import PeftModel
 
-    from stages import dpo, grpo, handoff, sft
+    from alignflow.stages import dpo, grpo, handoff, sft
     from test_hf_pipeline import FAST, preference_file
 
     base = hf_model_dir("llama3")
@@ -179,7 +179,7 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
     ({"sft.lora": {"rank": 8}}, "rank"),
 ])
 def test_unsupported_lora_settings_are_refused_by_name(overrides, says):
-    from stages.config import load_config
+    from alignflow.stages.config import load_config
 
     with pytest.raises(ValueError, match="(?s)" + re.escape(says)):
         load_config("tiny", overrides=overrides)
@@ -192,7 +192,7 @@ def test_qlora_trains_on_a_4bit_base_and_hands_on_the_parent_plus_its_adapter(tm
     from safetensors.torch import load_file
 
     from hf_fixtures import build_model_dir
-    from stages import context, dpo, handoff, sft
+    from alignflow.stages import context, dpo, handoff, sft
     from test_hf_pipeline import FAST, preference_file
 
     base = build_model_dir("llama3", tmp_path / "base", hidden_size=64)  # 4-bit blocks of 64
@@ -228,7 +228,7 @@ def test_qlora_gradients_equal_lora_on_the_dequantized_weights(tmp_path):
     CPUs into a form autograd cannot differentiate)."""
     bnb = pytest.importorskip("bitsandbytes")
     from hf_fixtures import build_model_dir
-    from models import load_model
+    from alignflow.models import load_model
 
     base = str(build_model_dir("llama3", tmp_path, hidden_size=64))
     quantized = add_adapter(load_model(base, quantize="4bit"), r=4, alpha=8.0)

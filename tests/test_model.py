@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import PRESETS, KVCache, LlamaForCausalLM, ModelConfig, flops_per_token, get_preset
+from alignflow.models import PRESETS, KVCache, LlamaForCausalLM, ModelConfig, flops_per_token, get_preset
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import small_model
-from trainers import configure_optimizer, create_scheduler, get_parameter_groups
+from alignflow.trainers import configure_optimizer, create_scheduler, get_parameter_groups
 
 
 class WithBiases(nn.Module):

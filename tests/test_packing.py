@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import VOCAB, small_model
-from trainers import SFTTrainer, configure_optimizer
-from trainers.logprobs import IGNORE_INDEX, token_logps
-from trainers.packing import pack_examples
-from trainers.sft import collate_causal_lm, collate_packed, next_token_labels
+from alignflow.trainers import SFTTrainer, configure_optimizer
+from alignflow.trainers.logprobs import IGNORE_INDEX, token_logps
+from alignflow.trainers.packing import pack_examples
+from alignflow.trainers.sft import collate_causal_lm, collate_packed, next_token_labels
 
 
 def examples(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 24) -> list[dict]:
@@ -101,7 +101,7 @@ def test_the_first_step_gradient_of_packed_rows_equals_the_padded_batch(kind, hf
 
 
 def test_an_sft_stage_packs_its_data_and_says_so(hf_model_dir, tmp_path, small_config):
-    from stages import handoff, sft
+    from alignflow.stages import handoff, sft
     from test_hf_pipeline import FAST, losses
 
     config = small_config(**{**FAST, "sft.data.packing": True, "sft.data.max_length": 256, "sft.train.batch_size": 2},
@@ -114,7 +114,7 @@ def test_an_sft_stage_packs_its_data_and_says_so(hf_model_dir, tmp_path, small_c
 
 
 def test_packing_is_an_sft_setting():
-    from stages.config import load_config
+    from alignflow.stages.config import load_config
 
     with pytest.raises(ValueError, match="dpo.data.packing"):
         load_config("tiny", overrides={"dpo.data.packing": True})
@@ -123,7 +123,7 @@ def test_packing_is_an_sft_setting():
 def test_a_model_that_lets_packed_examples_see_each_other_is_refused(hf_model_dir):
     """transformers reads packed sequences from position ids only without a cache: with
     use_cache on (its own default) the examples silently attend to each other."""
-    from trainers.packing import check_isolation
+    from alignflow.trainers.packing import check_isolation
 
     model, vocab = model_of("llama3", hf_model_dir)
     check_isolation(model, vocab)

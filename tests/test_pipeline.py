@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from flows.cli import main as cli
-from flows.pipeline import alignment_pipeline, run_stage
-from stages import handoff, storage
-from stages.config import load_config
+from alignflow.flows.cli import main as cli
+from alignflow.flows.pipeline import alignment_pipeline, run_stage
+from alignflow.stages import handoff, storage
+from alignflow.stages.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_built_in_stage_directories_load_with_transformers_and_its_template_give
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages import data as data_mod
+    from alignflow.stages import data as data_mod
 
     config, dpo, _ = runs
     sft_dir = dpo["stages"]["sft"]["path"]
@@ -237,7 +237,7 @@ def test_a_stage_s_progress_is_in_its_prefect_log_a_line_per_record(runs):
 def test_grpo_curves_draw_its_training_reward_kl_and_lengths(runs):
     from pathlib import Path
 
-    from flows import report
+    from alignflow.flows import report
 
     _, _, grpo = runs
     records = report.read_metrics(Path(grpo["stages"]["grpo"]["path"]))

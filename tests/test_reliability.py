@@ -13,10 +13,10 @@ import threading
 import pytest
 
 from conftest import SMALL_PIPELINE
-from flows.cli import main as cli
-from flows.pipeline import alignment_pipeline, new_run_id
-from stages import STAGES, handoff
-from stages.lock import LOCK_FILE, DirLock, LockError
+from alignflow.flows.cli import main as cli
+from alignflow.flows.pipeline import alignment_pipeline, new_run_id
+from alignflow.stages import STAGES, handoff
+from alignflow.stages.lock import LOCK_FILE, DirLock, LockError
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +128,11 @@ def test_a_manifest_must_list_every_file_the_stage_needs(finished, tmp_path, cap
 
 def test_only_failures_a_retry_can_fix_are_retried(finished, tmp_path, monkeypatch):
     """A DataError fails once with retries=2; a lost connection is retried and the stage resumes."""
-    import stages.sft
+    from alignflow.stages import sft as sft_stage
 
     config, result = finished
     calls, lost = [], [ConnectionResetError("storage went away")]
-    run = stages.sft.run
+    run = sft_stage.run
 
     def flaky(*args):
         calls.append(args)
@@ -140,7 +140,7 @@ def test_only_failures_a_retry_can_fix_are_retried(finished, tmp_path, monkeypat
             raise lost.pop()
         return run(*args)
 
-    monkeypatch.setattr(stages.sft, "run", flaky)
+    monkeypatch.setattr(sft_stage, "run", flaky)
     config = config.model_copy(update={"runs_dir": str(tmp_path), "retries": 2})
     assert handoff.verify(alignment_pipeline(config=config, align="none")["stages"]["sft"]["path"])
     assert len(calls) == 2

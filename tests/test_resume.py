@@ -57,7 +57,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, lora):
 
 def make_trainer(save_dir, max_steps):
     from conftest import SequenceDataset, loader, small_model
-    from trainers import SFTTrainer, configure_optimizer
+    from alignflow.trainers import SFTTrainer, configure_optimizer
 
     model = small_model(seed=0)
     return SFTTrainer(model=model, optimizer=configure_optimizer(model, lr=1e-2), device="cpu",

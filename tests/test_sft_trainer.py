@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from conftest import SequenceDataset, loader, small_model
-from trainers import (EarlyStopping, PretrainTrainer, SFTTrainer, configure_optimizer, create_trainer,
+from alignflow.trainers import (EarlyStopping, PretrainTrainer, SFTTrainer, configure_optimizer, create_trainer,
                       get_trainer_class, register_trainer)
 
 
 def test_tiny_model_overfits_a_fixed_batch():
-    from models import LlamaForCausalLM, get_preset
+    from alignflow.models import LlamaForCausalLM, get_preset
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(get_preset("tiny", vocab_size=64))
@@ -26,7 +26,7 @@ def test_tiny_model_overfits_a_fixed_batch():
 
 
 def test_pretrain_labels_default_to_inputs_and_skip_padding():
-    from trainers.sft import next_token_labels
+    from alignflow.trainers.sft import next_token_labels
 
     batch = {"input_ids": torch.tensor([[5, 6, 7, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
     assert next_token_labels(batch).tolist() == [[6, 7, -100, -100]]

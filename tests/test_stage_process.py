@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter
 
-from flows.launch import StageProcessError, torchrun_command
-from flows.pipeline import run_stage
+from alignflow.flows.launch import StageProcessError, torchrun_command
+from alignflow.flows.pipeline import run_stage
 from conftest import task_logs
-from stages import STAGES, handoff, storage
+from alignflow.stages import STAGES, handoff, storage
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, lo
     cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     out, state = (tmp_path / "killed", tmp_path / "killed" / "state") if where == "local" else \
         (f"file://{tmp_path}/bucket/killed", tmp_path / "bucket" / "killed" / "state")
-    proc = subprocess.Popen([sys.executable, "-m", "stages", "sft", "--config", str(cfg_file),
+    proc = subprocess.Popen([sys.executable, "-m", "alignflow.stages", "sft", "--config", str(cfg_file),
                              "--parent", str(pretrained), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "ALIGNFLOW_CACHE_DIR": str(tmp_path / "first-pod")})
@@ -140,7 +140,7 @@ def test_a_failing_rank_s_traceback_reaches_the_flow(tmp_path, pretrained, small
     # file, row and column (the other rank may be stopped by torchrun before it prints one).
     blocks = message.split("\nLast lines:")[0].split("\nlocal rank ")[1:]
     assert blocks, message
-    error = f"stages.data.DataError: {data}: row 1 (line 2): column 'completion'"
+    error = f"alignflow.stages.data.DataError: {data}: row 1 (line 2): column 'completion'"
     assert any(b.split(":\n", 1)[1].startswith("Traceback") and error in b for b in blocks), message
     assert not (tmp_path / "bad" / "sft" / handoff.MANIFEST).exists()
 

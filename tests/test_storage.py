@@ -5,9 +5,9 @@ import uuid
 import fsspec
 import pytest
 
-from flows.cli import main as cli
-from flows.pipeline import alignment_pipeline, run_stage
-from stages import STAGES, handoff, storage
+from alignflow.flows.cli import main as cli
+from alignflow.flows.pipeline import alignment_pipeline, run_stage
+from alignflow.stages import STAGES, handoff, storage
 
 
 @pytest.fixture(params=["memory", "file"])

@@ -1,6 +1,6 @@
 import pytest
 
-from models import ASSISTANT, BOS, EOS, PAD, SYSTEM, USER, load_tokenizer, prompt_ids, render_chat, train_tokenizer
+from alignflow.models import ASSISTANT, BOS, EOS, PAD, SYSTEM, USER, load_tokenizer, prompt_ids, render_chat, train_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

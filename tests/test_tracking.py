@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from flows.pipeline import alignment_pipeline
-from stages import handoff
-from stages.config import load_config
+from alignflow.flows.pipeline import alignment_pipeline
+from alignflow.stages import handoff
+from alignflow.stages.config import load_config
 
 from conftest import SMALL_PIPELINE
 

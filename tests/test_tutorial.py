@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import LlamaForCausalLM, get_preset
+from alignflow.models import LlamaForCausalLM, get_preset
 
-from trainers.tutorial import AdamWFromScratch, SGDFromScratch, TrainerFromScratch
+from alignflow.trainers.tutorial import AdamWFromScratch, SGDFromScratch, TrainerFromScratch
 
 VOCAB = 97
 SEQ = 16

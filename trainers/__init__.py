@@ -1,6 +1,6 @@
 """Training loops and algorithms, usable without Prefect (docs/training.md, docs/algorithms.md).
 
-    from trainers import SFTTrainer, configure_optimizer, create_trainer
+    from alignflow.trainers import SFTTrainer, configure_optimizer, create_trainer
 """
 from .args import TrainingArgs
 from .base import BaseTrainer, NonFiniteLossError

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from models.files import atomic_write, read_seal, seal, verify_seal
+from alignflow.models.files import atomic_write, read_seal, seal, verify_seal
 
 CHECKPOINT_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from models.files import atomic_write
+from alignflow.models.files import atomic_write
 
 from . import distributed as dist_utils
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from models.files import atomic_write
+from alignflow.models.files import atomic_write
 
 
 def freeze_reference(model: nn.Module, dtype: torch.dtype | None = None,

@@ -13,7 +13,7 @@ Register your own and name it in the trainer (or a config), with the columns it 
 GRPO stage refuses data that lacks one, since the function would score nothing and training
 would go on silently on the other functions alone:
 
-    from trainers.rewards import register_reward
+    from alignflow.trainers.rewards import register_reward
 
     @register_reward("brevity")  # reads no column; a function needing `answer`: columns=("answer",)
     def brevity(prompts, completions, **columns):

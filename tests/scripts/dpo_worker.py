@@ -16,9 +16,9 @@ from torch.utils.data.distributed import DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import small_model  # noqa: E402
 
-from trainers import configure_optimizer  # noqa: E402
-from trainers.distributed import exit_worker  # noqa: E402
-from trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
+from alignflow.trainers import configure_optimizer  # noqa: E402
+from alignflow.trainers.distributed import exit_worker  # noqa: E402
+from alignflow.trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
 
 PAIR_VOCAB = 40
 FIRST_TOKEN = 3  # 0-2 are left for special tokens and padding

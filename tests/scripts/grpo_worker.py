@@ -19,8 +19,8 @@ from torch.utils.data.distributed import DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_grpo import LetterTokenizer, prompt_items, prompt_loader, row_seeded, tiny_policy  # noqa: E402
 
-from trainers.distributed import exit_worker  # noqa: E402
-from trainers.grpo import GRPOTrainer  # noqa: E402
+from alignflow.trainers.distributed import exit_worker  # noqa: E402
+from alignflow.trainers.grpo import GRPOTrainer  # noqa: E402
 
 GLOBAL_BATCH, ACCUM, GENERATIONS = 4, 2, 4
 

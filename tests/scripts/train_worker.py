@@ -16,8 +16,8 @@ from torch.utils.data.distributed import DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import SequenceDataset, loader, small_model  # noqa: E402
 
-from trainers import SFTTrainer, configure_optimizer, create_scheduler  # noqa: E402
-from trainers.distributed import exit_worker  # noqa: E402
+from alignflow.trainers import SFTTrainer, configure_optimizer, create_scheduler  # noqa: E402
+from alignflow.trainers.distributed import exit_worker  # noqa: E402
 
 
 class InfGradient(torch.autograd.Function):
@@ -92,7 +92,7 @@ def main() -> None:
         model = small_model(seed=0)
         data = SequenceDataset(args.num_seqs, seed=1)
     if args.lora:
-        from models.lora import add_adapter
+        from alignflow.models.lora import add_adapter
 
         model = add_adapter(model, r=args.lora, alpha=2.0 * args.lora, dropout=args.lora_dropout)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
@@ -115,8 +115,8 @@ def main() -> None:
         state = {k: v.detach().clone().contiguous() for k, v in final.state_dict().items()}  # tied: two copies
         save_file(state, args.out)
         if args.save_model:
-            from models import save_model
-            from models.lora import is_adapted, merge
+            from alignflow.models import save_model
+            from alignflow.models.lora import is_adapted, merge
 
             save_model(merge(final) if is_adapted(final) else final, args.save_model)
     if world > 1:

@@ -14,7 +14,7 @@ Suggested reading order:
 
 Example::
 
-    from trainers.tutorial import AdamWFromScratch, SGDFromScratch, TrainerFromScratch
+    from alignflow.trainers.tutorial import AdamWFromScratch, SGDFromScratch, TrainerFromScratch
 
     optimizer = AdamWFromScratch(params=model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     trainer = TrainerFromScratch(model=model, optimizer=optimizer, train_loader=train_loader,
