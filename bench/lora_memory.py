@@ -89,7 +89,7 @@ def measure(config: str, args) -> dict:
         torch.cuda.synchronize()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.training_step([batch])
-    params = list(policy.parameters()) + list(trainer.reference().parameters())
+    params = list(policy.parameters()) + list(trainer.reference.model().parameters())
     weights = nbytes(params)
     param_ptrs = {p.data_ptr() for p in params}
     trained = [p for p in policy.parameters() if p.requires_grad]

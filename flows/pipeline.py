@@ -23,7 +23,9 @@ from alignflow.stages.failures import is_permanent
 from alignflow.stages.lock import DirLock
 from alignflow.trainers.checkpoint import latest_checkpoint, step_of
 
-from . import numbers, report, tracking
+from alignflow.trainers import numbers
+
+from . import report, tracking
 from .launch import run_torchrun
 
 

@@ -16,8 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from alignflow.stages import STAGES, storage  # noqa: E402
-
-from . import numbers  # noqa: E402
+from alignflow.trainers import numbers  # noqa: E402
 
 # One panel per quantity, its training and validation lines together, by the metric names the
 # trainers log (trainers/grpo.py logs its training reward as `reward`, its held-out one as

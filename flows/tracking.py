@@ -15,7 +15,8 @@ from pathlib import Path
 from alignflow.stages import storage
 from alignflow.stages.config import SHARED_KEYS, PipelineConfig
 
-from .numbers import is_number
+from alignflow.trainers.numbers import is_number
+
 from .report import read_metrics
 
 BATCH = 1000  # MLflow's limit on metrics in one log_batch call

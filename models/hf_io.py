@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors
 
 from .config import ModelConfig
+from .dtypes import DTYPES
 from .files import atomic_write, write_json_atomic
 from .llama import LlamaForCausalLM
 
@@ -67,7 +68,6 @@ def load_pretrained(
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 BUILTIN, TRANSFORMERS = "builtin", "transformers"  # how a directory's model is loaded (its manifest says)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def model_kind(model: torch.nn.Module) -> str:

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from alignflow.models import LlamaForCausalLM, generate, generate_text, get_preset
-from alignflow.trainers import grpo as grpo_module
-from alignflow.trainers.grpo import (GRPOTrainer, collate_prompts, combine_rewards, completion_logits, completion_targets,
-                           group_advantages, grpo_loss, kl_k3)
+from alignflow.trainers.grpo import loss as grpo_loss_module
+from alignflow.trainers.grpo import (GRPOTrainer, collate_prompts, completion_logits, completion_targets,
+                                     group_advantages, grpo_loss, kl_k3)
 from alignflow.trainers.logprobs import token_logps
-from alignflow.trainers.rewards import (answers_match, contains, exact_match, final_answer, format_reward, get_reward,
-                              register_reward, reward_name)
+from alignflow.trainers.rewards import (Rewards, answers_match, contains, exact_match, final_answer, format_reward,
+                                        get_reward, register_reward, reward_name)
 
 PAD, EOS = 0, 1
 VOCAB = 32
@@ -229,9 +229,17 @@ def test_reward_registry():
 
 
 def test_none_rewards_are_left_out_of_the_weighted_sum():
-    nan = math.nan
-    per_function = torch.tensor([[1.0, nan], [nan, nan], [0.5, 1.0]])
-    assert combine_rewards(per_function, torch.tensor([1.0, 2.0])).tolist() == [1.0, 0.0, 2.5]
+    def first(prompts, completions, **columns):
+        return [1.0, None, 0.5]
+
+    def second(prompts, completions, **columns):
+        return [None, None, 1.0]
+
+    rewards = Rewards([first, second], [1.0, 2.0])
+    per_function = rewards.score(["p"] * 3, ["a", "b", "c"], {})
+    assert per_function.isnan().tolist() == [[False, True], [True, True], [False, False]]
+    assert rewards.total(per_function).tolist() == [1.0, 0.0, 2.5]
+    assert rewards.names == ["first", "second"]
 
 
 # ---- the trainer ----
@@ -290,13 +298,13 @@ def test_completion_logps_of_a_padded_batch_equal_each_sequence_alone():
 
 def test_policy_equal_to_reference_and_old_policy_gives_zero_kl_and_unit_ratio(monkeypatch):
     seen = []
-    original = grpo_module.grpo_token_losses
+    original = grpo_loss_module.grpo_token_losses
 
     def recording(logps, old_logps, ref_logps, *args):
         seen.append((logps.detach(), old_logps, ref_logps))
         return original(logps, old_logps, ref_logps, *args)
 
-    monkeypatch.setattr(grpo_module, "grpo_token_losses", recording)
+    monkeypatch.setattr(grpo_loss_module, "grpo_token_losses", recording)
     trainer = make_trainer(prompt_items(2), num_iterations=2)
     metrics = trainer.training_step([next(iter(trainer.train_loader))])
     logps, old, ref = seen[0]  # the first update: nothing has moved yet

@@ -5,7 +5,6 @@ import json
 import math
 import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -101,7 +100,7 @@ def test_the_lora_reference_is_the_parent_and_holds_no_second_copy(kind, hf_mode
     batches = torch.utils.data.DataLoader(pairs(8, vocab(parent)), batch_size=4, collate_fn=collate_pairs)
     trainer = DPOTrainer(policy, AdapterDisabled(policy), configure_optimizer(policy, lr=1e-3), batches,
                          device="cpu", max_steps=2, precompute_ref_log_probs=False, progress_bar=False)
-    reference = trainer.reference()
+    reference = trainer.reference.model()
     assert list(reference.parameters()) == []  # the view owns nothing
     base_storages = {t.data_ptr() for t in reference.weights().values()}
     assert base_storages <= {p.data_ptr() for p in policy.parameters()} | {b.data_ptr() for b in policy.buffers()}

@@ -1,7 +1,8 @@
 """The report's number formats and its cards, on hand-made stage results."""
 import json
 
-from alignflow.flows import numbers, report
+from alignflow.flows import report
+from alignflow.trainers import numbers
 
 
 def test_numbers_print_as_a_person_reads_them():

@@ -11,9 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alignflow.models.dtypes import short_name
+
 Precision = Literal["fp32", "bf16", "fp16"]
 ScheduleName = Literal["cosine", "linear", "constant", "wsd"]
-_AMP_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
 
 
 class Settings(BaseModel):
@@ -69,11 +70,11 @@ class TrainingArgs(Settings):
             return data
         data = dict(data)
         use_amp, dtype = data.pop("use_amp", False), data.pop("amp_dtype", "bfloat16")
-        name = str(dtype).removeprefix("torch.")
-        if name not in _AMP_NAMES:
+        precision = short_name(dtype)
+        if precision not in ("bf16", "fp16"):
             raise ValueError(f"amp_dtype must be bfloat16 or float16, got {dtype!r}")
         if use_amp:
-            data["precision"] = _AMP_NAMES[name]
+            data["precision"] = precision
         return data
 
     @model_validator(mode="after")
@@ -87,6 +88,12 @@ class TrainingArgs(Settings):
         if self.fsdp_cpu_offload and self.strategy != "fsdp":
             raise ValueError("fsdp_cpu_offload needs strategy: fsdp")
         return self
+
+    @property
+    def needs_process_group(self) -> bool:
+        """FSDP shards over a process group even for one process (and offloads through it), so
+        `strategy: fsdp` runs under torchrun; DDP in one process needs none."""
+        return self.strategy == "fsdp"
 
     @property
     def epoch_limit(self) -> int | None:

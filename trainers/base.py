@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
+
+from alignflow.models.dtypes import DTYPES
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
@@ -34,20 +34,22 @@ from .early_stopping import EarlyStopping
 from .metrics import MetricsLogger, MetricSums
 from .modules import unwrap
 from .optim import create_scheduler
-from .reference import AdapterDisabled, freeze_reference
+from .placement import place_policy
+from .resume import Resumable
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is left as it was."""
 
 
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class BaseTrainer:
+class BaseTrainer(Resumable):
     """`args` (a `TrainingArgs`) or its fields as keywords; keywords win. `scheduler` is an LR
     scheduler you built yourself; without one the trainer builds `args.schedule` when training
     starts. `on_checkpoint(step_dir)` runs on the main rank after each checkpoint is complete."""
+
+    # (metric, label): what the progress lines show after the loop's own numbers (DPO's
+    # preference accuracy, GRPO's reward), in training and validation records alike.
+    progress_metrics: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, val_loader=None,
                  args: TrainingArgs | None = None, *, scheduler=None, device: str | torch.device | None = None,
@@ -69,32 +71,14 @@ class BaseTrainer:
         self.early_stopping = early_stopping
 
         self.use_amp = args.precision != "fp32"
-        self.amp_dtype = _AMP_DTYPES.get(args.precision)
+        self.amp_dtype = DTYPES[args.precision] if self.use_amp else None
         # fp16 has a narrow exponent range: small gradients underflow unless the loss is scaled
         # up first; bf16 keeps fp32's range and needs no scaler.
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
 
-        model.to(self.device)
-        if args.activation_checkpointing:
-            sharding.checkpoint_activations(model)
         self.sharded = args.strategy == "fsdp"
-        if self.sharded:
-            if not dist_utils.initialized():
-                raise ValueError("strategy fsdp needs a process group: launch with torchrun (--nproc_per_node 1 "
-                                 "for one process)")
-            if scheduler is not None:
-                raise ValueError("strategy fsdp replaces the model's parameters, so a scheduler built on them "
-                                 "would drive a stale optimizer: set args.schedule and let the trainer build it")
-            names = {id(p): n for n, p in model.named_parameters()}
-            sharding.shard(model, args.precision, args.fsdp_cpu_offload)
-            self.optimizer = optimizer = sharding.reattach_optimizer(optimizer, model, names)
-        elif self.dist.enabled:
-            model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if args.compile:  # True: the default inductor backend; a string names another backend
-            model = torch.compile(model) if args.compile is True else torch.compile(model, backend=args.compile)
-        self.model = model
+        self.model, self.optimizer = place_policy(model, optimizer, args, self.device, scheduler)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.global_step = 0
         self.epoch = 0
@@ -134,16 +118,6 @@ class BaseTrainer:
         pass
 
     # ---- small helpers ----
-
-    def frozen_reference(self, ref_model: nn.Module) -> nn.Module:
-        """A reference model for DPO or GRPO: frozen, on this trainer's device, and under fsdp
-        sharded like the policy (forward passes only, no optimizer)."""
-        if isinstance(ref_model, AdapterDisabled):  # the policy itself, seen without its adapter
-            return ref_model
-        ref = freeze_reference(ref_model, device=self.device)
-        if self.sharded:
-            sharding.shard(ref, self.args.precision, self.args.fsdp_cpu_offload)
-        return ref
 
     def unsharded(self):
         """The block in which the policy generates: under fsdp every layer gathered once, so the
@@ -243,8 +217,8 @@ class BaseTrainer:
             loss_sum += loss.detach().double()
             sums.add(metrics)
 
-        (loss_total,), metric_means = sums.reduce([loss_sum], n_items, self.device)
-        loss_value = loss_total / n_items
+        totals, metric_means = sums.reduce({"loss": loss_sum}, n_items, self.device)
+        loss_value = totals["loss"] / n_items
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             where = self.last_checkpoint or "none was saved"
@@ -297,97 +271,14 @@ class BaseTrainer:
                 loss, metrics = self.compute_loss(self.model, self.to_device(batch))
             loss_sum += loss.double()
             sums.add(metrics)
-        (loss_total, total), metric_means = sums.reduce([loss_sum, n_items], None, self.device)
+        totals, metric_means = sums.reduce({"loss": loss_sum, "items": n_items}, None, self.device)
         # val_items: how many items (tokens, pairs) the numbers average over, for counts in reports.
-        result = {"val_loss": loss_total / max(total, 1.0), "val_items": int(total)}
+        result = {"val_loss": totals["loss"] / max(totals["items"], 1.0), "val_items": int(totals["items"])}
         result.update({f"val_{k}": v for k, v in metric_means.items()})
         self.model.train(was_training)
         return result
 
-    # ---- checkpoints ----
-
-    def save_checkpoint(self) -> Path | None:
-        """Full resumable state at the current step; every rank must call it."""
-        if self.save_dir is None:
-            return None
-        tmp = ckpt.step_dir(self.save_dir, self.global_step).with_suffix(".tmp")
-        final = ckpt.step_dir(self.save_dir, self.global_step)
-        with ckpt.writing(tmp):  # a failed write (full disk) leaves no step-N.tmp, and names the path
-            if self.is_main:
-                tmp = ckpt.begin(self.save_dir, self.global_step)
-            dist_utils.barrier()
-            ckpt.save_rng(tmp, self.dist.rank, ckpt.rng_state(), self.epoch_start_rng)
-            if self.sharded:
-                ckpt.save_sharded(tmp, self.model, self.optimizer)
-            if self.is_main:
-                ckpt.save_state(tmp, None if self.sharded else unwrap(self.model), {
-                    **{k: v.state_dict() if v is not None else None for k, v in self._stateful().items()},
-                    "extra": self.extra_state()})
-            dist_utils.barrier()
-            if self.is_main:
-                ckpt.commit(tmp, {
-                    "format": "dcp" if self.sharded else "safetensors",
-                    "step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                    "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed_seconds(),
-                    "last_step_metrics": self.last_step_metrics,
-                    "world_size": self.dist.world_size, "last_eval": self.last_eval,
-                    "early_stopping": asdict(self.early_stopping) if self.early_stopping else None,
-                }, self.args.keep_last)
-        if self.is_main:
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(final)
-        dist_utils.barrier()
-        self.last_checkpoint = final
-        return final
-
-    def _stateful(self) -> dict:
-        """What training_state.pt holds (sharded, the optimizer's state is in the DCP files)."""
-        return {**({} if self.sharded else {"optimizer": self.optimizer}),
-                "scheduler": self.scheduler, "scaler": self.scaler}
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        meta, state, rng = ckpt.load(path, unwrap(self.model), self.dist.rank,
-                                     sharded_optimizer=self.optimizer if self.sharded else None)
-        for key, obj in self._stateful().items():
-            if obj is not None and state[key] is not None:
-                obj.load_state_dict(state[key])
-        self.load_extra_state(state.get("extra") or {})
-        self.global_step, self.epoch = meta["step"], meta["epoch"]
-        self.batches_in_epoch = meta["batches_in_epoch"]
-        self.tokens_seen = meta.get("tokens_seen", 0.0)
-        self.train_seconds = meta.get("train_seconds", 0.0)
-        self.last_step_metrics = meta.get("last_step_metrics") or {}
-        self.last_eval = meta.get("last_eval") or {}
-        if self.early_stopping is not None and meta.get("early_stopping"):
-            self.early_stopping = EarlyStopping(**meta["early_stopping"])
-        self.epoch_start_rng = rng["epoch_start"]
-        self._resume_rng = rng["current"]
-        self.last_checkpoint = path
-
     # ---- the loop ----
-
-    def _epoch_iterator(self) -> Iterator:
-        """Iterator over this epoch's micro-batches, positioned after those already consumed.
-
-        Shuffling draws from the RNG when the iterator is created, so on resume the RNG is
-        rewound to the epoch's start to replay the same order, the consumed batches are
-        skipped, and then the RNG is set to where the checkpoint left it."""
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
-            sampler.set_epoch(self.epoch)
-        resume_rng = self._resume_rng
-        if resume_rng is not None and self.epoch_start_rng is not None:
-            ckpt.set_rng_state(self.epoch_start_rng)
-        else:
-            self.epoch_start_rng = ckpt.rng_state()
-        it = iter(self.train_loader)
-        for _ in range(self.batches_in_epoch if resume_rng is not None else 0):
-            next(it)
-        if resume_rng is not None:
-            ckpt.set_rng_state(resume_rng)
-            self._resume_rng = None
-        return it
 
     def _done(self) -> bool:
         if self.args.max_steps is not None:
@@ -427,7 +318,7 @@ class BaseTrainer:
 
         logger = MetricsLogger(self.save_dir, self.is_main, self.estimated_total_steps(),
                                initial_step=self.global_step, progress_bar=self.args.progress_bar,
-                               tensorboard=self.args.tensorboard)
+                               tensorboard=self.args.tensorboard, shown=self.progress_metrics)
         self.model.train()
         window_tokens, window_start = 0.0, time.perf_counter()
         stop = False

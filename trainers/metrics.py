@@ -17,48 +17,38 @@ from tqdm.auto import tqdm
 from alignflow.models.files import atomic_write
 
 from . import distributed as dist_utils
+from .numbers import duration, number, rate
 
 _BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s")
-# What a progress line shows after the loop's own numbers: the algorithms' headline metrics
-# (DPO's preference accuracy and margin, GRPO's reward and KL), training or validation.
-_SHOWN = (("rewards/accuracies", "acc"), ("rewards/margins", "margin"), ("reward", "reward"), ("kl", "kl"))
+Shown = tuple[tuple[str, str], ...]  # (metric, label): an algorithm's numbers in its progress lines
 log = logging.getLogger("alignflow.train")
 
 
-def _number(value: float) -> str:
-    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
-
-
-def _duration(seconds: float) -> str:
-    minutes, s = divmod(int(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def progress_line(step: int, total: int | None, metrics: dict, eta_seconds: float | None = None) -> str:
-    """`step 20/300 · loss 1.153 · lr 5.5e-04 · grad_norm 0.84 · 11.8k tok/s · eta 4m10s`; a
-    validation record reads `step 20/300 · val_loss 1.2 · val acc 0.75`."""
+def progress_line(step: int, total: int | None, metrics: dict, eta_seconds: float | None = None,
+                  shown: Shown = ()) -> str:
+    """`step 20/300 · loss 1.153 · lr 5.50e-04 · grad_norm 0.84 · 11.8k tok/s · eta 4m10s`, the
+    loop's own numbers followed by `shown`, the algorithm's (DPO's `acc 0.75`); a validation
+    record reads `step 20/300 · val_loss 1.2 · val acc 0.75`."""
     parts = [f"step {step}/{total}" if total else f"step {step}"]
     val = "loss" not in metrics and any(k.startswith("val_") for k in metrics)
     prefix = "val_" if val else ""
     for key in ("loss", "lr", "grad_norm"):
         if prefix + key in metrics:
-            parts.append(f"{prefix}{key} {_number(metrics[prefix + key])}")
-    for key, label in _SHOWN:
+            parts.append(f"{prefix}{key} {number(metrics[prefix + key])}")
+    for key, label in shown:
         if prefix + key in metrics:
-            parts.append(f"{'val ' if val else ''}{label} {_number(metrics[prefix + key])}")
+            parts.append(f"{'val ' if val else ''}{label} {number(metrics[prefix + key])}")
     if "tokens_per_s" in metrics:
-        rate = metrics["tokens_per_s"]
-        parts.append(f"{rate / 1000:.1f}k tok/s" if rate >= 1000 else f"{rate:.0f} tok/s")
+        parts.append(rate(metrics["tokens_per_s"], "tok/s"))
     if eta_seconds is not None:
-        parts.append(f"eta {_duration(eta_seconds)}")
+        parts.append(f"eta {duration(eta_seconds)}")
     return " · ".join(parts)
 
 
 class MetricsLogger:
     def __init__(self, save_dir: str | Path | None, enabled: bool, total_steps: int | None,
-                 initial_step: int = 0, progress_bar: bool = True, tensorboard: bool = False):
-        self.enabled = enabled
+                 initial_step: int = 0, progress_bar: bool = True, tensorboard: bool = False, shown: Shown = ()):
+        self.enabled, self.shown = enabled, shown
         self.path = Path(save_dir) / "metrics.jsonl" if (enabled and save_dir) else None
         self.bar = None
         self.tb = None
@@ -111,7 +101,7 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
-        log.info(progress_line(step, self.total, metrics, self._eta(step)))
+        log.info(progress_line(step, self.total, metrics, self._eta(step), self.shown))
         if self.bar is not None:
             shown = {k: f"{metrics[k]:.4g}" for k in _BAR_KEYS if k in metrics}
             if shown:
@@ -150,15 +140,12 @@ class MetricSums:
             if count is not None:
                 self.counts[name] = self.counts.get(name, 0) + torch.as_tensor(count).detach().double()
 
-    def reduce(self, extra: list[torch.Tensor], n_items: float | None, device) -> tuple[list[float], dict]:
+    def reduce(self, extra: dict[str, torch.Tensor], n_items: float | None, device) -> tuple[dict[str, float], dict]:
         """All-reduce `extra` and the sums in one collective: (extra totals, metric means). A
-        plain sum is divided by `n_items` (default: the last of `extra`)."""
-        names, paired = sorted(self.sums), sorted(self.counts)
-        values = [*extra, *(self.sums[k] for k in names), *(self.counts[k] for k in paired)]
-        packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-        reduced = dist_utils.all_reduce_sum(packed).tolist()
-        totals = reduced[:len(extra)]
-        sums = dict(zip(names, reduced[len(extra):]))
-        counts = dict(zip(paired, reduced[len(extra) + len(names):]))
-        divisor = n_items if n_items is not None else totals[-1]
-        return totals, {k: v / max(counts.get(k, divisor), 1.0) for k, v in sums.items()}
+        plain sum is divided by `n_items` (default: extra's "items")."""
+        totals = dist_utils.sum_over_ranks({**{f"extra:{k}": v for k, v in extra.items()},
+                                            **{f"sum:{k}": v for k, v in self.sums.items()},
+                                            **{f"count:{k}": v for k, v in self.counts.items()}}, device)
+        divisor = n_items if n_items is not None else totals["extra:items"]
+        means = {k: totals[f"sum:{k}"] / max(totals.get(f"count:{k}", divisor), 1.0) for k in self.sums}
+        return {k: totals[f"extra:{k}"] for k in extra}, means

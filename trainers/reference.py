@@ -1,17 +1,13 @@
-"""The frozen reference model of DPO and GRPO, and the table of reference log-probs that DPO
-precomputes once instead of running the reference every step (docs/algorithms.md)."""
+"""The frozen reference model of DPO and GRPO: frozen in place, seen as the policy without its
+adapter (LoRA), and fingerprinted by its weights. Placing it beside the policy is placement.py's;
+DPO's precomputed log-probs are trainers/dpo/reference.py's."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
-
-from alignflow.models.files import atomic_write
 
 
 def freeze_reference(model: nn.Module, dtype: torch.dtype | None = None,
@@ -67,46 +63,3 @@ def reference_fingerprint(model: nn.Module, scoring: str) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def data_fingerprint(keys: list[bytes]) -> str:
-    """sha256 of the set of pair keys: independent of order, batching and sharding."""
-    return hashlib.sha256(b"".join(sorted(set(keys)))).hexdigest()
-
-
-def keys_to_tensor(keys: list[bytes]) -> torch.Tensor:
-    """Pair keys as uint8 [N, 32], the form safetensors and collectives carry."""
-    return torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 32).copy())
-
-
-class ReferenceLogps:
-    """Reference (chosen, rejected) log-probs by pair key: `keys` uint8 [N, 32], `logps` fp32 [N, 2]."""
-
-    def __init__(self, keys: torch.Tensor, logps: torch.Tensor):
-        self.keys, self.logps = keys, logps
-        self.index = {bytes(k): i for i, k in enumerate(keys.numpy())}
-
-    @classmethod
-    def from_rows(cls, keys: list[bytes], logps: torch.Tensor) -> "ReferenceLogps":
-        """De-duplicated (a DistributedSampler repeats pairs to even out shards) and sorted."""
-        rows = dict(zip(keys, logps))
-        ordered = sorted(rows)
-        logps = torch.stack([rows[k] for k in ordered]) if ordered else torch.zeros((0, 2))
-        return cls(keys_to_tensor(ordered), logps)
-
-    def lookup(self, keys: list[bytes]) -> torch.Tensor:
-        try:
-            return self.logps[[self.index[k] for k in keys]]
-        except KeyError:
-            raise KeyError("a batch holds a pair the reference did not score before training; the "
-                           "loaders must yield the same pairs every epoch") from None
-
-    def save(self, path: Path, metadata: dict[str, str]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Atomic: a crash mid-write never leaves a file that looks complete.
-        atomic_write(path, lambda tmp: save_file({"keys": self.keys, "logps": self.logps}, tmp, metadata=metadata))
-
-    @classmethod
-    def load(cls, path: Path) -> "ReferenceLogps":
-        tensors = load_file(str(path))
-        return cls(tensors["keys"], tensors["logps"])

@@ -1,4 +1,5 @@
-"""Reward functions for GRPO, looked up by name.
+"""Reward functions, looked up by name, and `Rewards`: the one scorer GRPO's training, its
+validation and every stage's held-out evaluation share.
 
 A reward function scores a batch of completions:
 
@@ -6,7 +7,7 @@ A reward function scores a batch of completions:
 
 `columns` are the prompt dataset's other columns (e.g. `answer`), one value per completion.
 A function returns None for a row it does not apply to (say, a row without a reference
-answer); the trainer leaves such rows out of that function's mean and out of the weighted sum.
+answer); `Rewards` leaves such rows out of that function's mean and out of the weighted sum.
 Functions take `**columns` so they ignore the columns they do not use.
 
 Register your own and name it in the trainer (or a config), with the columns it reads: the
@@ -29,8 +30,11 @@ checks for a `target` string.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Callable
+
+import torch
 
 RewardFn = Callable[..., list]
 
@@ -87,6 +91,30 @@ def reward_name(fn: RewardFn) -> str:
     while isinstance(fn, functools.partial):
         fn = fn.func
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+class Rewards:
+    """Reward functions (registered names or callables) and their weights (1 each by default)."""
+
+    def __init__(self, funcs: list, weights: list[float] | None = None):
+        self.weights = torch.tensor(resolve_reward_weights(funcs, weights), dtype=torch.float32)
+        self.funcs = [get_reward(f) if isinstance(f, str) else f for f in funcs]
+        self.names = [f if isinstance(f, str) else reward_name(f) for f in funcs]
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> torch.Tensor:
+        """[N, F]: each function's reward for each completion, NaN where it returned None.
+        `columns`: the data's other columns, one value per completion."""
+        scores = []
+        for fn, name in zip(self.funcs, self.names):
+            values = fn(prompts, completions, **columns)
+            if len(values) != len(completions):
+                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+            scores.append([math.nan if v is None else float(v) for v in values])
+        return torch.tensor(scores, dtype=torch.float32).T.reshape(len(completions), len(self.funcs))
+
+    def total(self, per_function: torch.Tensor) -> torch.Tensor:
+        """[N]: the weighted sum over functions; one that does not apply (NaN) adds nothing."""
+        return torch.nansum(per_function * self.weights.to(per_function.dtype), dim=1)
 
 
 def final_answer(text: str) -> str:

@@ -1,4 +1,4 @@
-"""Numbers as a person reads them in the report and the logs: `59,904` tokens, `14.9k tok/s`,
+"""Numbers as a person reads them, in the progress lines and the report card: `59,904` tokens, `14.9k tok/s`,
 `87.0% (40/46)`, `4m10s`, `0.6574`. None prints as an empty cell."""
 from __future__ import annotations
 

@@ -1,0 +1,13 @@
+"""Group Relative Policy Optimization (docs/algorithms.md), one file per part:
+
+    loss.py     the maths, pure functions: advantages, KL, the clipped surrogate, normalisation
+    rollout.py  prompt batches, and the completion tokens' logits and targets on rollouts
+    trainer.py  `GRPOArgs` and `GRPOTrainer`: generate, score (trainers.rewards), optimise
+"""
+from .loss import LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_token_losses, kl_k3, loss_items, loss_sum
+from .rollout import collate_prompts, completion_logits, completion_targets, repeat_each
+from .trainer import GRPOArgs, GRPOTrainer
+
+__all__ = ["LOSS_TYPES", "SCALE_REWARDS", "group_advantages", "grpo_loss", "grpo_token_losses", "kl_k3", "loss_items",
+           "loss_sum", "collate_prompts", "completion_logits", "completion_targets", "repeat_each", "GRPOArgs",
+           "GRPOTrainer"]

@@ -1,0 +1,102 @@
+"""GRPO's maths as pure functions (docs/algorithms.md): group-relative advantages, the k3 KL
+estimate, the clipped surrogate per token, and how each loss type sums and normalises it.
+
+Per-token tensors are [B, T] over completion tokens; `advantages` is [B]."""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ScaleRewards = Literal["group", "batch", "none"]
+LOSS_TYPES, SCALE_REWARDS = get_args(GRPOLossType), get_args(ScaleRewards)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+    """A_i = (r_i − mean of its group) / (std + 1e-4), unbiased std; rewards [N] are laid out
+    as consecutive groups of `group_size`. "group" divides by each group's std, "batch" by the
+    std of all N rewards, "none" not at all (Dr. GRPO: dividing by the std up-weights
+    prompts whose rewards barely vary, the too easy and the too hard)."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_rewards == "none":
+        return centred.flatten()
+    std = groups.std(dim=1, keepdim=True) if scale_rewards == "group" else rewards.std()
+    return (centred / (std + 1e-4)).flatten()
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π_θ ‖ π_ref) on tokens sampled from π_θ: unbiased and ≥ 0."""
+    diff = ref_logps - logps
+    return torch.exp(diff) - diff - 1
+
+
+def grpo_token_losses(logps, old_logps, ref_logps, advantages, epsilon_low: float, epsilon_high: float,
+                      beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss [B, T] and per-token statistics (clip indicators, KL) for the metrics."""
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages[:, None]
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    losses = -torch.min(ratio * adv, clipped * adv)
+    # The clip only binds on the side where it lowers the objective: below 1−ε for negative
+    # advantages, above 1+ε for positive ones.
+    low = (ratio < 1 - epsilon_low) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    stats = {"clip_ratio/low": low.float(), "clip_ratio/high": high.float(),
+             "clip_ratio/region": (low | high).float()}
+    if beta != 0 and ref_logps is not None:
+        kl = kl_k3(logps, ref_logps)
+        losses = losses + beta * kl
+        stats["kl"] = kl.detach()
+    return losses, stats
+
+
+def loss_sum(token_losses: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The batch's loss before normalisation, in the unit `loss_items` counts."""
+    masked = token_losses * mask
+    if loss_type == "grpo":  # per-sequence token means, summed over sequences
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    if loss_type == "bnpo":  # this batch's token mean, one item
+        return masked.sum() / mask.sum().clamp(min=1)
+    if loss_type in ("dr_grpo", "dapo"):
+        return masked.sum()
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def loss_items(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> int:
+    """How many items `loss_sum` sums over: the batch's normaliser for each loss type."""
+    if loss_type == "dapo":
+        return int(mask.sum())
+    if loss_type == "bnpo":
+        return 1
+    if loss_type == "grpo":
+        return mask.shape[0]
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' normalises by max_completion_length; pass it")
+        return mask.shape[0] * max_completion_length
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, epsilon_low: float = 0.2,
+              epsilon_high: float = 0.2, beta: float = 0.04, loss_type: str = "dapo",
+              max_completion_length: int | None = None, num_items: float | None = None):
+    """Clipped surrogate + β·KL (k3), normalised per `loss_type` (docs/algorithms.md).
+
+    Per-token tensors are [B, T] over completion tokens, `advantages` [B]. `num_items`
+    overrides the normaliser, in the unit of `loss_items`; for dapo it is the active tokens of
+    the whole generation batch (all accumulation steps and ranks) divided by the world size.
+    The KL term is skipped when beta == 0 or ref_logps is None.
+    Returns (loss, metrics): kl (when computed) and the clip ratios, as means over active tokens.
+    """
+    mask = completion_mask.to(logps.dtype)
+    losses, stats = grpo_token_losses(logps, old_logps, ref_logps, advantages, epsilon_low, epsilon_high, beta)
+    denom = num_items if num_items is not None else loss_items(mask, loss_type, max_completion_length)
+    loss = loss_sum(losses, mask, loss_type) / denom
+    n_tokens = mask.sum().clamp(min=1)
+    return loss, {k: (v * mask).sum() / n_tokens for k, v in stats.items()}
