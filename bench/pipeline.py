@@ -1,5 +1,5 @@
 """Wall time of the tiny pipeline split into stage work vs Prefect/orchestration overhead, and
-the pretraining stage's tokenise-and-pack throughput, measured in one run.
+the pretraining stage's tokenise-into-blocks throughput, measured in one run.
 
 The embedded server is started (by a trivial flow) before timing, so its one-off start-up is
 reported separately. Stage work is each stage's own wall time from its manifest; overhead is
@@ -21,6 +21,7 @@ from alignflow.flows.pipeline import alignment_pipeline
 from alignflow.models import train_tokenizer
 from alignflow.stages import data as data_mod
 from alignflow.stages.config import load_config
+from alignflow.stages.formats import blocks_of_text
 
 
 @flow
@@ -28,13 +29,13 @@ def warm_up() -> int:
     return 1
 
 
-def pack_throughput(config) -> tuple[float, int]:
-    raw, _, _ = data_mod.load_split("pretrain", config.pretrain.data, config.demo, "train")
+def block_throughput(config) -> tuple[float, int]:
+    raw = data_mod.read("pretrain", config.pretrain.data, config.demo, "train").dataset
     tok = train_tokenizer((r["text"] for r in raw), vocab_size=config.vocab_size)
     start = time.perf_counter()
-    packed = data_mod.tokenize_pretrain(raw, tok, config.pretrain.data.max_length)
+    blocks = blocks_of_text(raw, tok, config.pretrain.data.max_length)
     seconds = time.perf_counter() - start
-    tokens = len(packed) * config.pretrain.data.max_length
+    tokens = len(blocks) * config.pretrain.data.max_length
     return tokens / seconds, tokens
 
 
@@ -56,13 +57,13 @@ def main() -> None:
     stage_work = sum(r["timings"]["wall_seconds"] for r in out["stages"].values())
     overhead = wall - stage_work
 
-    rate, tokens = pack_throughput(config)
+    rate, tokens = block_throughput(config)
     print(f"embedded server start (once): {server_start:.1f} s")
     for name, r in out["stages"].items():
         print(f"  {name:9s} {r['timings']['wall_seconds']:7.1f} s  (training {r['timings']['train_seconds']:.1f} s)")
     print(f"pipeline wall {wall:.1f} s = stage work {stage_work:.1f} s + orchestration {overhead:.1f} s")
     print(f"orchestration overhead = {overhead / wall:.1%} of wall time (target <= 10%)")
-    print(f"tokenise+pack: {rate:,.0f} tokens/s ({tokens:,} tokens of the demo corpus)")
+    print(f"tokenise into blocks: {rate:,.0f} tokens/s ({tokens:,} tokens of the demo corpus)")
     if not args.runs_dir:
         shutil.rmtree(runs_dir, ignore_errors=True)
 

@@ -8,9 +8,10 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from alignflow.stages import ALIGNERS, CHILDREN, STAGES
+from alignflow.stages import aligners, algorithms, children
 
 EPILOG = """examples:
   alignflow run                                   # tiny preset, demo data, pretrain -> sft -> dpo
@@ -25,6 +26,22 @@ EPILOG = """examples:
   alignflow deploy --runs-dir s3://bucket/runs    # pools + deployments on $PREFECT_API_URL
   alignflow job-preview --var gpu_count=8         # the Kubernetes job a GPU run would get
 """
+
+
+class Registered(Sequence):
+    """argparse choices read from the algorithm registry only when argparse looks at them (a
+    value to check, a command's --help): loading the algorithms imports torch, and `alignflow
+    --help` or `alignflow runs` should not wait for it. Give the argument a metavar, or argparse
+    reads the choices as it is declared."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]):
+        self.names = names
+
+    def __getitem__(self, i):
+        return list(self.names())[i]
+
+    def __len__(self) -> int:
+        return len(list(self.names()))
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -54,15 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--model", help="a Hugging Face model directory to start from, or a built-in preset (tiny, "
                                    "gpt2-small; default: the preset's)")
-    p.add_argument("--start", choices=list(STAGES), help="the first stage (default pretrain; with a Hugging Face "
-                                                         "model: sft, or pretrain to continue pretraining it)")
-    p.add_argument("--align", choices=[*ALIGNERS, "none"], default="dpo", help="the alignment stage (default: dpo)")
+    p.add_argument("--start", choices=Registered(algorithms), metavar="STAGE", help=(
+        "the first stage: %(choices)s (default pretrain; with a Hugging Face model: sft, or pretrain to continue "
+        "pretraining it)"))
+    p.add_argument("--align", choices=Registered(lambda: [*aligners(), "none"]), default="dpo", metavar="STAGE",
+                   help="the alignment stage: %(choices)s (default: dpo)")
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="re-run these stages even if complete")
 
     p = sub.add_parser("stage", help="re-run one stage against an earlier run's checkpoint", description=(
         "Run one stage on PARENT (an earlier run's checkpoint directory: pretrain for sft, sft for "
         "dpo/grpo) into a new run directory whose manifest records the parent and its hash."))
-    p.add_argument("name", choices=CHILDREN)
+    p.add_argument("name", choices=Registered(children), metavar="STAGE", help="the stage to run: %(choices)s")
     p.add_argument("--parent", required=True, help="the parent stage's checkpoint directory (path or fsspec URL)")
     add_config_args(p)
 
@@ -139,7 +158,7 @@ def cmd_stage(args) -> int:
     parent = args.parent if storage.is_url(args.parent) else str(Path(args.parent).resolve())
     config = resolve_config(args)
     if not args.run_id:  # chosen here, so an interrupted re-run can be resumed by name
-        manifest = storage.checked_manifest(parent)  # a plain Hugging Face model directory too
+        manifest = storage.read_manifest(parent, verify=True)  # a plain Hugging Face model directory too
         check_parent(args.name, manifest, parent)
         args.run_id = new_run_id(config.runs_dir, manifest, args.name)
     out = run_stage(stage=args.name, config=config, parent=parent, run_id=args.run_id)
@@ -300,7 +319,11 @@ def quiet_prefect_tracebacks() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # a stage's name loads the algorithms, plugins too
+    except (RuntimeError, TypeError, ValueError) as e:  # an algorithm plugin that cannot load
+        print(f"alignflow: error: {e}", file=sys.stderr)
+        return 1
     try:
         if args.command not in FLOW_COMMANDS:
             return COMMANDS[args.command](args)

@@ -1,6 +1,6 @@
 """The Prefect flows: the whole pipeline, and one stage re-run against an earlier parent.
 
-Flows stay thin: each stage is a task around `stages.<name>.run`, skipped when its checkpoint
+Flows stay thin: each stage is a task around `stages.run.train_stage`, skipped when its checkpoint
 directory is already complete for the same config and parent content hash (the manifest
 check), retried on failure (the retry resumes from the stage's last training checkpoint), and
 launched through torchrun when it asks for more than one process."""
@@ -17,10 +17,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from alignflow.stages import ALIGNERS, CHILDREN, STAGES, chain, check_parent, handoff, storage
+from alignflow.stages import aligners, algorithms, chain, check_parent, children, handoff, storage
 from alignflow.stages.config import PipelineConfig, load_config
 from alignflow.stages.failures import is_permanent
 from alignflow.stages.lock import DirLock
+from alignflow.stages.run import train_stage
 from alignflow.trainers.checkpoint import latest_checkpoint, step_of
 
 from alignflow.trainers import numbers
@@ -29,9 +30,9 @@ from . import report, tracking
 from .launch import run_torchrun
 
 
-# Choices drawn from the stage graph (a type each, so Prefect's form offers them).
-AlignStage = Literal[ALIGNERS + ("none",)]
-ChildStage = Literal[CHILDREN]
+# Choices drawn from the registered algorithms (a type each, so Prefect's form offers them).
+AlignStage = Literal[aligners() + ("none",)]
+ChildStage = Literal[children()]
 
 
 def reset_stage(out: str) -> None:
@@ -43,7 +44,7 @@ def reset_stage(out: str) -> None:
 def publish(stage: str, run_id: str, result: dict) -> None:
     """The stage's card (its numbers and curves) as a Prefect artifact, as soon as it finishes."""
     out = result["path"]
-    curves = report.plot_curves(storage.local_dir(out))
+    curves = report.plot_curves(storage.local_dir(out), stage)
     if curves is not None and storage.is_url(out):
         storage.put_file(curves, storage.join(out, curves.name))
     create_markdown_artifact(key=report.artifact_key(run_id, stage), markdown=report.stage_card(stage, result, curves),
@@ -98,22 +99,22 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
     else:
         logger.info("running %s: %s", stage, why.reason)
     parent_path = parent["path"] if parent else None
-    t = config.stage(stage).train
-    if t.nproc_per_node > 1 or t.nnodes > 1 or t.strategy == "fsdp":  # fsdp needs a process group, even alone
+    if config.stage(stage).train.needs_torchrun:
         run_torchrun(stage, config, parent_path, out_dir, logger)
-        result = handoff.stage_result(out_dir, storage.checked_manifest(out_dir))
+        result = handoff.stage_result(out_dir, storage.read_manifest(out_dir, verify=True))
     else:
         with progress_into(logger):
-            result = STAGES[stage].run(config, parent_path, out_dir)
+            result = train_stage(stage, config, parent_path, out_dir)
     publish(stage, config.resolved_run_id(), result)
     logger.info("%s done: %s", stage, summary(result["metrics"]))
     return result
 
 
-def run_chain(config: PipelineConfig, run_dir: str, stages: list[str], parent: dict | None,
+def run_chain(config: PipelineConfig, run_dir: str, stages: list[str], base: dict | None,
               force: list[str], title: str) -> dict[str, dict]:
-    """The stages in order, each on its parent's result; then the report of the run directory.
-    With `tracking`, an MLflow run for the chain and a nested one per stage as it finishes."""
+    """The stages in order, the first on `base` (a parent from elsewhere, or None), each later one
+    on its parent's result; then the report of the run directory. With `tracking`, an MLflow run
+    for the chain and a nested one per stage as it finishes."""
     tracker = tracking.tracker(config, run_dir, title, {"alignflow.run_id": config.resolved_run_id(),
                                                         "alignflow.chain": "→".join(stages)})
     results, outcome = {}, "FAILED"
@@ -122,9 +123,10 @@ def run_chain(config: PipelineConfig, run_dir: str, stages: list[str], parent: d
             out = storage.join(run_dir, stage)
             if stage in force:
                 reset_stage(out)
+            parent = results[algorithms()[stage].parent] if results else base
             state = stage_task.with_options(retries=config.retries)(stage, config, parent, out, return_state=True)
-            results[stage] = parent = state.result()
-            tracker.stage(stage, config, parent)
+            results[stage] = state.result()
+            tracker.stage(stage, config, results[stage])
         write_report(run_dir, config.resolved_run_id(), results, stages)
         outcome = "FINISHED"
     except KeyboardInterrupt:
@@ -198,7 +200,7 @@ def base_model(path: str) -> dict:
     if not Path(path).is_dir():
         raise ValueError(f"model: {path} is neither a built-in preset nor a directory")
     absolute = str(Path(path).resolve())
-    return handoff.stage_result(absolute, handoff.verify(absolute))
+    return handoff.stage_result(absolute, storage.read_manifest(absolute, verify=True))
 
 
 def resolve(config: PipelineConfig | None, preset: str, overrides: dict[str, Any] | None) -> PipelineConfig:
@@ -243,9 +245,9 @@ def alignment_pipeline(config: PipelineConfig | None = None, align: AlignStage =
     a Hugging Face model directory (`config.model`) hands it to its first stage as the parent."""
     config = resolve(config, preset, overrides)
     force = force or []
-    unknown = set(force) - set(STAGES)
+    unknown = set(force) - set(algorithms())
     if unknown:
-        raise ValueError(f"force names unknown stages {sorted(unknown)}; stages: {sorted(STAGES)}")
+        raise ValueError(f"force names unknown stages {sorted(unknown)}; stages: {', '.join(algorithms())}")
     stages = chain(None if align == "none" else align, config.start)
     base = None if config.builtin_model else base_model(config.model)
     run_dir = storage.join(config.runs_dir, config.resolved_run_id())
@@ -262,7 +264,7 @@ def run_stage(stage: ChildStage, config: PipelineConfig | None = None, parent: s
     if not parent:
         raise ValueError("run_stage needs parent: the checkpoint directory (path or URL) of the parent stage")
     config = resolve(config, preset, overrides)
-    manifest = handoff.verify(storage.localize(parent))
+    manifest = storage.read_manifest(parent, verify=True)  # a URL's files are checked as the stage fetches them
     check_parent(stage, manifest, parent)
     run_id = run_id or new_run_id(config.runs_dir, manifest, stage)
     config = config.model_copy(update={"run_id": run_id})

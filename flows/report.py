@@ -15,35 +15,26 @@ matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from alignflow.stages import STAGES, storage  # noqa: E402
+from alignflow.stages import Headline, Panel, algorithms, storage  # noqa: E402
+from alignflow.stages.evaluation import HEADLINE as EVALUATION_HEADLINE  # noqa: E402
 from alignflow.trainers import numbers  # noqa: E402
 
-# One panel per quantity, its training and validation lines together, by the metric names the
-# trainers log (trainers/grpo.py logs its training reward as `reward`, its held-out one as
-# `val_reward`).
-PANELS = [("loss", [("loss", "train"), ("val_loss", "validation")]),
-          ("reward", [("reward", "train"), ("val_reward", "held-out")]),
-          ("KL to the reference", [("kl", "train")]),
-          ("completion length (tokens)", [("completion_length/mean", "train")]),
-          ("clip ratio", [("clip_ratio/region", "train")]),
-          ("DPO accuracy", [("rewards/accuracies", "train"), ("val_rewards/accuracies", "validation")]),
-          ("DPO margin", [("rewards/margins", "train"), ("val_rewards/margins", "validation")])]
-
+# Every stage's curves start with its loss, training and validation together; then come its
+# algorithm's panels (stages/algorithm.py: Algorithm.panels), each a quantity by the metric
+# names its trainer logs.
+LOSS_PANEL = Panel("loss", (("loss", "train"), ("val_loss", "validation")))
 COLUMNS = 3
-LM_STAGES = ("pretrain", "sft")  # stages whose val_loss is a language-model loss
-# The report card's rows: label, metric, which stages have it (None: all), and for a rate the
-# metric counting its cases (printed `87.0% (40/46)`). DPO's validation loss is a preference
-# loss, so it gets its own row instead of sitting beside the language-model losses as if it
-# were one.
-HEADLINE = [("LM val loss", "val_loss", LM_STAGES, None),
-            ("LM val perplexity", "val_ppl", LM_STAGES, None),
-            ("DPO val loss", "val_loss", ("dpo",), None),
-            ("DPO val accuracy", "val_rewards/accuracies", ("dpo",), "val_items"),
-            ("DPO val margin", "val_rewards/margins", ("dpo",), None),
-            ("GRPO val reward", "val_reward", ("grpo",), None),
-            ("task accuracy", "task_accuracy", None, "eval_prompts"),
-            ("format rate", "format_rate", None, "eval_prompts"),
-            ("held-out reward", "heldout_reward", None, None)]
+
+
+def panels(stage: str) -> list[Panel]:
+    found = algorithms().get(stage)  # a stage of an algorithm no longer installed: its loss only
+    return [LOSS_PANEL, *(found.panels if found else ())]
+
+
+def headline_rows(stage: str) -> tuple[Headline, ...]:
+    """A stage's report rows: its algorithm's, then the held-out evaluation's every stage has."""
+    found = algorithms().get(stage)
+    return (*(found.headline if found else ()), *EVALUATION_HEADLINE)
 
 
 def artifact_key(*parts: str) -> str:
@@ -56,25 +47,25 @@ def read_metrics(stage_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def curves_present(records: list[dict]) -> list[str]:
-    """The metrics of PANELS that a stage's records hold."""
-    return [key for _, lines in PANELS for key, _ in lines if any(key in r for r in records)]
+def curves_present(records: list[dict], stage: str) -> list[str]:
+    """The metrics of the stage's panels that its records hold."""
+    return [key for panel in panels(stage) for key, _ in panel.lines if any(key in r for r in records)]
 
 
-def plot_curves(stage_dir: Path) -> Path | None:
+def plot_curves(stage_dir: Path, stage: str) -> Path | None:
     """curves.png beside the checkpoint: a panel per logged quantity against the optimizer step."""
     records = read_metrics(stage_dir)
-    present = set(curves_present(records))
-    panels = [(title, [(k, label) for k, label in lines if k in present]) for title, lines in PANELS]
-    panels = [p for p in panels if p[1]]
-    if not panels:
+    present = set(curves_present(records, stage))
+    drawn = [(p.title, [(k, label) for k, label in p.lines if k in present]) for p in panels(stage)]
+    drawn = [p for p in drawn if p[1]]
+    if not drawn:
         return None
     # At most three panels a row: wider images are shrunk to the page and become unreadable.
-    cols, rows = min(COLUMNS, len(panels)), -(-len(panels) // COLUMNS)
+    cols, rows = min(COLUMNS, len(drawn)), -(-len(drawn) // COLUMNS)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(drawn):]:
         ax.set_visible(False)
-    for ax, (title, lines) in zip(axes.flat, panels):
+    for ax, (title, lines) in zip(axes.flat, drawn):
         for key, label in lines:
             points = [(r["step"], r[key]) for r in records if key in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], label=label,
@@ -112,9 +103,9 @@ def status(result: dict) -> str:
 
 
 def headline(stage: str, metrics: dict) -> list[tuple[str, str]]:
-    """A stage's HEADLINE rows that it has, as (label, text)."""
-    return [(label, numbers.percent(metrics[key], metrics.get(cases)) if cases else numbers.number(metrics[key]))
-            for label, key, only, cases in HEADLINE if key in metrics and (only is None or stage in only)]
+    """A stage's headline rows that it has numbers for, as (label, text)."""
+    return [(row.label, numbers.percent(metrics[row.metric], metrics.get(row.cases)) if row.cases
+             else numbers.number(metrics[row.metric])) for row in headline_rows(stage) if row.metric in metrics]
 
 
 def table(results: dict[str, dict]) -> list[str]:
@@ -127,7 +118,9 @@ def table(results: dict[str, dict]) -> list[str]:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     shown = {s: dict(headline(results[s]["stage"], results[s]["metrics"])) for s in stages}
-    for label, *_ in HEADLINE:
+    # Every algorithm's rows in pipeline order, then evaluation's: the same order in every report.
+    labels = [r.label for a in algorithms().values() for r in a.headline] + [r.label for r in EVALUATION_HEADLINE]
+    for label in dict.fromkeys(labels):
         row(label, [shown[s].get(label, "") for s in stages])
     row("optimizer steps", [numbers.count(results[s]["metrics"].get("step")) for s in stages])
     row("tokens trained on", [numbers.count(results[s]["metrics"].get("tokens")) for s in stages])
@@ -178,13 +171,13 @@ def complete_stages(run_dir: str, results: dict[str, dict], read_result) -> dict
     GRPO chain run after a DPO chain on the same directory reports both aligners. One trained
     on an older version of its parent than the directory now holds says so."""
     every = {}
-    for stage in STAGES:
+    for stage, algorithm in algorithms().items():
         if stage in results:
             every[stage] = results[stage]
         else:
             earlier = read_result(storage.join(run_dir, stage))
             if earlier is not None:
-                parent = every.get(STAGES[stage].parent)
+                parent = every.get(algorithm.parent)
                 stale = parent is not None and earlier.get("parent_hash") != parent["content_hash"]
                 every[stage] = {**earlier, "earlier": True, "stale": stale}
     return every

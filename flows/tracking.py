@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from alignflow.stages import storage
-from alignflow.stages.config import SHARED_KEYS, PipelineConfig
+from alignflow.stages.config import PipelineConfig
+from alignflow.stages.settings import SHARED_KEYS
 
 from alignflow.trainers.numbers import is_number
 

@@ -9,12 +9,16 @@ that is DPO's and GRPO's reference, with no second copy of the weights (docs/tra
 The stage hands on a plain model, never the adapter: `adapter_state` copies the adapter out
 (peft's own file layout, for users who want it alone), then `merge` folds W + (alpha/r)·B·A into
 the base weights and unwraps them. QLoRA (the base loaded in 4-bit NF4, models.hf_io) merges
-into the parent loaded again unquantized (`with_adapter`)."""
+into the parent loaded again unquantized (`with_adapter`). `AdapterPolicy` is a stage's whole
+answer to "what trains, and what is handed on": every weight, LoRA or QLoRA, per its `lora`
+section (`LoRAConfig`)."""
 from __future__ import annotations
 
 import os
+from typing import Callable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 from torch import nn
 
@@ -23,6 +27,65 @@ from .files import atomic_write
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class LoRAConfig(BaseModel):
+    """A LoRA adapter (peft) trained on the frozen parent instead of every weight. The stage's
+    output is the merged model (plus adapter/); DPO's and GRPO's reference is the policy with
+    its adapter switched off."""
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
+
+    r: int = Field(16, ge=1, description="rank of the update B·A")
+    alpha: float = Field(32.0, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt (e.g. [q_proj, v_proj]); default: every linear layer but the head")
+    modules_to_save: list[str] | None = Field(None, description="modules trained in full beside the adapter "
+                                                                 "(e.g. [lm_head])")
+    quantize: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA, the frozen base's linear layers "
+                                                                  "in 4-bit NF4 (bitsandbytes; transformers models)")
+
+
+class AdapterPolicy:
+    """What a stage trains of its model and what it hands on, from its `lora` section: None is
+    full fine-tuning; a LoRAConfig trains an adapter on the frozen parent (QLoRA: on its linear
+    layers loaded in 4 bits) and hands on the parent with the adapter merged."""
+
+    def __init__(self, lora: LoRAConfig | None):
+        self.lora = lora
+
+    @property
+    def quantize(self) -> str | None:
+        """How the parent is loaded to train on: "4bit" for QLoRA, else as it is (None)."""
+        return self.lora.quantize if self.lora is not None and self.lora.quantize != "none" else None
+
+    def attach(self, model: nn.Module, seed: int, base: str | None) -> nn.Module:
+        """The model to train: `model` itself, or `model` with a fresh adapter (see add_adapter)."""
+        if self.lora is None:
+            return model
+        c = self.lora
+        return add_adapter(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.target_modules,
+                           modules_to_save=c.modules_to_save, seed=seed, base=base)
+
+    def hand_off(self, model: nn.Module, load_parent: Callable[[], nn.Module]
+                 ) -> tuple[nn.Module, tuple[dict, object] | None]:
+        """(the plain model to save, the adapter's state or None): the adapter merged into the
+        weights; under QLoRA into the parent's own weights (`load_parent()`, unquantized), not
+        their 4-bit rounding."""
+        if not is_adapted(model):
+            return model, None
+        adapter = adapter_state(model)
+        if self.quantize:
+            model = with_adapter(load_parent(), *adapter)
+        return merge(model), adapter
+
+    def describe(self, model: nn.Module) -> str:
+        """`, LoRA r=16 alpha=32: 0.12M trained` for the stage's start line ("" in full)."""
+        if self.lora is None:
+            return ""
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        kind = "QLoRA (4-bit base)" if self.quantize else "LoRA"
+        return f", {kind} r={self.lora.r} alpha={self.lora.alpha:g}: {trained / 1e6:.2f}M trained"
 
 
 def linear_targets(model: nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""`python -m stages <stage> --config FILE --parent DIR --out DIR`: one stage without Prefect.
+"""`python -m alignflow.stages <stage> --config FILE --parent DIR --out DIR`: one stage without Prefect.
 
 This is also what the pipeline hands to `torchrun` when a stage asks for several processes."""
 from __future__ import annotations
@@ -10,13 +10,16 @@ import sys
 
 from alignflow.trainers import distributed as dist_utils
 
-from . import STAGES, failures, lifeline
+from . import failures, lifeline
+from .algorithm import algorithms
 from .config import load_config
+from .run import train_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stages", description=__doc__)
-    ap.add_argument("stage", choices=list(STAGES))
+    found = algorithms()
+    ap = argparse.ArgumentParser(prog="python -m alignflow.stages", description=__doc__)
+    ap.add_argument("stage", choices=list(found))
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--config", help="YAML/JSON file laid over the preset")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -31,12 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     progress.setLevel(logging.INFO)
     if not progress.handlers:
         progress.addHandler(logging.StreamHandler(sys.stdout))
-    stage = STAGES[args.stage]
-    if stage.parent and not args.parent:
-        ap.error(f"stage {args.stage} needs --parent (a {stage.parent} checkpoint directory)")
+    parent = found[args.stage].parent
+    if parent and not args.parent:
+        ap.error(f"stage {args.stage} needs --parent (a {parent} checkpoint directory)")
     try:
-        config = load_config(args.preset, args.config, args.overrides)
-        result = stage.run(config, args.parent, args.out)
+        result = train_stage(args.stage, load_config(args.preset, args.config, args.overrides), args.parent, args.out)
     except Exception as e:
         failures.mark_permanent(e, dist_utils.detect().rank)
         raise

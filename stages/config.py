@@ -1,223 +1,34 @@
-"""Pipeline configuration: pydantic models, YAML presets, dotted-key overrides.
+"""Pipeline configuration: one pydantic model, YAML presets, dotted-key overrides.
 
-The trainers' own settings models are embedded, not copied: a stage's `train` section is
-`trainers.TrainingArgs` plus the optimizer, batch and launch settings, and `dpo`/`grpo` are
-`DPOArgs`/`GRPOArgs` plus their data and loop. The classes hold the defaults a bare trainer
-has; the YAML presets (stages/presets/) hold the pipeline's choices (schedule, checkpoint
-interval, sizes). Prefect validates flow parameters with these models and draws them as a form
-in its UI, so every field has a default and a description where the name alone does not say
-enough."""
+`PipelineConfig` holds the settings every stage shares (the model and how it loads, the demo
+data, evaluation, where runs go) and one section per registered algorithm (`sft:`, `dpo:`, ...,
+each the algorithm's own `settings` model: stages/algorithm.py), composed here when this module
+is first imported. The trainers' settings models are embedded, not copied: a section's `train`
+is `trainers.TrainingArgs` plus the optimizer, batch and launch settings, and `dpo:` is
+`DPOArgs` plus its data and loop. The classes hold the defaults a bare trainer has; the YAML
+presets (stages/presets/) hold the pipeline's choices (schedule, checkpoint interval, sizes).
+Prefect validates flow parameters with this model and draws it as a form in its UI."""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, create_model
 
-from alignflow.models import PRESETS
-from alignflow.trainers.args import Settings, TrainingArgs
-from alignflow.trainers.dpo import DPOArgs
-from alignflow.trainers.grpo import GRPOArgs
-from alignflow.trainers.rewards import DEFAULT_REWARDS, required_columns
-
-from . import STAGES
+from .algorithm import freeze, roots
+from .settings import SharedConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
-# Sections every stage's output depends on: the model and how it is loaded, the tokenizer, the
-# demo data, evaluation.
-SHARED_KEYS = ("model", "hf", "vocab_size", "demo", "eval")
 
-
-
-class DataConfig(Settings):
-    source: str = Field("demo", description="'demo' (built-in task) or a local file/dir: "
-                                            "jsonl, json, parquet, csv, or a datasets save_to_disk directory")
-    val_source: str | None = Field(None, description="held-out data; default: split val_fraction off source")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    max_length: int = Field(128, gt=8, description="tokens per example (pretraining: block size)")
-    too_long: Literal["drop", "error"] = "drop"
-    on_bad_rows: Literal["error", "skip"] = "error"
-
-
-class SFTDataConfig(DataConfig):
-    packing: bool = Field(False, description="several examples per row of max_length tokens, each attending "
-                                             "only to itself (batch_size then counts rows)")
-
-
-class TrainConfig(TrainingArgs):
-    """The trainer's loop settings (`trainers.TrainingArgs`: steps, accumulation, precision,
-    clipping, schedule, checkpoints) plus what the stage builds around the trainer."""
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    batch_size: int = Field(16, gt=0, description="per process, per micro-step")
-    nproc_per_node: int = Field(1, ge=1, description=">1 launches the stage with torchrun")
-    nnodes: int = Field(1, ge=1)
-
-
-EVAL_COLUMNS = ("answer",)  # what stages/evaluation.py hands each reward function
-
-
-class EvalConfig(Settings):
-    """Held-out evaluation of every stage (stages/evaluation.py). Part of every stage's cache
-    key: changing it re-runs the stages whose numbers it changes."""
-    max_prompts: int = Field(64, ge=1, description="held-out prompts for the task metrics")
-    max_new_tokens: int = Field(16, ge=1)
-    reward_samples: int = Field(8, ge=0, description="sampled completions per prompt for the held-out mean reward (0: greedy)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of the held-out reward")
-    reward_funcs: list[str] = Field(DEFAULT_REWARDS, min_length=1,
-                                    description="reward functions of the held-out reward (by default GRPO's)")
-    reward_weights: list[float] | None = None
-
-    @field_validator("reward_funcs")
-    @classmethod
-    def _held_out_rows_have_the_columns(cls, names: list[str]) -> list[str]:
-        # The held-out prompts carry only `answer`: a function reading another column would
-        # score no row, and the held-out reward would silently count it as 0.
-        unknown = {c: fns for c, fns in required_columns(names).items() if c not in EVAL_COLUMNS}
-        if unknown:
-            raise ValueError("the held-out prompts have only " + ", ".join(EVAL_COLUMNS) + "; " +
-                             "; ".join(f"{', '.join(fns)} reads {c!r}" for c, fns in unknown.items()))
-        return names
-
-
-class LoRAConfig(Settings):
-    """A LoRA adapter (peft) trained on the frozen parent instead of every weight. The stage's
-    output is the merged model (plus adapter/); DPO's and GRPO's reference is the policy with
-    its adapter switched off."""
-    r: int = Field(16, ge=1, description="rank of the update B·A")
-    alpha: float = Field(32.0, gt=0, description="the update is scaled by alpha / r")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
-    target_modules: list[str] | None = Field(
-        None, description="module names to adapt (e.g. [q_proj, v_proj]); default: every linear layer but the head")
-    modules_to_save: list[str] | None = Field(None, description="modules trained in full beside the adapter "
-                                                                 "(e.g. [lm_head])")
-    quantize: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA, the frozen base's linear layers "
-                                                                  "in 4-bit NF4 (bitsandbytes; transformers models)")
-
-
-class StageConfig(Settings):
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    lora: LoRAConfig | None = Field(None, description="train a LoRA adapter instead of every weight "
-                                                      "(absent: full fine-tuning)")
-
-    @property
-    def quantized(self) -> bool:
-        return self.lora is not None and self.lora.quantize != "none"
-
-    @model_validator(mode="after")
-    def _qlora_runs_under_ddp(self) -> "StageConfig":
-        if self.quantized and self.train.strategy == "fsdp":
-            raise ValueError("lora.quantize: 4bit with train.strategy: fsdp is not supported: QLoRA trains under ddp")
-        return self
-
-
-class PretrainConfig(StageConfig):
-    pass
-
-
-class SFTConfig(StageConfig):
-    data: SFTDataConfig = SFTDataConfig()
-
-
-class DPOConfig(DPOArgs, StageConfig):
-    """DPO's settings (`trainers.dpo.DPOArgs`) beside its data and training loop."""
-    train: TrainConfig = TrainConfig(lr=1e-4)
-
-
-class GRPOConfig(GRPOArgs, StageConfig):
-    """GRPO's settings (`trainers.grpo.GRPOArgs`) beside its data and training loop."""
-    train: TrainConfig = TrainConfig(lr=1e-4, batch_size=4)
-
-
-class DemoConfig(Settings):
-    seed: int = 0
-    pretrain_docs: int = Field(4000, ge=1)
-    sft_examples: int = Field(2000, ge=1)
-    preference_pairs: int = Field(1000, ge=1)
-    grpo_prompts: int = Field(400, ge=1)
-    eval_prompts: int = Field(100, ge=1)
-
-
-class HFConfig(Settings):
-    """How models and tokenizers are loaded from Hugging Face model directories (the `model` one,
-    and every stage directory after it), and how stage directories are written."""
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="weights' dtype; float32 keeps fp32 master weights under train.precision bf16/fp16")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="transformers' attention kernel (flash_attention_2 needs the flash-attn package)")
-    trust_remote_code: bool = Field(False, description="run code a model directory ships (auto_map); off: refused")
-    chat_template: str | None = Field(None, description="a Jinja chat template file replacing the tokenizer's own")
-    max_shard_size: str = Field("5GB", description="stage outputs above this are saved in safetensors shards")
-
-
-class PipelineConfig(Settings):
-    preset: str = "tiny"
-    model: str = Field("tiny", description="a built-in model preset (tiny, gpt2-small), trained from scratch "
-                                            "by pretrain, or a Hugging Face model directory to start from")
-    start: Literal[tuple(STAGES)] = Field(
-        "pretrain", description="the first stage to run: with a Hugging Face model, sft (or dpo/grpo) starts "
-                                "from it and pretrain continues pretraining it")
-    hf: HFConfig = HFConfig()
-    vocab_size: int = Field(1024, description="tokenizer trained on the pretraining corpus (built-in models)")
-    runs_dir: str = "runs"
-    run_id: str | None = Field(None, description="default: the preset's name")
-    device: str | None = Field(None, description="default: cuda if available, else cpu")
-    retries: int = Field(1, ge=0, description="Prefect retries per stage; a retry resumes from the stage's last checkpoint")
-    tracking: Literal["none", "mlflow"] = Field(
-        "none", description="mlflow: one MLflow run per pipeline, a nested run per stage (pip install 'alignflow[mlflow]')")
-    tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI (a server, or sqlite:///path.db); default: sqlite in runs_dir, offline")
-    tracking_experiment: str = Field("alignflow", description="the MLflow experiment the runs go to")
-    demo: DemoConfig = DemoConfig()
-    eval: EvalConfig = EvalConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    sft: SFTConfig = SFTConfig()
-    dpo: DPOConfig = DPOConfig()
-    grpo: GRPOConfig = GRPOConfig()
-
-    @model_validator(mode="after")
-    def _a_start_needs_a_model_to_start_from(self) -> "PipelineConfig":
-        if self.start != "pretrain" and self.builtin_model:
-            raise ValueError(f"start: {self.start} needs a model to start from: set model to a Hugging Face model "
-                             f"directory ({self.model!r} is a built-in preset, trained from scratch by pretrain)")
-        return self
-
-    @model_validator(mode="after")
-    def _lora_needs_a_trained_parent(self) -> "PipelineConfig":
-        if self.pretrain.lora is not None and self.builtin_model:
-            raise ValueError(f"pretrain.lora: the built-in model {self.model!r} is trained from scratch by "
-                             "pretrain, and an adapter on random weights learns nothing useful; use lora on "
-                             "sft/dpo/grpo, or set model to a Hugging Face model directory")
-        quantized = [name for name in STAGES if self.stage(name).quantized]
-        if quantized and self.builtin_model:
-            raise ValueError(f"{quantized[0]}.lora.quantize: 4bit quantizes a transformers model (bitsandbytes), "
-                             f"not the built-in model {self.model!r}; set model to a Hugging Face model directory")
-        return self
-
-    @property
-    def builtin_model(self) -> bool:
-        """`model` names a built-in preset (else it is a Hugging Face model directory)."""
-        return self.model in PRESETS
-
-    def stage(self, name: str) -> StageConfig:
-        return getattr(self, name)
-
-    def stage_key(self, stage: str) -> dict:
-        """What a stage's output depends on: its own section and the shared ones (its cache key)."""
-        dumped = self.model_dump(mode="json")
-        return {"stage": stage, stage: dumped[stage], **{k: dumped[k] for k in SHARED_KEYS}}
-
-    def stage_hash(self, stage: str) -> str:
-        return config_hash(self.stage_key(stage))
-
-    def resolved_run_id(self) -> str:
-        return self.run_id or self.preset
+ALGORITHMS = freeze("the pipeline configuration (alignflow.stages.config.PipelineConfig)")
+PipelineConfig = create_model(
+    "PipelineConfig", __base__=SharedConfig, __module__=__name__,
+    __doc__="The whole pipeline's settings: the shared ones and a section per algorithm.",
+    start=(Literal[tuple(ALGORITHMS)], Field(roots()[0], description=(
+        "the first stage to run: with a Hugging Face model, sft (or an alignment stage) starts from it and "
+        "pretrain continues pretraining it"))),
+    **{name: (a.settings, a.settings()) for name, a in ALGORITHMS.items()})
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -263,8 +74,3 @@ def load_config(preset: str = "tiny", file: str | Path | None = None,
     for key, value in items:
         set_dotted(tree, key, value)
     return PipelineConfig.model_validate(tree)
-
-
-def config_hash(obj: BaseModel | dict) -> str:
-    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

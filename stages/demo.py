@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from .config import DemoConfig
+    from .settings import DemoConfig
 
 NAMES = ["Tom", "Ana", "Li", "Sam", "Mia", "Ben", "Ada", "Kai"]
 ITEMS = ["apples", "books", "coins", "cards", "shells", "pens"]
@@ -124,37 +124,38 @@ class DemoSplit:
         return max(1, int(train_size * (1 if self.split == "train" else 0.1)))
 
 
-def _pretrain(s: DemoSplit) -> list[dict]:
+# ---- the rows of each data kind (stages/formats.py), from a split's problems ----
+
+def documents(s: DemoSplit) -> list[dict]:
+    """Pretraining text."""
     return pretrain_rows(s.problems, s.count(s.sizes.pretrain_docs), s.rng)
 
 
-def _sft(s: DemoSplit) -> list[dict]:
+def solutions(s: DemoSplit) -> list[dict]:
+    """SFT's prompt/completion conversations."""
     return sft_rows(s.problems, s.count(s.sizes.sft_examples), s.rng)
 
 
-def _dpo(s: DemoSplit) -> list[dict]:
+def preference_pairs(s: DemoSplit) -> list[dict]:
+    """A correct solution chosen over a plausible wrong one."""
     return preference_rows(s.problems, s.count(s.sizes.preference_pairs), s.rng)
 
 
-def _grpo(s: DemoSplit) -> list[dict]:
+def training_prompts(s: DemoSplit) -> list[dict]:
+    """Prompts with their answers, drawn with replacement (GRPO's)."""
     n = s.sizes.grpo_prompts if s.split == "train" else s.sizes.eval_prompts
     return prompt_rows(_sample(s.problems, n, s.rng))
 
 
-def _eval(s: DemoSplit) -> list[dict]:
+def held_out_prompts(s: DemoSplit) -> list[dict]:
+    """The held-out problems, each once, for evaluation."""
     return prompt_rows(s.held_out[: s.sizes.eval_prompts])
 
 
-# One row generator per data kind (stages.data.KINDS): adding a kind is adding one entry.
-DEMO_ROWS = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo, "grpo": _grpo, "eval": _eval}
-
-
-def demo_data(kind: str, split: str, sizes, seed: int) -> list[dict]:
-    """Rows for one stage kind ("pretrain", "sft", "dpo", "grpo", "eval") and split ("train", "val").
-
-    `sizes` is the pipeline's DemoConfig. Validation rows come from the held-out problems."""
-    if kind not in DEMO_ROWS:
-        raise ValueError(f"unknown demo data kind {kind!r}")
-    train, held_out = split_problems(seed)
-    rng = random.Random(f"{seed}-{kind}-{split}")
-    return DEMO_ROWS[kind](DemoSplit(train if split == "train" else held_out, held_out, split, sizes, rng))
+def demo_rows(stage: str, rows: Callable[[DemoSplit], list[dict]], split: str, sizes: DemoConfig) -> list[dict]:
+    """One stage's rows of one split ("train", "val"): `rows` drawn from the split's problems
+    (validation rows from the held-out ones), seeded by sizes.seed and the stage's name, so each
+    stage gets its own draw and the same one every run."""
+    train, held_out = split_problems(sizes.seed)
+    rng = random.Random(f"{sizes.seed}-{stage}-{split}")
+    return rows(DemoSplit(train if split == "train" else held_out, held_out, split, sizes, rng))

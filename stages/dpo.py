@@ -3,18 +3,37 @@ reference: loaded a second time when its log-probs are not cached yet, or, for a
 the policy with its adapter switched off."""
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alignflow.trainers.dpo import collate_pairs
+from alignflow.trainers.dpo import DPOArgs, DPOTrainer
 
-from .config import PipelineConfig
-from .context import StageRun
+from .algorithm import Algorithm, Headline, Panel
+from .formats import PAIRS
+from .settings import StageConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from .run import StageRun
 
 
-def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
-    with StageRun("dpo", config, parent_dir, out_dir) as stage:
-        model, tok = stage.load_policy()
-        # Loaded only if its log-probs are not cached for these weights, and let go once they are computed.
-        stage.train(stage.trainer(model, tok, collate_pairs, ref_model=stage.reference_loader(model),
-                                  ref_weights_id=stage.reference_weights_id(), dpo=config.dpo), tok)
-    return stage.result
+class DPOConfig(DPOArgs, StageConfig):
+    """DPO's settings (`trainers.dpo.DPOArgs`) beside its data and training loop."""
+    train: TrainConfig = TrainConfig(lr=1e-4)
+
+
+def train(stage: StageRun) -> None:
+    model, tok = stage.load_policy()
+    # The reference is loaded only if its log-probs are not cached for these weights, and let go
+    # once they are computed.
+    stage.train(stage.trainer(model, tok, ref_model=stage.reference_loader(model),
+                              ref_weights_id=stage.reference_weights_id(), dpo=stage.settings), tok)
+
+
+ALGORITHM = Algorithm(
+    name="dpo", parent="sft", aligns=True, settings=DPOConfig, trainer=DPOTrainer, data=PAIRS, recipe=train,
+    # DPO's validation loss is a preference loss, so it gets its own row instead of sitting
+    # beside the language-model losses as if it were one.
+    headline=(Headline("DPO val loss", "val_loss"),
+              Headline("DPO val accuracy", "val_rewards/accuracies", cases="val_items"),
+              Headline("DPO val margin", "val_rewards/margins")),
+    panels=(Panel("DPO accuracy", (("rewards/accuracies", "train"), ("val_rewards/accuracies", "validation"))),
+            Panel("DPO margin", (("rewards/margins", "train"), ("val_rewards/margins", "validation")))))

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from alignflow.models import BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model, load_tokenizer, save_model
-from alignflow.models.files import read_seal, seal, sha256_file, verify_seal, write_json_atomic
+from alignflow.models.files import seal, sha256_file, verify_seal, write_json_atomic
 from alignflow.models.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, save_adapter
 from alignflow.trainers.checkpoint import CHECKPOINT_DIR
 
@@ -91,11 +91,6 @@ def write_manifest(out_dir: Path, fields: dict) -> dict:
     weight_files(out_dir, names)  # weights there, and every shard of an index
     names += adapter_files(out_dir) + [n for n in OPTIONAL_FILES if (out_dir / n).exists()]
     return seal(out_dir, MANIFEST, fields, names, derive=lambda sha: {"content_hash": content_hash(sha)})
-
-
-def read_manifest(stage_dir: str | Path) -> dict:
-    """The manifest as recorded, without checking the files (cheap: for listings)."""
-    return read_seal(stage_dir, MANIFEST, StageDirError)
 
 
 def is_external_base(directory: str | Path) -> bool:

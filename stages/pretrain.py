@@ -2,17 +2,29 @@
 continued on a Hugging Face model (the parent, an external base) with its own tokenizer."""
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from alignflow.models import LlamaForCausalLM, Tokenizer, get_preset, load_tokenizer, train_tokenizer
+from alignflow.trainers import PretrainTrainer
 from alignflow.trainers import distributed as dist_utils
-from alignflow.trainers.sft import collate_causal_lm
 
 from . import data, handoff
-from .config import PipelineConfig
-from .context import StageRun
+from .algorithm import Algorithm, Headline
+from .formats import TEXT
+from .settings import StageConfig
+
+if TYPE_CHECKING:
+    from .run import StageRun
+
+# A language model's validation numbers (pretraining's and SFT's), apart from the preference
+# and reward losses of the stages after them.
+LANGUAGE_MODEL_HEADLINE = (Headline("LM val loss", "val_loss"), Headline("LM val perplexity", "val_ppl"))
+
+
+class PretrainConfig(StageConfig):
+    pass
 
 
 def corpus_tokenizer(stage: StageRun, corpus: data.RawSplit) -> Tokenizer:
@@ -27,15 +39,17 @@ def corpus_tokenizer(stage: StageRun, corpus: data.RawSplit) -> Tokenizer:
 
 def from_scratch(stage: StageRun, corpus: data.RawSplit) -> tuple[torch.nn.Module, Tokenizer]:
     tok = corpus_tokenizer(stage, corpus)
-    torch.manual_seed(stage.train_cfg.seed or 0)
+    torch.manual_seed(stage.settings.train.seed or 0)
     model = LlamaForCausalLM(get_preset(stage.config.model, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     return model, tok
 
 
-def run(config: PipelineConfig, parent_dir: str | Path | None, out_dir: str | Path) -> dict | None:
-    with StageRun("pretrain", config, parent_dir, out_dir) as stage:
-        corpus = data.read("pretrain", config.pretrain.data, config.demo, "train")
-        model, tok = stage.load_policy() if parent_dir else from_scratch(stage, corpus)
-        stage.train(stage.trainer(model, tok, collate_causal_lm, train_raw=corpus), tok)
-    return stage.result
+def train(stage: StageRun) -> None:
+    corpus = data.read(stage.name, stage.settings.data, stage.config.demo, "train")
+    model, tok = stage.load_policy() if stage.parent else from_scratch(stage, corpus)
+    stage.train(stage.trainer(model, tok, train_raw=corpus), tok)
+
+
+ALGORITHM = Algorithm(name="pretrain", parent=None, settings=PretrainConfig, trainer=PretrainTrainer, data=TEXT,
+                      recipe=train, headline=LANGUAGE_MODEL_HEADLINE)

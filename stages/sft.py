@@ -1,21 +1,35 @@
-"""Supervised fine-tuning of the parent checkpoint on chat-formatted examples."""
+"""Supervised fine-tuning of the parent checkpoint on chat-formatted examples, packed several to
+a row with `data.packing`."""
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alignflow.trainers.packing import check_isolation
-from alignflow.trainers.sft import collate_causal_lm, collate_packed
+from pydantic import Field
 
-from .config import PipelineConfig
-from .context import StageRun
+from alignflow.trainers import SFTTrainer
+
+from .algorithm import Algorithm
+from .formats import CONVERSATIONS
+from .pretrain import LANGUAGE_MODEL_HEADLINE
+from .settings import DataConfig, StageConfig
+
+if TYPE_CHECKING:
+    from .run import StageRun
 
 
-def run(config: PipelineConfig, parent_dir: str | Path, out_dir: str | Path) -> dict | None:
-    with StageRun("sft", config, parent_dir, out_dir) as stage:
-        model, tok = stage.load_policy()
-        collate = collate_causal_lm
-        if config.sft.data.packing:
-            check_isolation(model, len(tok), stage.device)  # no example may see another
-            collate = collate_packed
-        stage.train(stage.trainer(model, tok, collate), tok)
-    return stage.result
+class SFTDataConfig(DataConfig):
+    packing: bool = Field(False, description="several examples per row of max_length tokens, each attending "
+                                             "only to itself (batch_size then counts rows)")
+
+
+class SFTConfig(StageConfig):
+    data: SFTDataConfig = SFTDataConfig()
+
+
+def train(stage: StageRun) -> None:
+    model, tok = stage.load_policy()
+    stage.train(stage.trainer(model, tok), tok)
+
+
+ALGORITHM = Algorithm(name="sft", parent="pretrain", settings=SFTConfig, trainer=SFTTrainer, data=CONVERSATIONS,
+                      recipe=train, headline=LANGUAGE_MODEL_HEADLINE)

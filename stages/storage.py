@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignflow.models.files import write_json_atomic
+from alignflow.models.files import read_seal, write_json_atomic
 from alignflow.trainers.checkpoint import CHECKPOINT_DIR, META_FILE
 
 from . import handoff
@@ -74,10 +74,14 @@ def subdirs(ref: str | Path) -> list[str]:
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p))
 
 
-def read_manifest(ref: str | Path) -> dict:
-    """A stage directory's manifest, local or remote, without downloading anything else."""
+def read_manifest(ref: str | Path, verify: bool = False) -> dict:
+    """A stage directory's manifest, local or at a URL (nothing else is downloaded): as recorded
+    (cheap: listings, resume points), or with `verify` after re-hashing every file it lists
+    (handoff.verify; a plain Hugging Face model directory, which has no manifest, gets its record
+    that way). A URL's files are checked by `localize` as it downloads them, so there `verify`
+    reads the manifest as recorded."""
     if not is_url(ref):
-        return handoff.read_manifest(ref)
+        return handoff.verify(ref) if verify else read_seal(ref, handoff.MANIFEST, handoff.StageDirError)
     fs, path = _fs(join(ref, handoff.MANIFEST))
     if not fs.exists(path):
         raise handoff.StageDirError(f"{ref} is not a complete stage directory: {handoff.MANIFEST} is missing")
@@ -85,12 +89,6 @@ def read_manifest(ref: str | Path) -> dict:
         return json.loads(fs.cat_file(path))
     except json.JSONDecodeError as e:
         raise handoff.StageDirError(f"{join(ref, handoff.MANIFEST)} is not valid JSON: {e}") from e
-
-
-def checked_manifest(ref: str | Path) -> dict:
-    """The manifest of a complete stage directory. Local: after checking every sha256; remote:
-    as read (the files are checked by whoever downloads them, `localize`)."""
-    return read_manifest(ref) if is_url(ref) else handoff.verify(ref)
 
 
 @dataclass(frozen=True)

@@ -77,14 +77,14 @@ SPECS = {
 @functools.lru_cache(maxsize=1)
 def corpus() -> tuple[str, ...]:
     """The project's own demo texts (seeded, so every build trains the same BPE) plus role words."""
-    from alignflow.stages.config import DemoConfig
-    from alignflow.stages.demo import demo_data
+    from alignflow.stages import demo
+    from alignflow.stages.settings import DemoConfig
 
     def contents(value) -> list[str]:  # SFT fields are plain strings or conversational message lists
         return [value] if isinstance(value, str) else [message["content"] for message in value]
 
-    texts = [row["text"] for row in demo_data("pretrain", "train", DemoConfig(), 0)]
-    for row in demo_data("sft", "train", DemoConfig(), 0):
+    texts = [row["text"] for row in demo.demo_rows("pretrain", demo.documents, "train", DemoConfig())]
+    for row in demo.demo_rows("sft", demo.solutions, "train", DemoConfig()):
         texts += contents(row["prompt"]) + contents(row["completion"])
     # Paragraph breaks, so BPE learns "\n\n" (one token after the chat headers of Llama 3)
     texts += ["\n\n".join(texts[i:i + 4]) for i in range(0, 400, 4)]

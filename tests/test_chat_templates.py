@@ -7,7 +7,7 @@ import pytest
 
 from alignflow.models import ChatTemplateError, ensure_pad_token, load_tokenizer, prompt_ids, render_chat, stop_ids
 from alignflow.stages import data as data_mod
-from alignflow.stages.config import DataConfig, DemoConfig
+from alignflow.stages.settings import DataConfig, DemoConfig
 
 TURNS = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "3 + 4 = 7."},
          {"role": "user", "content": "And 2 plus 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]

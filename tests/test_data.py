@@ -5,13 +5,14 @@ import pytest
 
 from alignflow.models import train_tokenizer
 from alignflow.stages import data as data_mod
-from alignflow.stages.config import DataConfig, DemoConfig
-from alignflow.stages.demo import demo_data, split_problems
+from alignflow.stages.settings import DataConfig, DemoConfig
+from alignflow.stages import demo
+from alignflow.stages.demo import split_problems
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer([r["text"] for r in demo_data("pretrain", "train", DemoConfig(pretrain_docs=300), 0)],
+    return train_tokenizer([r["text"] for r in demo.demo_rows("pretrain", demo.documents, "train", DemoConfig(pretrain_docs=300))],
                            vocab_size=400)
 
 
@@ -27,10 +28,11 @@ def prepare(kind, path, tok, **cfg):
 def test_demo_held_out_problems_are_unseen():
     train, held_out = split_problems(0)
     assert not {(p.question, p.a, p.b) for p in train} & {(p.question, p.a, p.b) for p in held_out}
-    rows = demo_data("dpo", "train", DemoConfig(preference_pairs=50), 0)
+    rows = demo.demo_rows("dpo", demo.preference_pairs, "train", DemoConfig(preference_pairs=50))
     replies = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]  # conversational
     assert all(c != r and c.endswith(f"Answer: {c.split()[-1]}") for c, r in replies)
-    assert demo_data("sft", "train", DemoConfig(), 0) == demo_data("sft", "train", DemoConfig(), 0)  # seeded
+    assert (demo.demo_rows("sft", demo.solutions, "train", DemoConfig())
+            == demo.demo_rows("sft", demo.solutions, "train", DemoConfig()))  # seeded
 
 
 def test_sft_plain_text_learns_the_completion_and_eos_without_a_template(tmp_path, tok):

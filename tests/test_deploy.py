@@ -21,7 +21,7 @@ from prefect.workers.base import BaseWorker
 
 from conftest import SMALL_PIPELINE
 from alignflow.flows.cli import main as cli
-from alignflow.stages import handoff
+from alignflow.stages import handoff, storage
 from alignflow.stages.config import load_config
 
 BIN = Path(sys.executable).parent
@@ -123,7 +123,7 @@ def test_stage_deployment_trains_dpo_on_the_earlier_sft(deployed, pipeline_run):
     flow_run = run_with_worker(deployed, "run-stage/stage", params)
     assert flow_run.state.is_completed(), flow_run.state
     manifest = handoff.verify(Path(deployed["runs"]) / "beta-0.3" / "dpo")
-    assert manifest["parent"] == {"path": str(sft), "content_hash": handoff.read_manifest(sft)["content_hash"],
+    assert manifest["parent"] == {"path": str(sft), "content_hash": storage.read_manifest(sft)["content_hash"],
                                   "stage": "sft"}
     assert manifest["config"]["dpo"]["beta"] == 0.3
 

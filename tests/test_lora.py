@@ -123,7 +123,8 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
     """Stage by stage (stages.sft/dpo/grpo.run, as torchrun or a Prefect task runs them)."""
     from peft import PeftModel
 
-    from alignflow.stages import dpo, grpo, handoff, sft
+    from alignflow.stages import handoff
+    from alignflow.stages.run import train_stage
     from test_hf_pipeline import FAST, preference_file
 
     base = hf_model_dir("llama3")
@@ -136,7 +137,7 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
                              "grpo.max_completion_length": 8, "grpo.num_generations": 4,
                              "grpo.reward_funcs": ["digits"]})  # test_hf_pipeline's: a random model climbs it
     sft_dir, dpo_dir = tmp_path / "runs" / "sft", tmp_path / "runs" / "dpo"
-    sft.run(config, base, sft_dir)
+    train_stage("sft", config, base, sft_dir)
     manifest = handoff.verify(sft_dir)
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(manifest["sha256"])
     assert json.loads((sft_dir / "adapter" / "adapter_config.json").read_text())["r"] == 8
@@ -150,7 +151,7 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
     with torch.no_grad():
         assert torch.allclose(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
 
-    dpo.run(config, sft_dir, dpo_dir)
+    train_stage("dpo", config, sft_dir, dpo_dir)
     rows = [json.loads(line) for line in (dpo_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     # Policy = merged SFT + a zero update = the reference: DPO starts at exactly log 2.
@@ -163,7 +164,7 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
     loads = []
     load_stage = handoff.load_stage
     monkeypatch.setattr(handoff, "load_stage", lambda *a, **k: loads.append(a[0]) or load_stage(*a, **k))
-    grpo.run(config, sft_dir, tmp_path / "runs" / "grpo")
+    train_stage("grpo", config, sft_dir, tmp_path / "runs" / "grpo")
     assert len(loads) == 1
     kl = [json.loads(line)["kl"] for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()
           if "kl" in json.loads(line)]
@@ -191,7 +192,8 @@ def test_qlora_trains_on_a_4bit_base_and_hands_on_the_parent_plus_its_adapter(tm
     from safetensors.torch import load_file
 
     from hf_fixtures import build_model_dir
-    from alignflow.stages import context, dpo, handoff, sft
+    from alignflow.stages import handoff, run
+    from alignflow.stages.run import train_stage
     from test_hf_pipeline import FAST, preference_file
 
     base = build_model_dir("llama3", tmp_path / "base", hidden_size=64)  # 4-bit blocks of 64
@@ -200,8 +202,8 @@ def test_qlora_trains_on_a_4bit_base_and_hands_on_the_parent_plus_its_adapter(tm
                           **{"sft.lora": qlora, "dpo.lora": qlora, "dpo.train.max_steps": 6,
                              "dpo.data.source": preference_file(tmp_path / "pairs.jsonl"), "dpo.train.log_interval": 1})
     lines = []
-    monkeypatch.setattr(context.log, "info", lambda message, *a: lines.append(message))
-    sft.run(config, base, tmp_path / "runs" / "sft")
+    monkeypatch.setattr(run.log, "info", lambda message, *a: lines.append(message))
+    train_stage("sft", config, base, tmp_path / "runs" / "sft")
     assert any("QLoRA (4-bit base) r=8 alpha=16" in line for line in lines), lines
 
     # The output is the parent's own fp32 weights plus the scaled B·A: the 4-bit copy only trained.
@@ -215,7 +217,7 @@ def test_qlora_trains_on_a_4bit_base_and_hands_on_the_parent_plus_its_adapter(tm
     assert torch.equal(merged["model.layers.0.input_layernorm.weight"], parent["model.layers.0.input_layernorm.weight"])
 
     # QLoRA DPO on it: policy and reference are the same 4-bit model at step 0, so loss log 2.
-    dpo.run(config, tmp_path / "runs" / "sft", tmp_path / "runs" / "dpo")
+    train_stage("dpo", config, tmp_path / "runs" / "sft", tmp_path / "runs" / "dpo")
     rows = [json.loads(line) for line in (tmp_path / "runs" / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows if "loss" in r][0] == pytest.approx(math.log(2), abs=1e-6)
     assert handoff.verify(tmp_path / "runs" / "dpo")["stage"] == "dpo"

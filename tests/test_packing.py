@@ -101,12 +101,13 @@ def test_the_first_step_gradient_of_packed_rows_equals_the_padded_batch(kind, hf
 
 
 def test_an_sft_stage_packs_its_data_and_says_so(hf_model_dir, tmp_path, small_config):
-    from alignflow.stages import handoff, sft
+    from alignflow.stages import handoff
+    from alignflow.stages.run import train_stage
     from test_hf_pipeline import FAST, losses
 
     config = small_config(**{**FAST, "sft.data.packing": True, "sft.data.max_length": 256, "sft.train.batch_size": 2},
                           model=str(hf_model_dir("llama3")), start="sft", runs_dir=str(tmp_path))
-    sft.run(config, hf_model_dir("llama3"), tmp_path / "sft")
+    train_stage("sft", config, hf_model_dir("llama3"), tmp_path / "sft")
     notes = handoff.verify(tmp_path / "sft")["data"]["train"]
     assert notes["rows"] > 2 * notes["packed_rows"] > 0  # examples, and the fewer rows they fill
     curve = losses(tmp_path / "sft")

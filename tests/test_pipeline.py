@@ -88,7 +88,7 @@ def test_lineage_links_each_stage_to_its_parent(runs):
     _, dpo, grpo = runs
     stages = {**dpo["stages"], **grpo["stages"]}
     for child, parent in (("sft", "pretrain"), ("dpo", "sft"), ("grpo", "sft")):
-        manifest = handoff.read_manifest(stages[child]["path"])
+        manifest = storage.read_manifest(stages[child]["path"])
         assert manifest["parent"]["path"] == stages[parent]["path"]
         assert manifest["parent"]["content_hash"] == stages[parent]["content_hash"]
 
@@ -120,10 +120,10 @@ def test_rerun_skips_completed_stages_and_force_reruns_only_dpo(runs):
     config, dpo, grpo = runs
     assert grpo["stages"]["pretrain"].get("skipped") and grpo["stages"]["sft"].get("skipped")
     assert not grpo["stages"]["grpo"].get("skipped")
-    before = {s: handoff.read_manifest(r["path"])["created_at"] for s, r in dpo["stages"].items()}
+    before = {s: storage.read_manifest(r["path"])["created_at"] for s, r in dpo["stages"].items()}
     again = alignment_pipeline(config=config, align="dpo", force=["dpo"])
     assert [s for s, r in again["stages"].items() if r.get("skipped")] == ["pretrain", "sft"]
-    assert handoff.read_manifest(again["stages"]["dpo"]["path"])["created_at"] >= before["dpo"]
+    assert storage.read_manifest(again["stages"]["dpo"]["path"])["created_at"] >= before["dpo"]
     assert again["stages"]["sft"]["content_hash"] == dpo["stages"]["sft"]["content_hash"]
 
 
@@ -163,7 +163,7 @@ def test_cli_eval_reproduces_the_recorded_metrics(runs, capsys):
     assert cli(["eval", sft["path"]]) == 0
     printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and
                    not line.strip().startswith("recorded"))
-    recorded = handoff.read_manifest(sft["path"])["metrics"]
+    recorded = storage.read_manifest(sft["path"])["metrics"]
     for key in ("task_accuracy", "heldout_reward", "greedy_reward"):
         assert float(printed[key]) == pytest.approx(recorded[key], abs=1e-3), key
 
@@ -171,7 +171,7 @@ def test_cli_eval_reproduces_the_recorded_metrics(runs, capsys):
 def test_cli_generate_matches_the_stage_greedy_sample(runs, capsys):
     _, dpo, _ = runs
     sft = dpo["stages"]["sft"]
-    sample = handoff.read_manifest(sft["path"])["metrics"]["samples"][0]
+    sample = storage.read_manifest(sft["path"])["metrics"]["samples"][0]
     assert cli(["generate", sft["path"], "--prompt", sample["prompt"], "--max-new-tokens", "16"]) == 0
     assert sample["completion"] in capsys.readouterr().out
 
@@ -241,4 +241,4 @@ def test_grpo_curves_draw_its_training_reward_kl_and_lengths(runs):
 
     _, _, grpo = runs
     records = report.read_metrics(Path(grpo["stages"]["grpo"]["path"]))
-    assert {"loss", "reward", "kl", "completion_length/mean", "clip_ratio/region"} <= set(report.curves_present(records))
+    assert {"loss", "reward", "kl", "completion_length/mean", "clip_ratio/region"} <= set(report.curves_present(records, "grpo"))

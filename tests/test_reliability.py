@@ -15,7 +15,8 @@ import pytest
 from conftest import SMALL_PIPELINE
 from alignflow.flows.cli import main as cli
 from alignflow.flows.pipeline import alignment_pipeline, new_run_id
-from alignflow.stages import STAGES, handoff
+from alignflow.stages import handoff, storage
+from alignflow.stages.run import train_stage
 from alignflow.stages.lock import LOCK_FILE, DirLock, LockError
 
 
@@ -82,7 +83,7 @@ def test_a_stage_refuses_an_out_dir_another_live_process_writes(finished, tmp_pa
     for pid, host in ((os.getpid(), None), (exited_pid(), "other-host")):
         write_lock(tmp_path / "sft", pid, host)
         with pytest.raises(LockError, match=f"pid {pid}"):
-            STAGES["sft"].run(config, result["stages"]["pretrain"]["path"], tmp_path / "sft")
+            train_stage("sft", config, result["stages"]["pretrain"]["path"], tmp_path / "sft")
         assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == [LOCK_FILE]
     with DirLock(tmp_path / "free", "test"):
         assert (tmp_path / "free" / LOCK_FILE).exists()
@@ -92,7 +93,7 @@ def test_a_stage_refuses_an_out_dir_another_live_process_writes(finished, tmp_pa
 def test_a_damaged_finished_stage_is_rebuilt_with_a_warning_and_its_training_numbers(finished, caplog):
     config, result = finished
     sft = result["stages"]["sft"]
-    original = handoff.read_manifest(sft["path"])
+    original = storage.read_manifest(sft["path"])
     with open(f"{sft['path']}/model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
@@ -128,19 +129,19 @@ def test_a_manifest_must_list_every_file_the_stage_needs(finished, tmp_path, cap
 
 def test_only_failures_a_retry_can_fix_are_retried(finished, tmp_path, monkeypatch):
     """A DataError fails once with retries=2; a lost connection is retried and the stage resumes."""
-    from alignflow.stages import sft as sft_stage
+    from alignflow.flows import pipeline
 
     config, result = finished
     calls, lost = [], [ConnectionResetError("storage went away")]
-    run = sft_stage.run
 
-    def flaky(*args):
-        calls.append(args)
-        if lost:
-            raise lost.pop()
-        return run(*args)
+    def flaky(stage, *args):
+        if stage == "sft":
+            calls.append(args)
+            if lost:
+                raise lost.pop()
+        return train_stage(stage, *args)
 
-    monkeypatch.setattr(sft_stage, "run", flaky)
+    monkeypatch.setattr(pipeline, "train_stage", flaky)
     config = config.model_copy(update={"runs_dir": str(tmp_path), "retries": 2})
     assert handoff.verify(alignment_pipeline(config=config, align="none")["stages"]["sft"]["path"])
     assert len(calls) == 2

@@ -46,7 +46,7 @@ def test_lm_and_dpo_losses_get_their_own_rows_with_counts(tmp_path):
     assert rows["throughput"] == "| throughput | 14.9k tok/s | 14.9k tok/s |"
     assert rows["checkpoint"] == f"| checkpoint | `{tmp_path / 'sft'}` | `{tmp_path / 'dpo'}` |"
     # report.md links each curves.png (only DPO logged curves here); the artifact embeds it.
-    report.plot_curves(tmp_path / "dpo")
+    report.plot_curves(tmp_path / "dpo", "dpo")
     card = report.report_card(str(tmp_path), "r", results, ["sft", "dpo"], inline=False)
     assert "![dpo curves](dpo/curves.png)" in card and "### sft\n\nNo curves were logged." in card
     inline = report.report_card(str(tmp_path), "r", results, ["sft", "dpo"], inline=True)

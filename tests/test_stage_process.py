@@ -19,13 +19,14 @@ from prefect.client.schemas.filters import FlowRunFilter
 from alignflow.flows.launch import StageProcessError, torchrun_command
 from alignflow.flows.pipeline import run_stage
 from conftest import task_logs
-from alignflow.stages import STAGES, handoff, storage
+from alignflow.stages import handoff, storage
+from alignflow.stages.run import train_stage
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, small_config):
     out = tmp_path_factory.mktemp("parent") / "pretrain"
-    STAGES["pretrain"].run(small_config(), None, out)
+    train_stage("pretrain", small_config(), None, out)
     return out
 
 
@@ -49,7 +50,7 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, lo
     hold the adapter alone, and whose merged output must match."""
     pretrained = parent
     config = small_config(**{"sft.lora": lora})
-    STAGES["sft"].run(config, pretrained, tmp_path / "straight")
+    train_stage("sft", config, pretrained, tmp_path / "straight")
 
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -71,7 +72,7 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, lo
     assert not (state.parent / handoff.MANIFEST).exists()  # an interrupted stage never looks complete
 
     monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "second-pod"))
-    result = STAGES["sft"].run(config, pretrained, out)  # what the flow's retry does
+    result = train_stage("sft", config, pretrained, out)  # what the flow's retry does
     assert result["metrics"]["resumed_from_step"] >= 4
     # Not bitwise, unlike the trainer's own SIGKILL test (test_resume.py): here the straight run is
     # this process and the killed one `python -m stages`, and in some full-suite runs the fresh
@@ -108,7 +109,7 @@ def test_two_ranks_through_torchrun_equal_one_process(tmp_path, parent, strategy
     wa, wb = weights(tmp_path / "one" / "sft"), weights(tmp_path / "two" / "sft")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)
-    assert handoff.read_manifest(b["stages"]["sft"]["path"])["world_size"] == 2
+    assert storage.read_manifest(b["stages"]["sft"]["path"])["world_size"] == 2
     assert a["stages"]["sft"]["metrics"]["step"] == b["stages"]["sft"]["metrics"]["step"] == 3
     if strategy == "fsdp":  # sharded training state, one plain Hugging Face directory out
         from transformers import AutoModelForCausalLM
@@ -140,7 +141,7 @@ def test_a_failing_rank_s_traceback_reaches_the_flow(tmp_path, pretrained, small
     # file, row and column (the other rank may be stopped by torchrun before it prints one).
     blocks = message.split("\nLast lines:")[0].split("\nlocal rank ")[1:]
     assert blocks, message
-    error = f"alignflow.stages.data.DataError: {data}: row 1 (line 2): column 'completion'"
+    error = f"alignflow.stages.data_files.DataError: {data}: row 1 (line 2): column 'completion'"
     assert any(b.split(":\n", 1)[1].startswith("Traceback") and error in b for b in blocks), message
     assert not (tmp_path / "bad" / "sft" / handoff.MANIFEST).exists()
 
@@ -175,7 +176,7 @@ def test_two_nodes_join_one_rendezvous_as_the_multi_node_job_does(tmp_path, pret
     single, nodes = weights(tmp_path / "single" / "sft"), weights(out)
     for name in single:
         torch.testing.assert_close(nodes[name], single[name], atol=1e-5, rtol=0, msg=name)
-    assert handoff.read_manifest(two["stages"]["sft"]["path"])["world_size"] == 2
+    assert storage.read_manifest(two["stages"]["sft"]["path"])["world_size"] == 2
 
 
 def test_a_stage_left_with_no_training_rows_fails_before_training(tmp_path, pretrained, small_config):
@@ -186,12 +187,12 @@ def test_a_stage_left_with_no_training_rows_fails_before_training(tmp_path, pret
     config = small_config(**{"sft.data.source": str(data), "sft.data.max_length": 10, "sft.train.max_steps": 3})
     with pytest.raises(ValueError, match=r"long\.jsonl: no training examples left \(4 rows longer than "
                                          r"data\.max_length=10 dropped, 0 bad rows skipped\)"):
-        STAGES["sft"].run(config, pretrained, tmp_path / "sft")
+        train_stage("sft", config, pretrained, tmp_path / "sft")
     assert not (tmp_path / "sft" / handoff.MANIFEST).exists()
 
 
 def test_python_m_stages_refuses_a_parent_of_the_wrong_stage(tmp_path, pretrained, small_config):
     """DPO on a pretrain checkpoint is refused by the stage itself, as `alignflow stage` refuses it."""
     with pytest.raises(ValueError, match=f"dpo trains on a sft checkpoint, but {pretrained} holds a pretrain stage"):
-        STAGES["dpo"].run(small_config(), pretrained, tmp_path / "dpo")
+        train_stage("dpo", small_config(), pretrained, tmp_path / "dpo")
     assert not (tmp_path / "dpo").exists()

@@ -7,7 +7,8 @@ import pytest
 
 from alignflow.flows.cli import main as cli
 from alignflow.flows.pipeline import alignment_pipeline, run_stage
-from alignflow.stages import STAGES, handoff, storage
+from alignflow.stages import handoff, storage
+from alignflow.stages.run import train_stage
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -61,7 +62,7 @@ def test_stages_hand_off_through_an_fsspec_runs_dir(runs_url, tmp_path, monkeypa
 def test_a_corrupt_remote_file_is_named_and_never_loaded(runs_url, tmp_path, monkeypatch, small_config):
     monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "cache"))
     url = f"{runs_url}/r/pretrain"
-    STAGES["pretrain"].run(small_config(), None, url)
+    train_stage("pretrain", small_config(), None, url)
     fs, root = fsspec.core.url_to_fs(url)
     fs.pipe_file(f"{root}/tokenizer.json", b"{}")
     monkeypatch.setenv("ALIGNFLOW_CACHE_DIR", str(tmp_path / "fresh"))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from alignflow.flows.pipeline import alignment_pipeline
-from alignflow.stages import handoff
+from alignflow.stages import storage
 from alignflow.stages.config import load_config
 
 from conftest import SMALL_PIPELINE
@@ -41,6 +41,6 @@ def test_a_pipeline_is_one_mlflow_run_with_a_nested_run_per_stage(tmp_path, pref
         assert run.data.tags["alignflow.status"] == "trained"
         assert {f.path for f in client.list_artifacts(run.info.run_id)} == {"curves.png", "manifest.json"}
         manifest = json.loads(open(client.download_artifacts(run.info.run_id, "manifest.json", str(tmp_path))).read())
-        assert manifest == handoff.read_manifest(path)
+        assert manifest == storage.read_manifest(path)
     assert children["sft"].data.metrics["task_accuracy"] == out["stages"]["sft"]["metrics"]["task_accuracy"]
     assert "val_rewards/accuracies" in children["dpo"].data.metrics

@@ -106,9 +106,10 @@ class BaseTrainer(Resumable):
         raise NotImplementedError  # abstract: the algorithm defines its loss
 
     def count_tokens(self, batch: dict) -> int:
-        """Tokens processed (for throughput), padding excluded when a mask says where it is."""
-        mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        """Tokens processed (for throughput): the real tokens of every `*attention_mask` (a pair
+        batch's two sides), else every input id."""
+        masks = [value for key, value in batch.items() if key.endswith("attention_mask")]
+        return int(sum(m.sum() for m in masks)) if masks else batch["input_ids"].numel()
 
     def extra_state(self) -> dict:
         """Algorithm state that must survive a resume (tensors and plain containers only)."""

@@ -79,9 +79,6 @@ class DPOTrainer(BaseTrainer):
     def count_items(self, batch: dict) -> int:
         return batch["chosen_input_ids"].shape[0]
 
-    def count_tokens(self, batch: dict) -> int:
-        return int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-
     def on_train_begin(self) -> None:
         if self.dpo.precompute_ref_log_probs:
             self.precompute_reference_logps()
