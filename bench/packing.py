@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alignflow.models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
 from alignflow.trainers import SFTTrainer, configure_optimizer  # noqa: E402
 from alignflow.trainers.packing import pack_examples  # noqa: E402
-from alignflow.trainers.sft import collate_causal_lm, collate_packed  # noqa: E402
+from alignflow.trainers.sft import collate_causal_lm  # noqa: E402
 
 MAX_LEN = 1024
 
@@ -105,7 +105,7 @@ def main() -> None:
           f"({real / packed_slots:.0%} real)")
     results = {}
     for name, items, collate, size in (("padded", examples, collate_causal_lm, args.batch),
-                                       ("packed", rows, collate_packed, args.rows)):
+                                       ("packed", rows, collate_causal_lm, args.rows)):
         seconds, tokens = one_pass(args.model, items, collate, size, args)
         assert tokens == real, (name, tokens, real)
         results[name] = real / seconds

@@ -11,7 +11,7 @@ number of optimizer steps, fp32 throughout. Each keeps its own AdamW kernel (ali
   sft  chat-like data: prompt+completion lengths log-uniform in 16..max_length (seeded), the
        prompt 1/8..1/2 of it (labels -100 there), the completion ending in EOS. The data
        reaches TRL already tokenized (input_ids and labels columns), so both pack the same ids.
-       alignflow: `trainers.packing.pack_examples` (best-fit decreasing) + `trainers.sft.collate_packed`,
+       alignflow: `trainers.packing.pack_examples` (best-fit decreasing) + `trainers.sft.collate_causal_lm`,
        `--rows` packed rows per step, the model given position_ids (restarting per example).
        TRL: `SFTTrainer(packing=True)` (strategy "bfd", best-fit decreasing, which turns
        `padding_free` on whatever it is set to): `--rows` packed rows per step, flattened into
@@ -80,7 +80,7 @@ from alignflow.trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
 from alignflow.trainers.sft import SFTTrainer  # noqa: E402
 
 from alignflow.trainers.packing import pack_examples  # noqa: E402
-from alignflow.trainers.sft import collate_packed  # noqa: E402
+from alignflow.trainers.sft import collate_causal_lm  # noqa: E402
 
 IGNORE = -100
 SPECIALS = ("<|pad|>", "<|eos|>", "<|unk|>")  # ids 0, 1, 2; words w3 .. w{vocab-1} after them
@@ -353,9 +353,9 @@ def run_sft_alignflow(args, model_dir: str, examples: list[dict], pad_id: int) -
     n = args.warmup + args.steps
     model = load_model(model_dir)
     rows = pack_examples(examples, args.max_length)
-    collate = functools.partial(collate_packed, pad_id=pad_id)
+    collate = functools.partial(collate_causal_lm, pad_id=pad_id)
     info = {"rows": rows, "batching": (f"pack_examples -> {len(rows)} packed rows (mean {mean_len(rows):.0f} "
-                                       f"tokens), {args.rows} rows/step, collate_packed")}
+                                       f"tokens), {args.rows} rows/step, collate_causal_lm")}
     counter = Counting(collate, args.max_length)
     loader = DataLoader(rows, batch_size=args.rows, shuffle=False, collate_fn=counter)
     trainer = SFTTrainer(model=model, optimizer=configure_optimizer(model, lr=args.lr, weight_decay=0.01),

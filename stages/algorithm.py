@@ -12,10 +12,10 @@
 
 The stage graph, the configuration's sections (stages/config.py), the data a stage reads, the
 demo rows, the report card and curves (flows/report.py), the CLI's choices and the Prefect
-parameter types all derive from the registered declarations. The built-in ones are the
-modules alignflow.stages.pretrain, .sft, .dpo and .grpo. Another package adds its own through
-the entry point group `alignflow.algorithms`, which every process that imports alignflow reads
-(the CLI, torchrun's ranks, Prefect workers and deployments):
+parameter types all derive from the registered declarations. The built-in ones are the modules
+of alignflow.stages.recipes (pretrain, sft, dpo, grpo), each found there. Another package adds
+its own through the entry point group `alignflow.algorithms`, which every process that imports
+alignflow reads (the CLI, torchrun's ranks, Prefect workers and deployments):
 
     [project.entry-points."alignflow.algorithms"]
     simpo = "my_package.simpo:ALGORITHM"
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import keyword
+import pkgutil
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Callable
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from .settings import StageConfig
 
 ENTRY_POINTS = "alignflow.algorithms"
-BUILTIN = ("pretrain", "sft", "dpo", "grpo")  # alignflow.stages.<name>.ALGORITHM, in pipeline order
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ def register_algorithm(algorithm: Algorithm) -> Algorithm:
 
 
 def algorithms() -> dict[str, Algorithm]:
-    """Every algorithm by name: the built-ins in pipeline order, then the entry points' by name."""
+    """Every algorithm by name, in pipeline order: each after its parent, built-ins before
+    plugins, then by name (pretrain, sft, dpo, grpo, then a plugin's)."""
     global _state
     if _state == "loading":  # an algorithm's module asked while the registry is being filled
         raise RuntimeError("the algorithms were asked for while they load: an algorithm's module must not use "
@@ -120,14 +121,32 @@ def algorithms() -> dict[str, Algorithm]:
 
 
 def _load() -> None:
-    for name in BUILTIN:
-        register_algorithm(importlib.import_module(f"{__package__}.{name}").ALGORITHM)
-    for point in sorted(metadata.entry_points(group=ENTRY_POINTS), key=lambda p: p.name):
-        register_algorithm(_plugin(point))
-    for algorithm in _registry.values():
-        if algorithm.parent is not None and algorithm.parent not in _registry:
-            raise ValueError(f"algorithm {algorithm.name!r} trains on {algorithm.parent!r}, which no registered "
-                             f"algorithm is (registered: {', '.join(_registry)})")
+    from . import recipes as builtin
+
+    found = [importlib.import_module(f"{builtin.__name__}.{m.name}").ALGORITHM
+             for m in pkgutil.iter_modules(builtin.__path__)]
+    plugins = [_plugin(point) for point in metadata.entry_points(group=ENTRY_POINTS)]
+    for algorithm in _in_pipeline_order(found, plugins):
+        register_algorithm(algorithm)
+
+
+def _in_pipeline_order(builtin: list[Algorithm], plugins: list[Algorithm]) -> list[Algorithm]:
+    """Parents before children; among those ready, built-ins first, then by name."""
+    every = [*builtin, *plugins]
+    names = [a.name for a in every]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"two algorithms are named {', '.join(twice)}: a plugin's name must differ from the others'")
+    rank = {a.name: (i >= len(builtin), a.name) for i, a in enumerate(every)}
+    waiting, ordered = {a.name: a for a in every}, []
+    while waiting:
+        ready = [a for a in waiting.values() if a.parent is None or a.parent in {o.name for o in ordered}]
+        if not ready:
+            names = ", ".join(f"{a.name} (on {a.parent})" for a in waiting.values())
+            raise ValueError(f"these algorithms train on a parent no registered algorithm is: {names}")
+        ordered.append(min(ready, key=lambda a: rank[a.name]))
+        del waiting[ordered[-1].name]
+    return ordered
 
 
 def _plugin(point: metadata.EntryPoint) -> Algorithm:

@@ -2,7 +2,7 @@
 algorithm's recipe inside a `StageRun`, which does what every stage does the same way:
 
     with StageRun(algorithm, config, parent, out) as stage:  # process group, verified parent, out dir
-        algorithm.recipe(stage)                               # e.g. stages/dpo.py:
+        algorithm.recipe(stage)                               # e.g. stages/recipes/dpo.py:
             model, tok = stage.load_policy()                  #   the parent (+ a LoRA adapter if `lora`)
             trainer = stage.trainer(model, tok, ...)          #   data, loaders, optimizer, trainer
             stage.train(trainer, tok)                         #   train (resuming), held-out evaluation

@@ -1,6 +1,6 @@
 """The settings the pipeline's configuration is built from: each stage's section (`StageConfig`
 and its parts) and what every stage shares (`SharedConfig`). The stage sections themselves sit
-with their algorithms (e.g. `DPOConfig` in stages/dpo.py), and stages/config.py composes them
+with their algorithms (e.g. `DPOConfig` in stages/recipes/dpo.py), and stages/config.py composes them
 into `PipelineConfig`.
 
 A stage's section is a `StageConfig`: `data` (where its rows come from and how long they may

@@ -9,7 +9,7 @@ import pytest
 
 from alignflow.models.files import write_json_atomic
 from alignflow.stages import data as data_mod
-from alignflow.stages import grpo as grpo_stage
+from alignflow.stages.recipes import grpo as grpo_stage
 from alignflow.stages.settings import DataConfig, DemoConfig
 from alignflow.trainers.rewards import register_reward, required_columns
 

@@ -120,7 +120,7 @@ def test_the_lora_reference_is_the_parent_and_holds_no_second_copy(kind, hf_mode
 
 def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_parent(hf_model_dir, tmp_path,
                                                                                      small_config, monkeypatch):
-    """Stage by stage (stages.sft/dpo/grpo.run, as torchrun or a Prefect task runs them)."""
+    """Stage by stage (train_stage, as torchrun or a Prefect task runs them)."""
     from peft import PeftModel
 
     from alignflow.stages import handoff

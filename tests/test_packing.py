@@ -10,7 +10,7 @@ from conftest import VOCAB, small_model
 from alignflow.trainers import SFTTrainer, configure_optimizer
 from alignflow.trainers.logprobs import IGNORE_INDEX, token_logps
 from alignflow.trainers.packing import pack_examples
-from alignflow.trainers.sft import collate_causal_lm, collate_packed, next_token_labels
+from alignflow.trainers.sft import collate_causal_lm, next_token_labels
 
 
 def examples(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 24) -> list[dict]:
@@ -69,7 +69,7 @@ def test_each_example_in_a_packed_row_scores_as_it_does_alone(kind, hf_model_dir
     rows = pack_examples(data, 64)
     assert len(rows) < len(data)  # really packed
     with torch.no_grad():
-        packed = logps_of(model, collate_packed(rows, pad_id=0))
+        packed = logps_of(model, collate_causal_lm(rows, pad_id=0))
         for r, row in enumerate(rows):
             starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
             for a, b in zip(starts, starts[1:]):
@@ -95,21 +95,26 @@ def test_the_first_step_gradient_of_packed_rows_equals_the_padded_batch(kind, hf
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     padded = gradient(collate_causal_lm, data)
-    packed = gradient(collate_packed, pack_examples(data, 64))
+    packed = gradient(collate_causal_lm, pack_examples(data, 64))
     for name, value in padded.items():
         assert torch.allclose(packed[name], value, atol=1e-5, rtol=0), (name, (packed[name] - value).abs().max())
 
 
-def test_an_sft_stage_packs_its_data_and_says_so(hf_model_dir, tmp_path, small_config):
+def test_an_sft_stage_packs_its_data_and_says_so(hf_model_dir, tmp_path, small_config, monkeypatch):
     from alignflow.stages import handoff
     from alignflow.stages.run import train_stage
+    from alignflow.trainers import SFTTrainer
     from test_hf_pipeline import FAST, losses
 
+    told, compute_loss = [], SFTTrainer.compute_loss
+    monkeypatch.setattr(SFTTrainer, "compute_loss",
+                        lambda self, model, batch: told.append("position_ids" in batch) or compute_loss(self, model, batch))
     config = small_config(**{**FAST, "sft.data.packing": True, "sft.data.max_length": 256, "sft.train.batch_size": 2},
                           model=str(hf_model_dir("llama3")), start="sft", runs_dir=str(tmp_path))
     train_stage("sft", config, hf_model_dir("llama3"), tmp_path / "sft")
     notes = handoff.verify(tmp_path / "sft")["data"]["train"]
     assert notes["rows"] > 2 * notes["packed_rows"] > 0  # examples, and the fewer rows they fill
+    assert told and all(told)  # every batch, evaluation's too, tells the model where its examples start
     curve = losses(tmp_path / "sft")
     assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.3, curve
 

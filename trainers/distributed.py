@@ -68,8 +68,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def sum_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device | str) -> dict[str, float]:
     """Each named number summed over ranks, all in one collective (fp64), read back by name."""
     names = list(values)
-    packed = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in names])
-    return dict(zip(names, all_reduce_sum(packed).tolist()))
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in names])
+    return dict(zip(names, all_reduce_sum(stacked).tolist()))
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:

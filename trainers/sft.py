@@ -1,4 +1,5 @@
-"""Causal-LM cross entropy: SFT on masked labels, pretraining on packed text."""
+"""Causal-LM cross entropy: SFT on masked labels (several examples packed to a row, or padded),
+pretraining on blocks of text."""
 from __future__ import annotations
 
 import math
@@ -24,38 +25,43 @@ def next_token_labels(batch: dict) -> torch.Tensor:
     return shift_labels(labels)
 
 
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(label) over the label tokens (labels shifted to the logits' positions, −100: none):
+    the cross entropy's sum, which the loop divides by the step's label tokens. fp32 chunk by
+    chunk (bf16 logits lose too much precision in log-sum-exp), never a full fp32 copy of the
+    logits."""
+    return -token_logps(logits, labels).sum()
+
+
 def collate_causal_lm(items: list[dict], pad_id: int) -> dict:
-    """Right-pad `input_ids` (and `labels`, if present) to the batch's longest example."""
+    """Right-pad `input_ids` (and `labels`, if present) to the batch's longest example.
+
+    Packed rows (trainers.packing: they carry `position_ids`) keep them, and the right padding
+    forms one more sequence of its own (positions from 0, label −100); `attention_mask` then
+    marks the real tokens for counting only: the model is given the position ids, which say
+    where each example starts."""
     width = max(len(x["input_ids"]) for x in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    packed = "position_ids" in items[0]
+    position_ids = torch.zeros((len(items), width), dtype=torch.long)
     for row, x in enumerate(items):
         n = len(x["input_ids"])
         input_ids[row, :n] = torch.as_tensor(x["input_ids"])
         mask[row, :n] = 1
         labels[row, :n] = torch.as_tensor(x["labels"] if "labels" in x else x["input_ids"])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def collate_packed(items: list[dict], pad_id: int) -> dict:
-    """Packed rows (trainers.packing) -> a batch with `position_ids`; right padding forms one more
-    sequence of its own (positions from 0, label −100). `attention_mask` marks the real tokens
-    for counting only: the model is given the position ids, which say where each example starts."""
-    batch = collate_causal_lm(items, pad_id)
-    width = batch["input_ids"].shape[1]
-    position_ids = torch.zeros((len(items), width), dtype=torch.long)
-    for row, x in enumerate(items):
-        n = len(x["position_ids"])
-        position_ids[row, :n] = torch.as_tensor(x["position_ids"])
-        position_ids[row, n:] = torch.arange(width - n)
-    return {**batch, "position_ids": position_ids}
+        if packed:
+            position_ids[row, :n] = torch.as_tensor(x["position_ids"])
+            position_ids[row, n:] = torch.arange(width - n)
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {**batch, "position_ids": position_ids} if packed else batch
 
 
 class SFTTrainer(BaseTrainer):
     """Batches: `input_ids`, optional `attention_mask`, optional `labels` (−100 = no loss).
-    A packed batch (`collate_packed`) also carries `position_ids`: the model then gets those
-    instead of the mask, and attends within each example only."""
+    A batch of packed rows also carries `position_ids`: the model then gets those instead of the
+    mask, and attends within each example only."""
 
     def count_items(self, batch: dict) -> int:
         return int((next_token_labels(batch) != IGNORE_INDEX).sum())
@@ -65,10 +71,7 @@ class SFTTrainer(BaseTrainer):
             out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
         else:
             out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logits = logits_of(out)
-        # Cross entropy as the sum of the label tokens' log-probs: fp32 chunk by chunk (bf16 logits
-        # lose too much precision in log-sum-exp), never a full fp32 copy of the logits.
-        return -token_logps(logits, next_token_labels(batch)).sum(), {}
+        return lm_loss_sum(logits_of(out), next_token_labels(batch)), {}
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss plus perplexity, which only means something for a token-level loss."""
@@ -79,4 +82,4 @@ class SFTTrainer(BaseTrainer):
 
 
 class PretrainTrainer(SFTTrainer):
-    """The same loss on packed text blocks: batches usually carry only `input_ids`."""
+    """The same loss on blocks of text: batches carry only `input_ids` (and their mask)."""

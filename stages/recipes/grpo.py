@@ -9,13 +9,13 @@ from alignflow.models import generate_text
 from alignflow.trainers.grpo import GRPOArgs, GRPOTrainer
 from alignflow.trainers.rewards import required_columns
 
-from . import data
-from .algorithm import Algorithm, Headline, Panel
-from .formats import PROMPTS
-from .settings import StageConfig, TrainConfig
+from .. import data
+from ..algorithm import Algorithm, Headline, Panel
+from ..formats import PROMPTS
+from ..settings import StageConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from .run import StageRun
+    from ..run import StageRun
 
 
 class GRPOConfig(GRPOArgs, StageConfig):

@@ -8,13 +8,13 @@ from pydantic import Field
 
 from alignflow.trainers import SFTTrainer
 
-from .algorithm import Algorithm
-from .formats import CONVERSATIONS
+from ..algorithm import Algorithm
+from ..formats import CONVERSATIONS
+from ..settings import DataConfig, StageConfig
 from .pretrain import LANGUAGE_MODEL_HEADLINE
-from .settings import DataConfig, StageConfig
 
 if TYPE_CHECKING:
-    from .run import StageRun
+    from ..run import StageRun
 
 
 class SFTDataConfig(DataConfig):

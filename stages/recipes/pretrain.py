@@ -10,13 +10,13 @@ from alignflow.models import LlamaForCausalLM, Tokenizer, get_preset, load_token
 from alignflow.trainers import PretrainTrainer
 from alignflow.trainers import distributed as dist_utils
 
-from . import data, handoff
-from .algorithm import Algorithm, Headline
-from .formats import TEXT
-from .settings import StageConfig
+from .. import data, handoff
+from ..algorithm import Algorithm, Headline
+from ..formats import TEXT
+from ..settings import StageConfig
 
 if TYPE_CHECKING:
-    from .run import StageRun
+    from ..run import StageRun
 
 # A language model's validation numbers (pretraining's and SFT's), apart from the preference
 # and reward losses of the stages after them.

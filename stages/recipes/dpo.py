@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 from alignflow.trainers.dpo import DPOArgs, DPOTrainer
 
-from .algorithm import Algorithm, Headline, Panel
-from .formats import PAIRS
-from .settings import StageConfig, TrainConfig
+from ..algorithm import Algorithm, Headline, Panel
+from ..formats import PAIRS
+from ..settings import StageConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from .run import StageRun
+    from ..run import StageRun
 
 
 class DPOConfig(DPOArgs, StageConfig):
