@@ -93,6 +93,9 @@ def register_algorithm(algorithm: Algorithm) -> Algorithm:
         raise TypeError(f"algorithm {name!r}: settings must be a StageConfig subclass, got {algorithm.settings!r}")
     if not (isinstance(algorithm.trainer, type) and issubclass(algorithm.trainer, BaseTrainer)):
         raise TypeError(f"algorithm {name!r}: trainer must be a BaseTrainer subclass, got {algorithm.trainer!r}")
+    if algorithm.parent is not None and algorithm.parent not in _registry:
+        raise ValueError(f"algorithm {name!r} trains on {algorithm.parent!r}, which no registered algorithm is "
+                         f"(registered: {', '.join(_registry)})")
     if _frozen_by and name not in _registry:
         raise RuntimeError(f"algorithm {name!r} registered after {_frozen_by} was built from the registry: "
                            f"register it before importing alignflow.stages.config, or install it as an "
