@@ -5,14 +5,9 @@ the same weights as a transformers LlamaForCausalLM (its own cache, through the 
 """
 
 import argparse
-import os
-import sys
 import tempfile
 
 import torch
-
-# Run as a plain script from anywhere, installed or not.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alignflow.models import LlamaForCausalLM, generate, get_preset, load_model, save_pretrained  # noqa: E402
 from timing import seconds  # noqa: E402  (bench/timing.py, beside this script)

@@ -37,16 +37,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
-import sys
 import tempfile
 
 import torch
 from torch import nn
-
-# Run as a plain script from anywhere, installed or not.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alignflow.models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
 from alignflow.trainers import SFTTrainer, configure_optimizer  # noqa: E402

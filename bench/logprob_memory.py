@@ -11,13 +11,9 @@ Target (issue: lean training): chunked / full <= 0.5."""
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignflow.models import LlamaForCausalLM, get_preset  # noqa: E402
 from alignflow.trainers import configure_optimizer, logprobs  # noqa: E402

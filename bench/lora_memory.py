@@ -23,11 +23,8 @@ import resource
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignflow.models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
 from alignflow.models.lora import add_adapter  # noqa: E402

@@ -31,8 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 CONFIGS = {"ddp": {}, "ddp+ac": {"activation_checkpointing": True}, "fsdp": {"strategy": "fsdp"},
            "fsdp+ac": {"strategy": "fsdp", "activation_checkpointing": True},
            "fsdp+offload": {"strategy": "fsdp", "fsdp_cpu_offload": True},

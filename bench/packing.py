@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignflow.models import LlamaForCausalLM, get_preset, load_model, save_pretrained  # noqa: E402
 from alignflow.trainers import SFTTrainer, configure_optimizer  # noqa: E402

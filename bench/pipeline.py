@@ -21,7 +21,7 @@ from alignflow.flows.pipeline import alignment_pipeline
 from alignflow.models import train_tokenizer
 from alignflow.stages import data as data_mod
 from alignflow.stages.config import load_config
-from alignflow.stages.formats import blocks_of_text
+from alignflow.stages.formats import TEXT, blocks_of_text
 
 
 @flow
@@ -30,7 +30,7 @@ def warm_up() -> int:
 
 
 def block_throughput(config) -> tuple[float, int]:
-    raw = data_mod.read("pretrain", config.pretrain.data, config.demo, "train").dataset
+    raw = data_mod.read("pretrain", TEXT, config.pretrain.data, config.demo, "train").dataset
     tok = train_tokenizer((r["text"] for r in raw), vocab_size=config.vocab_size)
     start = time.perf_counter()
     blocks = blocks_of_text(raw, tok, config.pretrain.data.max_length)

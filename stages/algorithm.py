@@ -35,10 +35,13 @@ if TYPE_CHECKING:
     from alignflow.trainers.base import BaseTrainer
 
     from .data import DataKind
-    from .run import StageRun
     from .settings import StageConfig
 
 ENTRY_POINTS = "alignflow.algorithms"
+# The configuration's shared keys (stages/config.py: SharedConfig; tests/test_config.py keeps the
+# two in step) and `--align none`: no algorithm may take them as its name.
+RESERVED = ("preset", "model", "start", "hf", "vocab_size", "runs_dir", "run_id", "device", "retries", "tracking",
+            "tracking_uri", "tracking_experiment", "demo", "eval", "none")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class Algorithm:
     settings: type[StageConfig]          # the section's model (its defaults: the stage's, before any preset)
     trainer: type[BaseTrainer]
     data: DataKind                       # what the stage reads
-    recipe: Callable[[StageRun], None]   # the stage's story: models in, trainer built, trained
+    recipe: Callable[..., None]          # recipe(stage: StageRun): models in, trainer built, trained
     parent: str | None = "sft"           # the stage whose output it trains on (None: it starts the graph)
     aligns: bool = False                 # an alignment stage, the pipeline's last: `alignflow run --align <name>`
     headline: tuple[Headline, ...] = ()  # its report rows, beside evaluation's (task accuracy, ...)
@@ -80,15 +83,14 @@ def register_algorithm(algorithm: Algorithm) -> Algorithm:
     configuration has been built from the registry: it could no longer hold the section."""
     from alignflow.trainers import BaseTrainer, register_trainer
 
-    from .settings import SharedConfig, StageConfig
+    from .settings import StageConfig
 
     if _state == "unloaded":
         algorithms()  # the built-ins (and installed plugins) first: they keep the pipeline's order
     name = algorithm.name
-    reserved = [*SharedConfig.model_fields, "start", "none"]  # the configuration's other keys; --align none
-    if not name.isidentifier() or keyword.iskeyword(name) or name in reserved:
+    if not name.isidentifier() or keyword.iskeyword(name) or name in RESERVED:
         raise ValueError(f"algorithm name {name!r}: it names a config section, so it must be an identifier "
-                         f"other than {', '.join(reserved)}")
+                         f"other than {', '.join(RESERVED)}")
     if not (isinstance(algorithm.settings, type) and issubclass(algorithm.settings, StageConfig)):
         raise TypeError(f"algorithm {name!r}: settings must be a StageConfig subclass, got {algorithm.settings!r}")
     if not (isinstance(algorithm.trainer, type) and issubclass(algorithm.trainer, BaseTrainer)):

@@ -14,12 +14,81 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, create_model
+from pydantic import Field, create_model, model_validator
 
-from .algorithm import freeze, roots
-from .settings import SharedConfig
+from alignflow.models import PRESETS
+from alignflow.trainers.args import Settings
+
+from .algorithm import algorithms, freeze, roots
+from .settings import SHARED_KEYS, DemoConfig, EvalConfig, HFConfig, StageConfig, config_hash
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class SharedConfig(Settings):
+    """What every stage shares; stages/config.py's `PipelineConfig` adds `start` and a section per
+    algorithm, so the methods here read those."""
+    preset: str = "tiny"
+    model: str = Field("tiny", description="a built-in model preset (tiny, gpt2-small), trained from scratch "
+                                            "by pretrain, or a Hugging Face model directory to start from")
+    hf: HFConfig = HFConfig()
+    vocab_size: int = Field(1024, description="tokenizer trained on the pretraining corpus (built-in models)")
+    runs_dir: str = "runs"
+    run_id: str | None = Field(None, description="default: the preset's name")
+    device: str | None = Field(None, description="default: cuda if available, else cpu")
+    retries: int = Field(1, ge=0, description="Prefect retries per stage; a retry resumes from the stage's last checkpoint")
+    tracking: Literal["none", "mlflow"] = Field(
+        "none", description="mlflow: one MLflow run per pipeline, a nested run per stage (pip install 'alignflow[mlflow]')")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, or sqlite:///path.db); default: sqlite in runs_dir, offline")
+    tracking_experiment: str = Field("alignflow", description="the MLflow experiment the runs go to")
+    demo: DemoConfig = DemoConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _a_start_needs_a_model_to_start_from(self) -> "SharedConfig":
+        if algorithms()[self.start].parent is not None and self.builtin_model:
+            raise ValueError(f"start: {self.start} needs a model to start from: set model to a Hugging Face model "
+                             f"directory ({self.model!r} is a built-in preset, which only a first stage such as "
+                             f"{', '.join(roots())} trains from scratch)")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_needs_a_trained_parent(self) -> "SharedConfig":
+        for name, section in self.sections().items():
+            if section.lora is not None and self.builtin_model and algorithms()[name].parent is None:
+                raise ValueError(f"{name}.lora: the built-in model {self.model!r} is trained from scratch by {name}, "
+                                 "and an adapter on random weights learns nothing useful; use lora on a later stage, "
+                                 "or set model to a Hugging Face model directory")
+        quantized = [name for name, section in self.sections().items() if section.quantized]
+        if quantized and self.builtin_model:
+            raise ValueError(f"{quantized[0]}.lora.quantize: 4bit quantizes a transformers model (bitsandbytes), "
+                             f"not the built-in model {self.model!r}; set model to a Hugging Face model directory")
+        return self
+
+    @property
+    def builtin_model(self) -> bool:
+        """`model` names a built-in preset (else it is a Hugging Face model directory)."""
+        return self.model in PRESETS
+
+    def sections(self) -> dict[str, StageConfig]:
+        """Every stage's section, in pipeline order."""
+        return {name: getattr(self, name) for name in algorithms()}
+
+    def stage(self, name: str) -> StageConfig:
+        return getattr(self, name)
+
+    def stage_key(self, stage: str) -> dict:
+        """What a stage's output depends on: its own section and the shared ones (its cache key)."""
+        dumped = self.model_dump(mode="json")
+        return {"stage": stage, stage: dumped[stage], **{k: dumped[k] for k in SHARED_KEYS}}
+
+    def stage_hash(self, stage: str) -> str:
+        return config_hash(self.stage_key(stage))
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or self.preset
+
 
 ALGORITHMS = freeze("the pipeline configuration (alignflow.stages.config.PipelineConfig)")
 PipelineConfig = create_model(

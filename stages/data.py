@@ -2,7 +2,8 @@
 
 A `DataKind` says what one kind of data is: its columns, how a row is checked, how it becomes
 tokens, how rows form a batch, and the demo rows it gets without a file. Each algorithm
-declares its kind (stages/algorithm.py); the built-in kinds are stages/formats.py's. `read`
+declares its kind (stages/algorithm.py: `Algorithm.data`); the built-in kinds are
+stages/formats.py's. `read`
 loads and validates one split of a stage's data, `tokenize` tokenises it, `prepare` does both.
 Bad rows raise `DataError` naming the file, the row and the column, or (on_bad_rows: skip) are
 dropped; so are lines of jsonl or csv that cannot be read (not UTF-8, not JSON), named by their
@@ -70,13 +71,6 @@ def progress_bars(on: bool) -> None:
     """datasets' bars only for a person at a terminal, and from one rank: in a log (Prefect's,
     torchrun's --tee) every redraw would be a line of its own."""
     (datasets.enable_progress_bars if on and sys.stderr.isatty() else datasets.disable_progress_bars)()
-
-
-def kind_of(stage: str) -> DataKind:
-    """The data kind a registered algorithm reads."""
-    from .algorithm import get_algorithm
-
-    return get_algorithm(stage).data
 
 
 def load_split(stage: str, kind: DataKind, cfg: DataConfig, demo_cfg: DemoConfig, split: str
@@ -151,10 +145,9 @@ def enforce_max_length(ds: datasets.Dataset, kind: DataKind, max_length: int, po
     return _without(ds, too_long)
 
 
-def read(stage: str, cfg: DataConfig, demo_cfg: DemoConfig, split: str, kind: DataKind | None = None) -> RawSplit:
-    """Load one split of a stage's data (of `kind`, by default its algorithm's) and validate it
-    (an empty split is returned as it is)."""
-    kind = kind or kind_of(stage)
+def read(stage: str, kind: DataKind, cfg: DataConfig, demo_cfg: DemoConfig, split: str) -> RawSplit:
+    """Load one split of a stage's data, of `kind`, and validate it (an empty split is returned as
+    it is). `stage` names the data in messages and draws the stage's own demo rows."""
     ds, origin, place = load_split(stage, kind, cfg, demo_cfg, split)
     ds, skipped, rows = validate(ds, stage, kind, origin, cfg.on_bad_rows, place) if len(ds) else (ds, 0, place)
     return RawSplit(ds, origin, place.skipped + skipped, rows)
@@ -178,8 +171,7 @@ def tokenize(kind: DataKind, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> 
     return LoadedData(ds, raw.origin, skipped=raw.skipped, dropped_too_long=dropped, examples=examples)
 
 
-def prepare(stage: str, cfg: DataConfig, demo_cfg: DemoConfig, tok: Tokenizer, split: str,
-            kind: DataKind | None = None) -> LoadedData:
+def prepare(stage: str, kind: DataKind, cfg: DataConfig, demo_cfg: DemoConfig, tok: Tokenizer, split: str
+            ) -> LoadedData:
     """Load, validate and tokenise one split of a stage's data."""
-    kind = kind or kind_of(stage)
-    return tokenize(kind, read(stage, cfg, demo_cfg, split, kind), tok, cfg)
+    return tokenize(kind, read(stage, kind, cfg, demo_cfg, split), tok, cfg)

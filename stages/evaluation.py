@@ -37,7 +37,7 @@ def heldout_metrics(config, data_cfg: DataConfig, model: torch.nn.Module, tok: T
     if data_cfg.source != "demo":
         return {}
     ev = config.eval
-    loaded = data.prepare("eval", data_cfg, config.demo, tok, "val", EVAL_PROMPTS)
+    loaded = data.prepare("eval", EVAL_PROMPTS, data_cfg, config.demo, tok, "val")
     ds = loaded.dataset.select(range(min(len(loaded.dataset), ev.max_prompts)))
     model = unwrap(model)
     rewards = Rewards(ev.reward_funcs, ev.reward_weights)

@@ -53,8 +53,8 @@ def load(stage: str, kind: data.DataKind, cfg: DataConfig, demo: DemoConfig, tok
     """Both splits of a stage's data; `train_raw` when the recipe already read the training rows.
     No training example left is a DataError saying why."""
     train = (data.tokenize(kind, train_raw, tok, cfg) if train_raw is not None
-             else data.prepare(stage, cfg, demo, tok, "train", kind))
-    val = data.prepare(stage, cfg, demo, tok, "val", kind)
+             else data.prepare(stage, kind, cfg, demo, tok, "train"))
+    val = data.prepare(stage, kind, cfg, demo, tok, "val")
     if len(train.dataset) == 0:
         why = (f"too little text for one block of data.max_length={cfg.max_length} tokens" if kind.blocks else
                f"{train.dropped_too_long} rows longer than data.max_length={cfg.max_length} dropped, "

@@ -1,7 +1,7 @@
 """The settings the pipeline's configuration is built from: each stage's section (`StageConfig`
-and its parts) and what every stage shares (`SharedConfig`). The stage sections themselves sit
-with their algorithms (e.g. `DPOConfig` in stages/recipes/dpo.py), and stages/config.py composes them
-into `PipelineConfig`.
+and its parts) and the shared sections (data sizes of the demo, evaluation, how models load).
+The stage sections themselves sit with their algorithms (e.g. `DPOConfig` in
+stages/recipes/dpo.py), and stages/config.py composes everything into `PipelineConfig`.
 
 A stage's section is a `StageConfig`: `data` (where its rows come from and how long they may
 be), `train` (the trainers' `TrainingArgs` plus the optimizer, batch and launch settings) and
@@ -16,12 +16,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from alignflow.models import PRESETS
 from alignflow.models.lora import LoRAConfig
 from alignflow.trainers.args import Settings, TrainingArgs
 from alignflow.trainers.rewards import DEFAULT_REWARDS, required_columns
-
-from .algorithm import algorithms, roots
 
 # Sections every stage's output depends on: the model and how it is loaded, the tokenizer, the
 # demo data, evaluation.
@@ -118,71 +115,6 @@ class HFConfig(Settings):
     trust_remote_code: bool = Field(False, description="run code a model directory ships (auto_map); off: refused")
     chat_template: str | None = Field(None, description="a Jinja chat template file replacing the tokenizer's own")
     max_shard_size: str = Field("5GB", description="stage outputs above this are saved in safetensors shards")
-
-
-class SharedConfig(Settings):
-    """What every stage shares; stages/config.py's `PipelineConfig` adds `start` and a section per
-    algorithm, so the methods here read those."""
-    preset: str = "tiny"
-    model: str = Field("tiny", description="a built-in model preset (tiny, gpt2-small), trained from scratch "
-                                            "by pretrain, or a Hugging Face model directory to start from")
-    hf: HFConfig = HFConfig()
-    vocab_size: int = Field(1024, description="tokenizer trained on the pretraining corpus (built-in models)")
-    runs_dir: str = "runs"
-    run_id: str | None = Field(None, description="default: the preset's name")
-    device: str | None = Field(None, description="default: cuda if available, else cpu")
-    retries: int = Field(1, ge=0, description="Prefect retries per stage; a retry resumes from the stage's last checkpoint")
-    tracking: Literal["none", "mlflow"] = Field(
-        "none", description="mlflow: one MLflow run per pipeline, a nested run per stage (pip install 'alignflow[mlflow]')")
-    tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI (a server, or sqlite:///path.db); default: sqlite in runs_dir, offline")
-    tracking_experiment: str = Field("alignflow", description="the MLflow experiment the runs go to")
-    demo: DemoConfig = DemoConfig()
-    eval: EvalConfig = EvalConfig()
-
-    @model_validator(mode="after")
-    def _a_start_needs_a_model_to_start_from(self) -> "SharedConfig":
-        if algorithms()[self.start].parent is not None and self.builtin_model:
-            raise ValueError(f"start: {self.start} needs a model to start from: set model to a Hugging Face model "
-                             f"directory ({self.model!r} is a built-in preset, which only a first stage such as "
-                             f"{', '.join(roots())} trains from scratch)")
-        return self
-
-    @model_validator(mode="after")
-    def _lora_needs_a_trained_parent(self) -> "SharedConfig":
-        for name, section in self.sections().items():
-            if section.lora is not None and self.builtin_model and algorithms()[name].parent is None:
-                raise ValueError(f"{name}.lora: the built-in model {self.model!r} is trained from scratch by {name}, "
-                                 "and an adapter on random weights learns nothing useful; use lora on a later stage, "
-                                 "or set model to a Hugging Face model directory")
-        quantized = [name for name, section in self.sections().items() if section.quantized]
-        if quantized and self.builtin_model:
-            raise ValueError(f"{quantized[0]}.lora.quantize: 4bit quantizes a transformers model (bitsandbytes), "
-                             f"not the built-in model {self.model!r}; set model to a Hugging Face model directory")
-        return self
-
-    @property
-    def builtin_model(self) -> bool:
-        """`model` names a built-in preset (else it is a Hugging Face model directory)."""
-        return self.model in PRESETS
-
-    def sections(self) -> dict[str, StageConfig]:
-        """Every stage's section, in pipeline order."""
-        return {name: getattr(self, name) for name in algorithms()}
-
-    def stage(self, name: str) -> StageConfig:
-        return getattr(self, name)
-
-    def stage_key(self, stage: str) -> dict:
-        """What a stage's output depends on: its own section and the shared ones (its cache key)."""
-        dumped = self.model_dump(mode="json")
-        return {"stage": stage, stage: dumped[stage], **{k: dumped[k] for k in SHARED_KEYS}}
-
-    def stage_hash(self, stage: str) -> str:
-        return config_hash(self.stage_key(stage))
-
-    def resolved_run_id(self) -> str:
-        return self.run_id or self.preset
 
 
 def config_hash(obj: BaseModel | dict) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from alignflow.models.files import write_json_atomic
 from alignflow.stages import data as data_mod
+from alignflow.stages.formats import PROMPTS
 from alignflow.stages.recipes import grpo as grpo_stage
 from alignflow.stages.settings import DataConfig, DemoConfig
 from alignflow.trainers.rewards import register_reward, required_columns
@@ -18,7 +19,7 @@ LATIN1 = '{"prompt": "Caf\xe9 has 2 cups", "answer": "2"}\n'.encode("latin-1")  
 
 
 def read(path, **cfg):
-    return data_mod.read("grpo", DataConfig(source=str(path), val_fraction=0.0, **cfg), DemoConfig(), "train")
+    return data_mod.read("grpo", PROMPTS, DataConfig(source=str(path), val_fraction=0.0, **cfg), DemoConfig(), "train")
 
 
 UNREADABLE = [

@@ -7,6 +7,7 @@ import pytest
 
 from alignflow.models import ChatTemplateError, ensure_pad_token, load_tokenizer, prompt_ids, render_chat, stop_ids
 from alignflow.stages import data as data_mod
+from alignflow.stages.formats import CONVERSATIONS, PAIRS
 from alignflow.stages.settings import DataConfig, DemoConfig
 
 TURNS = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "3 + 4 = 7."},
@@ -62,7 +63,7 @@ def test_prompt_completion_split_and_stop_tokens(family_tok, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": TURNS[:1], "chosen": [TURNS[1]],
                                 "rejected": [{"role": "assistant", "content": "3 + 4 = 8."}]}) + "\n")
-    row = data_mod.prepare("dpo", DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train").dataset[0]
+    row = data_mod.prepare("dpo", PAIRS, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train").dataset[0]
     for side, reply in (("chosen", "3 + 4 = 7."), ("rejected", "3 + 4 = 8.")):
         ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
         n = len(prompt_ids(tok, TURNS[:1]))
@@ -91,7 +92,7 @@ def test_a_template_whose_prompt_is_not_a_prefix_fails_naming_the_row(hf_model_d
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(data_mod.DataError, match=r"chat.jsonl: row 0 \(line 1\): the chat template does not render "
                                                  r"message 1 \(assistant\)"):
-        data_mod.prepare("sft", DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train")
+        data_mod.prepare("sft", CONVERSATIONS, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train")
 
 
 def test_conversations_without_a_template_are_refused_plain_text_is_not(hf_model_dir, tmp_path):
@@ -100,7 +101,7 @@ def test_conversations_without_a_template_are_refused_plain_text_is_not(hf_model
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps({"messages": TURNS[:2]}) + "\n")
     with pytest.raises(data_mod.DataError, match="row 0 .*no chat template.*hf.chat_template"):
-        data_mod.prepare("sft", DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train")
+        data_mod.prepare("sft", CONVERSATIONS, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train")
     path.write_text(json.dumps({"prompt": "What is 3 plus 4?", "completion": " 7"}) + "\n")
-    row = data_mod.prepare("sft", DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train").dataset[0]
+    row = data_mod.prepare("sft", CONVERSATIONS, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train").dataset[0]
     assert tok.decode(row["input_ids"]) == "What is 3 plus 4? 7<|endoftext|>"

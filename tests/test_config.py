@@ -51,3 +51,20 @@ def test_a_section_given_as_a_dict_merges_into_the_preset_s_section():
 def test_cpu_offload_without_fsdp_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="fsdp_cpu_offload needs strategy: fsdp"):
         load_config("tiny", overrides={"sft.train.fsdp_cpu_offload": True})
+
+
+def test_no_algorithm_can_take_a_shared_key_as_its_section():
+    from alignflow.stages.algorithm import RESERVED
+    from alignflow.stages.config import SharedConfig
+
+    assert {*SharedConfig.model_fields, "start", "none"} == set(RESERVED)
+
+
+def test_the_sections_are_the_registered_algorithms_in_pipeline_order():
+    from alignflow.stages import algorithms
+    from alignflow.stages.config import PipelineConfig
+
+    config = load_config("tiny")
+    assert list(config.sections()) == list(algorithms()) == ["pretrain", "sft", "dpo", "grpo"]
+    assert [n for n in PipelineConfig.model_fields if n in algorithms()] == list(algorithms())
+    assert config.start == "pretrain"  # the first stage without a parent

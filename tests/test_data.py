@@ -4,16 +4,17 @@ import json
 import pytest
 
 from alignflow.models import train_tokenizer
+from alignflow.stages import algorithms, demo
 from alignflow.stages import data as data_mod
-from alignflow.stages.settings import DataConfig, DemoConfig
-from alignflow.stages import demo
 from alignflow.stages.demo import split_problems
+from alignflow.stages.formats import CONVERSATIONS
+from alignflow.stages.settings import DataConfig, DemoConfig
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer([r["text"] for r in demo.demo_rows("pretrain", demo.documents, "train", DemoConfig(pretrain_docs=300))],
-                           vocab_size=400)
+    rows = demo.demo_rows("pretrain", demo.documents, "train", DemoConfig(pretrain_docs=300))
+    return train_tokenizer([r["text"] for r in rows], vocab_size=400)
 
 
 def write_jsonl(path, rows):
@@ -21,8 +22,9 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def prepare(kind, path, tok, **cfg):
-    return data_mod.prepare(kind, DataConfig(source=path, val_fraction=0.0, **cfg), DemoConfig(), tok, "train")
+def prepare(stage, path, tok, **cfg):
+    kind = algorithms()[stage].data
+    return data_mod.prepare(stage, kind, DataConfig(source=path, val_fraction=0.0, **cfg), DemoConfig(), tok, "train")
 
 
 def test_demo_held_out_problems_are_unseen():
@@ -143,7 +145,7 @@ def test_a_bad_row_is_named_by_its_row_in_the_file_after_the_val_split(tmp_path,
     errors = []
     for split in ("train", "val"):
         try:
-            data_mod.prepare("sft", cfg, DemoConfig(), tok, split)
+            data_mod.prepare("sft", CONVERSATIONS, cfg, DemoConfig(), tok, split)
         except data_mod.DataError as e:
             errors.append(str(e))
     assert errors == [f"{path}: row 7 (line 8): column 'completion' is empty"]

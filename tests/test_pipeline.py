@@ -195,12 +195,13 @@ def test_built_in_stage_directories_load_with_transformers_and_its_template_give
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignflow.stages import data as data_mod
+    from alignflow.stages.formats import CONVERSATIONS
 
     config, dpo, _ = runs
     sft_dir = dpo["stages"]["sft"]["path"]
     tok = AutoTokenizer.from_pretrained(sft_dir)
-    trained = data_mod.prepare("sft", config.sft.data, config.demo, tok, "val").dataset
-    rows = data_mod.read("sft", config.sft.data, config.demo, "val").dataset
+    trained = data_mod.prepare("sft", CONVERSATIONS, config.sft.data, config.demo, tok, "val").dataset
+    rows = data_mod.read("sft", CONVERSATIONS, config.sft.data, config.demo, "val").dataset
     for row, example in zip(rows.select(range(5)), trained.select(range(5))):
         messages = row["prompt"] + row["completion"]
         assert tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] == example["input_ids"]

@@ -27,7 +27,7 @@ def read_prompts(config, stage: str = "grpo") -> data.RawSplit:
     """The training prompts, refused without a column a reward function reads: that function
     would score no row, and GRPO would train silently on the others alone."""
     settings = config.stage(stage)
-    raw = data.read(stage, settings.data, config.demo, "train")
+    raw = data.read(stage, PROMPTS, settings.data, config.demo, "train")
     found = raw.dataset.column_names
     for column, rewards in required_columns(settings.reward_funcs).items():
         if column not in found:

@@ -46,7 +46,7 @@ def from_scratch(stage: StageRun, corpus: data.RawSplit) -> tuple[torch.nn.Modul
 
 
 def train(stage: StageRun) -> None:
-    corpus = data.read(stage.name, stage.settings.data, stage.config.demo, "train")
+    corpus = data.read(stage.name, TEXT, stage.settings.data, stage.config.demo, "train")
     model, tok = stage.load_policy() if stage.parent else from_scratch(stage, corpus)
     stage.train(stage.trainer(model, tok, train_raw=corpus), tok)
 
