@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from alignflow.models import BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model, load_tokenizer, save_model
+from alignflow.models import (BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model, load_tokenizer,
+                              save_model)
 from alignflow.models.files import seal, sha256_file, verify_seal, write_json_atomic
 from alignflow.models.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, save_adapter
 from alignflow.trainers.checkpoint import CHECKPOINT_DIR

@@ -65,8 +65,12 @@ def encode(row: dict, tok) -> dict:
             **prompt_and_completion(tok, row["question"], row["bad"], "rejected_")}
 
 
-TRIPLES = DataKind("triples", (("question", "good", "bad"),), lambda row: texts_problem(row, ("question", "good", "bad")),
-                   ("chosen_input_ids", "rejected_input_ids"), collate_pairs, triples, encode=encode)
+def row_problem(row: dict):
+    return texts_problem(row, ("question", "good", "bad"))
+
+
+TRIPLES = DataKind("triples", (("question", "good", "bad"),), row_problem, ("chosen_input_ids", "rejected_input_ids"),
+                   collate_pairs, triples, encode=encode)
 
 
 # ---- the recipe and the declaration ----

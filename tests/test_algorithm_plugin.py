@@ -119,9 +119,9 @@ def test_a_broken_plugin_is_one_line_naming_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "alignflow", "run", "--align", "dpo"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path, timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == ("alignflow: error: entry point broken = no_such:ALGO (alignflow.algorithms) failed to "
-                                   "load: ModuleNotFoundError: No module named 'no_such' (fix or uninstall that "
-                                   "package)"), proc.stderr
+    assert proc.stderr.strip() == ("alignflow: error: entry point broken = no_such:ALGO (alignflow.algorithms) "
+                                   "failed to load: ModuleNotFoundError: No module named 'no_such' (fix or "
+                                   "uninstall that package)"), proc.stderr
 
 
 def test_declarations_that_cannot_work_are_refused_and_late_ones_too():

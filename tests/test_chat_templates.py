@@ -33,6 +33,11 @@ EXPECTED = {
 }
 
 
+def prepared(stage: str, kind, path, tok):
+    """A one-file training split of `kind`, read and tokenised as the stage would."""
+    return data_mod.prepare(stage, kind, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train")
+
+
 def spans(tok, ids, mask) -> list[str]:
     """The decoded runs of masked tokens."""
     out, run = [], []
@@ -63,7 +68,7 @@ def test_prompt_completion_split_and_stop_tokens(family_tok, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": TURNS[:1], "chosen": [TURNS[1]],
                                 "rejected": [{"role": "assistant", "content": "3 + 4 = 8."}]}) + "\n")
-    row = data_mod.prepare("dpo", PAIRS, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train").dataset[0]
+    row = prepared("dpo", PAIRS, path, tok).dataset[0]
     for side, reply in (("chosen", "3 + 4 = 7."), ("rejected", "3 + 4 = 8.")):
         ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
         n = len(prompt_ids(tok, TURNS[:1]))
@@ -92,7 +97,7 @@ def test_a_template_whose_prompt_is_not_a_prefix_fails_naming_the_row(hf_model_d
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(data_mod.DataError, match=r"chat.jsonl: row 0 \(line 1\): the chat template does not render "
                                                  r"message 1 \(assistant\)"):
-        data_mod.prepare("sft", CONVERSATIONS, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train")
+        prepared("sft", CONVERSATIONS, path, tok)
 
 
 def test_conversations_without_a_template_are_refused_plain_text_is_not(hf_model_dir, tmp_path):
@@ -101,7 +106,7 @@ def test_conversations_without_a_template_are_refused_plain_text_is_not(hf_model
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps({"messages": TURNS[:2]}) + "\n")
     with pytest.raises(data_mod.DataError, match="row 0 .*no chat template.*hf.chat_template"):
-        data_mod.prepare("sft", CONVERSATIONS, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train")
+        prepared("sft", CONVERSATIONS, path, tok)
     path.write_text(json.dumps({"prompt": "What is 3 plus 4?", "completion": " 7"}) + "\n")
-    row = data_mod.prepare("sft", CONVERSATIONS, DataConfig(source=str(path), val_fraction=0.0), DemoConfig(), tok, "train").dataset[0]
+    row = prepared("sft", CONVERSATIONS, path, tok).dataset[0]
     assert tok.decode(row["input_ids"]) == "What is 3 plus 4? 7<|endoftext|>"

@@ -107,8 +107,12 @@ def test_an_sft_stage_packs_its_data_and_says_so(hf_model_dir, tmp_path, small_c
     from test_hf_pipeline import FAST, losses
 
     told, compute_loss = [], SFTTrainer.compute_loss
-    monkeypatch.setattr(SFTTrainer, "compute_loss",
-                        lambda self, model, batch: told.append("position_ids" in batch) or compute_loss(self, model, batch))
+
+    def telling(self, model, batch):
+        told.append("position_ids" in batch)
+        return compute_loss(self, model, batch)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", telling)
     config = small_config(**{**FAST, "sft.data.packing": True, "sft.data.max_length": 256, "sft.train.batch_size": 2},
                           model=str(hf_model_dir("llama3")), start="sft", runs_dir=str(tmp_path))
     train_stage("sft", config, hf_model_dir("llama3"), tmp_path / "sft")
