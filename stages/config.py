@@ -26,11 +26,15 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 
 class SharedConfig(Settings):
-    """What every stage shares; stages/config.py's `PipelineConfig` adds `start` and a section per
-    algorithm, so the methods here read those."""
+    """What every stage shares; `PipelineConfig` adds a section per algorithm, which the methods
+    here read."""
     preset: str = "tiny"
     model: str = Field("tiny", description="a built-in model preset (tiny, gpt2-small), trained from scratch "
                                             "by pretrain, or a Hugging Face model directory to start from")
+    # Its type, the registered stages, and its default are PipelineConfig's: declared here so the
+    # UI form shows it after the model.
+    start: str = Field("", description="the first stage to run: with a Hugging Face model, sft (or an alignment "
+                                       "stage) starts from it and pretrain continues pretraining it")
     hf: HFConfig = HFConfig()
     vocab_size: int = Field(1024, description="tokenizer trained on the pretraining corpus (built-in models)")
     runs_dir: str = "runs"
@@ -94,9 +98,7 @@ ALGORITHMS = freeze("the pipeline configuration (alignflow.stages.config.Pipelin
 PipelineConfig = create_model(
     "PipelineConfig", __base__=SharedConfig, __module__=__name__,
     __doc__="The whole pipeline's settings: the shared ones and a section per algorithm.",
-    start=(Literal[tuple(ALGORITHMS)], Field(roots()[0], description=(
-        "the first stage to run: with a Hugging Face model, sft (or an alignment stage) starts from it and "
-        "pretrain continues pretraining it"))),
+    start=(Literal[tuple(ALGORITHMS)], Field(roots()[0], description=SharedConfig.model_fields["start"].description)),
     **{name: (a.settings, a.settings()) for name, a in ALGORITHMS.items()})
 
 

@@ -57,7 +57,7 @@ def test_no_algorithm_can_take_a_shared_key_as_its_section():
     from alignflow.stages.algorithm import RESERVED
     from alignflow.stages.config import SharedConfig
 
-    assert {*SharedConfig.model_fields, "start", "none"} == set(RESERVED)
+    assert {*SharedConfig.model_fields, "none"} == set(RESERVED)
 
 
 def test_the_sections_are_the_registered_algorithms_in_pipeline_order():
