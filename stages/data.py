@@ -3,11 +3,10 @@
 A `DataKind` says what one kind of data is: its columns, how a row is checked, how it becomes
 tokens, how rows form a batch, and the demo rows it gets without a file. Each algorithm
 declares its kind (stages/algorithm.py: `Algorithm.data`); the built-in kinds are
-stages/formats.py's. `read`
-loads and validates one split of a stage's data, `tokenize` tokenises it, `prepare` does both.
-Bad rows raise `DataError` naming the file, the row and the column, or (on_bad_rows: skip) are
-dropped; so are lines of jsonl or csv that cannot be read (not UTF-8, not JSON), named by their
-line (stages/data_files.py)."""
+stages/formats.py's. `read` loads and validates one split of a stage's data, `tokenize`
+tokenises it, `prepare` does both. Bad rows raise `DataError` naming the file, the row and the
+column, or (on_bad_rows: skip) are dropped; so are lines of jsonl or csv that cannot be read
+(not UTF-8, not JSON), named by their line (stages/data_files.py)."""
 from __future__ import annotations
 
 import os
