@@ -36,4 +36,7 @@ ALGORITHM = Algorithm(
               Headline("DPO val accuracy", "val_rewards/accuracies", cases="val_items"),
               Headline("DPO val margin", "val_rewards/margins")),
     panels=(Panel("DPO accuracy", (("rewards/accuracies", "train"), ("val_rewards/accuracies", "validation"))),
-            Panel("DPO margin", (("rewards/margins", "train"), ("val_rewards/margins", "validation")))))
+            Panel("DPO margin", (("rewards/margins", "train"), ("val_rewards/margins", "validation"))),
+            # Both falling together is likelihood displacement: the margin grows while the
+            # chosen answer becomes less likely too.
+            Panel("DPO log-probs", (("logps/chosen", "chosen"), ("logps/rejected", "rejected")))))

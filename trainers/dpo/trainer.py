@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..args import Settings
 from ..base import BaseTrainer
 from ..placement import place_reference
-from .loss import DPOLossType, check_loss_config, dpo_loss
+from .loss import DPOLossType, check_loss_config, dpo_loss, loss_types
 from .pairs import concatenated_logps
 from .reference import DPOReference
 
@@ -19,14 +19,31 @@ from .reference import DPOReference
 class DPOArgs(Settings):
     """DPO's own settings (the loop's are `TrainingArgs`)."""
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
-    loss_type: DPOLossType = "sigmoid"
-    label_smoothing: float = Field(0.0, description="ε: the believed rate of flipped labels (sigmoid, robust)")
+    loss_type: DPOLossType | list[DPOLossType] = Field(
+        "sigmoid", description="one loss, or a list whose losses are summed with loss_weights (e.g. MPO: "
+                               "[sigmoid, bco_pair, sft])")
+    loss_weights: list[float] | None = Field(None, description="one weight per loss_type (default 1 each)")
+    rpo_alpha: float | None = Field(None, ge=0, description="RPO: add α × the chosen completion's per-token NLL")
+    label_smoothing: float = Field(0.0, description="ε: the believed rate of flipped labels "
+                                                    "(sigmoid, robust, exo_pair, aot, aot_pair)")
+    discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP's blend temperature τ")
     precompute_ref_log_probs: bool = Field(True, description="score the reference once before training")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _aliases(cls, value):
+        return list(loss_types(value)) if isinstance(value, (list, tuple)) else loss_types(value)[0]
 
     @model_validator(mode="after")
     def _consistent(self) -> "DPOArgs":
-        check_loss_config(self.beta, self.loss_type, self.label_smoothing)
+        check_loss_config(self.beta, self.loss_type, self.label_smoothing, self.loss_weights, self.rpo_alpha,
+                          self.discopop_tau)
         return self
+
+    def loss_knobs(self) -> dict:
+        """`dpo_loss`'s keyword arguments from these settings."""
+        return dict(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                    loss_weights=self.loss_weights, rpo_alpha=self.rpo_alpha, discopop_tau=self.discopop_tau)
 
 
 def check_separate(model: nn.Module, ref_model: nn.Module) -> None:
@@ -101,8 +118,8 @@ class DPOTrainer(BaseTrainer):
         ref_chosen, ref_rejected = self.reference.logps(batch)
         policy_chosen, policy_rejected, chosen_lengths, rejected_lengths = concatenated_logps(model, batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.dpo.beta, loss_type=self.dpo.loss_type,
-            label_smoothing=self.dpo.label_smoothing, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths, **self.dpo.loss_knobs())
         metrics = {
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
