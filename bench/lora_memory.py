@@ -32,17 +32,9 @@ from alignflow.trainers import DPOTrainer, configure_optimizer  # noqa: E402
 from alignflow.trainers.dpo import collate_pairs  # noqa: E402
 from alignflow.trainers.reference import AdapterDisabled  # noqa: E402
 from logprob_memory import pairs  # noqa: E402  (bench/, beside this script)
+from step_memory import nbytes  # noqa: E402
 
 CONFIGS = ("full", "lora")
-
-
-def nbytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def current_rss() -> int:

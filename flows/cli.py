@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the full pipeline", description=(
-        "Run pretrain -> sft -> (dpo|grpo) into RUNS_DIR/RUN_ID/<stage>/. Stages whose output is "
+        "Run pretrain -> sft -> the alignment stage (--align) into RUNS_DIR/RUN_ID/<stage>/. Stages whose output is "
         "already complete for the same config and parent are skipped; a failed stage is retried "
         "(config.retries) and resumes from its last checkpoint. Writes RUNS_DIR/RUN_ID/report.md."))
     add_config_args(p)

@@ -241,7 +241,7 @@ def flow_run_name() -> str:
 def alignment_pipeline(config: PipelineConfig | None = None, align: AlignStage = "dpo",
                        force: list[str] | None = None, preset: str = "tiny",
                        overrides: dict[str, Any] | None = None) -> dict:
-    """pretrain -> SFT -> DPO or GRPO into runs_dir/run_id/<stage>/, from `config.start` on: a run from
+    """pretrain -> SFT -> the alignment stage (`align`) into runs_dir/run_id/<stage>/, from `config.start` on: a run from
     a Hugging Face model directory (`config.model`) hands it to its first stage as the parent."""
     config = resolve(config, preset, overrides)
     force = force or []

@@ -13,12 +13,12 @@
 The stage graph, the configuration's sections (stages/config.py), the data a stage reads, the
 demo rows, the report card and curves (flows/report.py), the CLI's choices and the Prefect
 parameter types all derive from the registered declarations. The built-in ones are the modules
-of alignflow.stages.recipes (pretrain, sft, dpo, grpo), each found there. Another package adds
+of alignflow.stages.recipes (pretrain, sft, dpo, grpo, simpo, orpo), each found there. Another package adds
 its own through the entry point group `alignflow.algorithms`, which every process that imports
 alignflow reads (the CLI, torchrun's ranks, Prefect workers and deployments):
 
     [project.entry-points."alignflow.algorithms"]
-    simpo = "my_package.simpo:ALGORITHM"
+    slic = "my_package.slic:ALGORITHM"
 
 `register_algorithm` adds one in the running process, before the configuration is first built.
 docs/architecture.md, "Adding an algorithm", walks through one."""
@@ -68,6 +68,7 @@ class Algorithm:
     data: DataKind                       # what the stage reads
     recipe: Callable[..., None]          # recipe(stage: StageRun): models in, trainer built, trained
     parent: str | None = "sft"           # the stage whose output it trains on (None: it starts the graph)
+    also_trains_on: tuple[str, ...] = ()  # other stages whose checkpoint `alignflow stage` may give it
     aligns: bool = False                 # an alignment stage, the pipeline's last: `alignflow run --align <name>`
     headline: tuple[Headline, ...] = ()  # its report rows, beside evaluation's (task accuracy, ...)
     panels: tuple[Panel, ...] = ()       # its curves, after the loss panel every stage has
@@ -97,6 +98,10 @@ def register_algorithm(algorithm: Algorithm) -> Algorithm:
         raise TypeError(f"algorithm {name!r}: trainer must be a BaseTrainer subclass, got {algorithm.trainer!r}")
     if algorithm.parent is not None and algorithm.parent not in _registry:
         raise ValueError(f"algorithm {name!r} trains on {algorithm.parent!r}, which no registered algorithm is "
+                         f"(registered: {', '.join(_registry)})")
+    unknown = [other for other in algorithm.also_trains_on if other not in _registry]
+    if unknown:
+        raise ValueError(f"algorithm {name!r} also trains on {unknown[0]!r}, which no registered algorithm is "
                          f"(registered: {', '.join(_registry)})")
     if _frozen_by and name not in _registry:
         raise RuntimeError(f"algorithm {name!r} registered after {_frozen_by} was built from the registry: "
@@ -229,6 +234,8 @@ def check_parent(stage: str, parent_manifest: dict, parent_ref) -> None:
     alignflow.stages` both ask here."""
     if parent_manifest.get("external"):
         return
-    expected, found = get_algorithm(stage).parent, parent_manifest.get("stage")
-    if found != expected:
-        raise ValueError(f"{stage} trains on a {expected} checkpoint, but {parent_ref} holds a {found} stage")
+    algorithm, found = get_algorithm(stage), parent_manifest.get("stage")
+    accepted = (algorithm.parent, *algorithm.also_trains_on)
+    if found not in accepted:
+        raise ValueError(f"{stage} trains on a {' or '.join(accepted)} checkpoint, but {parent_ref} holds a "
+                         f"{found} stage")

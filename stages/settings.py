@@ -59,6 +59,21 @@ class StageConfig(Settings):
     lora: LoRAConfig | None = Field(None, description="train a LoRA adapter instead of every weight "
                                                       "(absent: full fine-tuning)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_the_algorithms_defaults(cls, values):
+        """A section given as a dict (a preset, `--set dpo.train.max_steps=5`) is laid over the
+        algorithm's own defaults, not the generic ones: DPO's `train` defaults to lr 1e-4, and
+        naming another of its keys must not reset that to TrainConfig's 1e-3."""
+        if not isinstance(values, dict):
+            return values
+        merged = dict(values)
+        for name, field in cls.model_fields.items():
+            default, given = field.default, values.get(name)
+            if isinstance(default, Settings) and isinstance(given, dict):
+                merged[name] = {**default.model_dump(include=default.model_fields_set), **given}
+        return merged
+
     @property
     def quantized(self) -> bool:
         return self.lora is not None and self.lora.quantize != "none"

@@ -9,10 +9,12 @@ from .modules import logits_of, unwrap
 from .checkpoint import CheckpointError, latest_checkpoint
 from .dpo import DPOArgs, DPOTrainer, dpo_loss
 from .grpo import GRPOArgs, GRPOTrainer, group_advantages, grpo_loss
+from .orpo import ORPOArgs, ORPOTrainer
 from .optim import configure_optimizer, create_scheduler, get_parameter_groups
 from .registry import create_trainer, get_trainer_class, register_trainer
 from .rewards import get_reward, register_reward
 from .sft import PretrainTrainer, SFTTrainer
+from .simpo import SimPOArgs, SimPOTrainer
 
 register_trainer("pretrain", PretrainTrainer)
 register_trainer("sft", SFTTrainer)
@@ -23,5 +25,5 @@ __all__ = [
     "TrainingArgs", "DPOArgs", "GRPOArgs", "BaseTrainer", "SFTTrainer", "PretrainTrainer", "EarlyStopping", "NonFiniteLossError",
     "CheckpointError", "configure_optimizer", "create_scheduler", "get_parameter_groups",
     "create_trainer", "get_trainer_class", "register_trainer", "latest_checkpoint", "logits_of", "unwrap",
-    "DPOTrainer", "dpo_loss", "GRPOTrainer", "group_advantages", "grpo_loss", "get_reward", "register_reward",
+    "DPOTrainer", "dpo_loss", "SimPOArgs", "SimPOTrainer", "ORPOArgs", "ORPOTrainer", "GRPOTrainer", "group_advantages", "grpo_loss", "get_reward", "register_reward",
 ]

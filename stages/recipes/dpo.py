@@ -28,15 +28,22 @@ def train(stage: StageRun) -> None:
                               ref_weights_id=stage.reference_weights_id(), dpo=stage.settings), tok)
 
 
-ALGORITHM = Algorithm(
-    name="dpo", parent="sft", aligns=True, settings=DPOConfig, trainer=DPOTrainer, data=PAIRS, recipe=train,
-    # DPO's validation loss is a preference loss, so it gets its own row instead of sitting
-    # beside the language-model losses as if it were one.
-    headline=(Headline("DPO val loss", "val_loss"),
-              Headline("DPO val accuracy", "val_rewards/accuracies", cases="val_items"),
-              Headline("DPO val margin", "val_rewards/margins")),
-    panels=(Panel("DPO accuracy", (("rewards/accuracies", "train"), ("val_rewards/accuracies", "validation"))),
-            Panel("DPO margin", (("rewards/margins", "train"), ("val_rewards/margins", "validation"))),
+def preference_headline(method: str) -> tuple[Headline, ...]:
+    """A pairwise method's report rows. Its validation loss is a preference loss, so it gets its
+    own row instead of sitting beside the language-model losses as if it were one."""
+    return (Headline(f"{method} val loss", "val_loss"),
+            Headline(f"{method} val accuracy", "val_rewards/accuracies", cases="val_items"),
+            Headline(f"{method} val margin", "val_rewards/margins"))
+
+
+def preference_panels(method: str) -> tuple[Panel, ...]:
+    return (Panel(f"{method} accuracy", (("rewards/accuracies", "train"), ("val_rewards/accuracies", "validation"))),
+            Panel(f"{method} margin", (("rewards/margins", "train"), ("val_rewards/margins", "validation"))),
             # Both falling together is likelihood displacement: the margin grows while the
             # chosen answer becomes less likely too.
-            Panel("DPO log-probs", (("logps/chosen", "chosen"), ("logps/rejected", "rejected")))))
+            Panel(f"{method} log-probs", (("logps/chosen", "chosen"), ("logps/rejected", "rejected"))))
+
+
+ALGORITHM = Algorithm(
+    name="dpo", parent="sft", aligns=True, settings=DPOConfig, trainer=DPOTrainer, data=PAIRS, recipe=train,
+    headline=preference_headline("DPO"), panels=preference_panels("DPO"))

@@ -6,9 +6,9 @@
     trainer.py    `DPOArgs` and `DPOTrainer`, which ties them to the loop
 """
 from .loss import LOSS_TYPES, dpo_loss
-from .pairs import collate_pairs, concatenated_inputs, concatenated_logps, pair_keys
+from .pairs import collate_pairs, concatenated_inputs, concatenated_logps, pair_keys, preference_metrics
 from .reference import DPOReference, ReferenceLogps
 from .trainer import DPOArgs, DPOTrainer
 
 __all__ = ["LOSS_TYPES", "dpo_loss", "collate_pairs", "concatenated_inputs", "concatenated_logps", "pair_keys",
-           "DPOReference", "ReferenceLogps", "DPOArgs", "DPOTrainer"]
+           "preference_metrics", "DPOReference", "ReferenceLogps", "DPOArgs", "DPOTrainer"]

@@ -79,6 +79,21 @@ def concatenated_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
 
 
+def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, policy_chosen: torch.Tensor,
+                       policy_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sums every pairwise method logs (the loop divides them by the pair count): its
+    rewards per side, how often the chosen one wins, the margin, and the policy's log-probs,
+    whose joint fall is likelihood displacement."""
+    return {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "logps/chosen": policy_chosen.detach().sum(),
+        "logps/rejected": policy_rejected.detach().sum(),
+    }
+
+
 def pair_keys(batch: dict) -> list[bytes]:
     """sha256 of each pair's unpadded chosen and rejected token ids and labels (CPU batch).
 

@@ -12,7 +12,7 @@ from ..args import Settings
 from ..base import BaseTrainer
 from ..placement import place_reference
 from .loss import DPOLossType, check_loss_config, dpo_loss, loss_types
-from .pairs import concatenated_logps
+from .pairs import concatenated_logps, preference_metrics
 from .reference import DPOReference
 
 
@@ -120,12 +120,4 @@ class DPOTrainer(BaseTrainer):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, **self.dpo.loss_knobs())
-        metrics = {
-            "rewards/chosen": chosen_rewards.sum(),
-            "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-            "logps/chosen": policy_chosen.detach().sum(),
-            "logps/rejected": policy_rejected.detach().sum(),
-        }
-        return losses.sum(), metrics
+        return losses.sum(), preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
