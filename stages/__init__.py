@@ -2,7 +2,7 @@
 trainer, data kind, recipe, parent, report rows and curves), trained by the same machinery
 (stages/run.py) into a checkpoint directory the next stage starts from (stages/handoff.py).
 
-    recipes/           the built-in algorithms, a module each: pretrain, sft, dpo, grpo
+    recipes/           the built-in algorithms, a module each: pretrain, sft, dpo, grpo, simpo, orpo
     algorithm.py       the declaration, the registry (plugins: entry points) and the stage graph
     settings.py        the sections' settings; config.py composes the pipeline's configuration
     data.py, data_files.py, formats.py, demo.py     the data a stage reads

@@ -114,7 +114,7 @@ def register_algorithm(algorithm: Algorithm) -> Algorithm:
 
 def algorithms() -> dict[str, Algorithm]:
     """Every algorithm by name, in pipeline order: each after its parent, built-ins before
-    plugins, then by name (pretrain, sft, dpo, grpo, then a plugin's)."""
+    plugins, then by name (pretrain, sft, dpo, grpo, orpo, simpo, then a plugin's)."""
     global _state
     if _state == "loading":  # an algorithm's module asked while the registry is being filled
         raise RuntimeError("the algorithms were asked for while they load: an algorithm's module must not use "

@@ -1,18 +1,15 @@
 """SimPO, CPO and ORPO (trainers/simpo.py, trainers/orpo.py): their losses by hand and at the
-limits their papers state, one model in memory, and each as a stage: through the pipeline,
-ORPO straight on a base model, and resumed after SIGKILL to the same bits."""
+limits their papers state, one model in memory where DPO holds two, and the loop's strategies
+(two ranks under ddp or fsdp with accumulation equal one process). As stages:
+test_reference_free_stages.py."""
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from alignflow.trainers.dpo import dpo_loss
@@ -133,3 +130,27 @@ def test_a_step_holds_one_model_and_needs_less_than_dpo_with_a_live_reference():
         assert 2 * r[config]["weights"] == live["weights"]
         assert r[config]["gradients"] == live["gradients"] and r[config]["optimizer"] == live["optimizer"]
         assert r[config]["counted"] < live["counted"] - 0.9 * r[config]["weights"], (config, r[config], live)
+
+
+# ---- the loop's strategies: one process, accumulation, two ranks ----
+
+WORKER = Path(__file__).parent / "scripts" / "dpo_worker.py"
+
+
+@pytest.mark.parametrize("method, strategy", [("simpo", "ddp"), ("cpo", "fsdp"), ("orpo", "ddp"), ("orpo", "fsdp")])
+def test_two_ranks_with_accumulation_equal_one_process_with_one_batch(tmp_path, method, strategy):
+    from conftest import small_model
+    from scripts.dpo_worker import PAIR_VOCAB
+    from test_ddp import free_port, run
+
+    common = ["--method", method, "--global-batch", "8", "--num-pairs", "32", "--max-steps", "3"]
+    run([sys.executable, str(WORKER), "--out", str(tmp_path / "single.safetensors"), *common])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
+         "--out", str(tmp_path / "two.safetensors"), "--accum", "2", "--strategy", strategy, *common])
+    single, two = load_file(tmp_path / "single.safetensors"), load_file(tmp_path / "two.safetensors")
+    start = small_model(seed=0, vocab_size=PAIR_VOCAB).state_dict()
+    assert single.keys() == two.keys()
+    assert max(float((single[n] - start[n]).abs().max()) for n in single) > 1e-3  # it trained
+    for name in single:
+        torch.testing.assert_close(two[name], single[name], atol=1e-5, rtol=0, msg=name)

@@ -2,7 +2,6 @@
 straight on a pretrained base (SimPO refused there), and a run killed with SIGKILL resumed to the
 same bits as an uninterrupted one (all three runs fresh `python -m alignflow.stages` processes)."""
 import json
-import os
 import re
 import signal
 import subprocess
