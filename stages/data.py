@@ -46,6 +46,9 @@ class DataKind:
     # -> blocks (pretraining): no example is then too long.
     blocks: Callable[[datasets.Dataset, Tokenizer, int], datasets.Dataset] | None = None
     packable: bool = False                     # data.packing may put several examples in a row
+    # Validated rows -> the rows `encode` reads, and for each the index of the row it came from
+    # (KTO: a pair file unpaired into two rows, each row given a mismatched partner).
+    convert: Callable[[datasets.Dataset], tuple[datasets.Dataset, list[int]]] | None = None
 
 
 @dataclass
@@ -149,6 +152,9 @@ def read(stage: str, kind: DataKind, cfg: DataConfig, demo_cfg: DemoConfig, spli
     it is). `stage` names the data in messages and draws the stage's own demo rows."""
     ds, origin, place = load_split(stage, kind, cfg, demo_cfg, split)
     ds, skipped, rows = validate(ds, stage, kind, origin, cfg.on_bad_rows, place) if len(ds) else (ds, 0, place)
+    if kind.convert is not None and len(ds):
+        ds, came_from = kind.convert(ds)
+        rows = Place([rows.row(i) for i in came_from], rows.lines, rows.skipped)  # errors still name the file's row
     return RawSplit(ds, origin, place.skipped + skipped, rows)
 
 

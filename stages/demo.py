@@ -2,7 +2,8 @@
 
 One seeded generator gives every stage its data in the formats TRL users have:
 pretraining `text`, SFT `prompt`/`completion`, DPO `prompt`/`chosen`/`rejected` (a correct
-solution vs a plausible wrong one), GRPO `prompt` + `answer`, and held-out evaluation prompts.
+solution vs a plausible wrong one), KTO `prompt`/`completion`/`label` (one answer, right or
+wrong), GRPO `prompt` + `answer`, and held-out evaluation prompts.
 Prompts and replies are conversational (message lists), so every model renders them with its
 own chat template.
 Problems are split by their (template, a, b) so held-out problems are never seen in training.
@@ -139,6 +140,17 @@ def solutions(s: DemoSplit) -> list[dict]:
 def preference_pairs(s: DemoSplit) -> list[dict]:
     """A correct solution chosen over a plausible wrong one."""
     return preference_rows(s.problems, s.count(s.sizes.preference_pairs), s.rng)
+
+
+def feedback(s: DemoSplit) -> list[dict]:
+    """Unpaired thumbs-up/down (KTO's): each drawn problem answered once, rightly (desirable) or
+    with a plausible wrong answer (undesirable), half and half."""
+    rows = []
+    for p in _sample(s.problems, s.count(s.sizes.preference_pairs), s.rng):
+        good = s.rng.random() < 0.5
+        answer = p.solution() if good else p.solution(plausible_wrong(p, s.rng))
+        rows.append({"prompt": user(p.question), "completion": assistant(answer), "label": good})
+    return rows
 
 
 def training_prompts(s: DemoSplit) -> list[dict]:

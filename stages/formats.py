@@ -3,7 +3,8 @@ algorithm's kind is built from (row checks, prompt/completion tokenisation).
 
     TEXT           `text`, cut into blocks of data.max_length tokens       pretraining
     CONVERSATIONS  `prompt` + `completion`, or `messages`                 SFT
-    PAIRS          `prompt` + `chosen` + `rejected`                       DPO
+    PAIRS          `prompt` + `chosen` + `rejected`                       DPO, SimPO, ORPO
+    FEEDBACK       `prompt` + `completion` + `label` (or PAIRS, unpaired)  KTO
     PROMPTS        `prompt` + any columns the reward functions read       GRPO
     EVAL_PROMPTS   `prompt` + `answer`                                    held-out evaluation
 
@@ -20,6 +21,7 @@ from alignflow.models import prompt_ids as chat_prompt_ids
 from alignflow.models.chat import ROLES
 from alignflow.trainers.dpo import collate_pairs
 from alignflow.trainers.grpo import collate_prompts
+from alignflow.trainers.kto import collate_feedback
 from alignflow.trainers.sft import collate_causal_lm
 
 from . import demo
@@ -68,6 +70,14 @@ def _pair_row_problem(row: dict) -> Problem | None:
     if problem is None and row["chosen"] == row["rejected"]:
         problem = ("rejected", "is identical to chosen: the pair carries no preference")
     return problem
+
+
+def _feedback_row_problem(row: dict) -> Problem | None:
+    if "label" not in row:  # a pair file, unpaired once it is valid
+        return _pair_row_problem(row)
+    if not isinstance(row["label"], bool):
+        return ("label", f"must be true (desirable) or false (undesirable), got {row['label']!r}")
+    return texts_problem(row, ("prompt", "completion"))
 
 
 def _prompt_row_problem(row: dict) -> Problem | None:
@@ -140,6 +150,33 @@ def _pair(row: dict, tok: Tokenizer) -> dict:
             **prompt_and_completion(tok, prompt, row["rejected"], "rejected_")}
 
 
+def _unpaired(ds: datasets.Dataset) -> tuple[datasets.Dataset, list[int]]:
+    """Feedback rows, each with the completion of another row as its KL partner; a pair file
+    first becomes two rows per pair (chosen: desirable, rejected: undesirable), as TRL's
+    `unpair_preference_dataset`. The partner is the row half the split away, so it answers
+    another prompt (a pair's two rows sit side by side)."""
+    if "label" in ds.column_names:
+        rows, came_from = [{k: r[k] for k in ("prompt", "completion", "label")} for r in ds], list(range(len(ds)))
+    else:
+        rows, came_from = [], []
+        for i, r in enumerate(ds):
+            rows += [{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                     {"prompt": r["prompt"], "completion": r["rejected"], "label": False}]
+            came_from += [i, i]
+    shift = max(1, len(rows) // 2)
+    for i, row in enumerate(rows):
+        row["kl_completion"] = rows[(i + shift) % len(rows)]["completion"]
+    return datasets.Dataset.from_list(rows), came_from
+
+
+def _feedback(row: dict, tok: Tokenizer) -> dict:
+    prompt = row["prompt"]
+    if any(isinstance(row[c], list) for c in ("prompt", "completion", "kl_completion")):
+        prompt = as_messages(prompt, "user")
+    return {**prompt_and_completion(tok, prompt, row["completion"], "completion_"),
+            **prompt_and_completion(tok, prompt, row["kl_completion"], "kl_"), "label": row["label"]}
+
+
 def _prompt(row: dict, tok: Tokenizer) -> dict:
     """Prompt ids, every other column, and `prompt` as plain text (what reward functions read)."""
     return {**row, "prompt_input_ids": prompt_ids(tok, row["prompt"]), "prompt": prompt_text(row["prompt"])}
@@ -153,6 +190,9 @@ CONVERSATIONS = DataKind("conversations", (("prompt", "completion"), ("messages"
                          ("input_ids",), collate_causal_lm, demo.solutions, encode=_conversation, packable=True)
 PAIRS = DataKind("pairs", (("prompt", "chosen", "rejected"),), _pair_row_problem,
                  ("chosen_input_ids", "rejected_input_ids"), collate_pairs, demo.preference_pairs, encode=_pair)
+FEEDBACK = DataKind("feedback", (("prompt", "completion", "label"), ("prompt", "chosen", "rejected")),
+                    _feedback_row_problem, ("completion_input_ids", "kl_input_ids"), collate_feedback, demo.feedback,
+                    encode=_feedback, convert=_unpaired)
 PROMPTS = DataKind("prompts", (("prompt",),), _prompt_row_problem, ("prompt_input_ids",), collate_prompts,
                    demo.training_prompts, encode=_prompt)
 EVAL_PROMPTS = DataKind("held-out prompts", (("prompt", "answer"),), _prompt_row_problem, ("prompt_input_ids",),

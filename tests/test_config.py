@@ -48,15 +48,17 @@ def test_a_section_given_as_a_dict_merges_into_the_preset_s_section():
     assert (merged.grpo.train.lr, merged.grpo.train.batch_size) == (base.grpo.train.lr, base.grpo.train.batch_size)
 
 
-def test_a_key_of_a_section_the_preset_lacks_keeps_the_algorithm_s_defaults():
-    """tiny has no simpo block: setting its max_steps must not reset SimPO's lr 1e-4 to the
-    generic TrainConfig's 1e-3 (it did: the dict replaced the algorithm's default `train`)."""
-    config = load_config("tiny", overrides={"simpo.train.max_steps": 5, "orpo.train": {"batch_size": 4}})
-    assert (config.simpo.train.lr, config.simpo.train.max_steps) == (1e-4, 5)
-    assert (config.orpo.train.lr, config.orpo.train.batch_size) == (1e-4, 4)
-    grpo = load_config("gpt2-small").grpo.model_dump()
-    del grpo["train"]["batch_size"]  # a config file naming GRPO's train block without it
-    assert type(load_config("tiny").grpo).model_validate(grpo).train.batch_size == 4  # GRPO's own default
+def test_a_section_given_as_a_dict_keeps_the_algorithm_s_own_defaults():
+    """A config file or --set naming one key of a section no preset block sets (a new
+    algorithm's, a plugin's) must not reset the algorithm's lr 1e-4 to the generic TrainConfig's
+    1e-3 (it did: the dict replaced the algorithm's default `train`)."""
+    config = load_config("tiny")
+    simpo = type(config.simpo).model_validate({"train": {"max_steps": 5}})
+    assert (simpo.train.lr, simpo.train.max_steps) == (1e-4, 5)
+    grpo = type(config.grpo).model_validate({"train": {"lr": 1e-5}})
+    assert (grpo.train.lr, grpo.train.batch_size) == (1e-5, 4)  # GRPO's own default batch size
+    # Through load_config, on top of the preset's block.
+    assert load_config("tiny", overrides={"simpo.train.max_steps": 5}).simpo.train.lr == config.simpo.train.lr
 
 
 def test_cpu_offload_without_fsdp_is_refused_naming_the_key():
@@ -76,6 +78,6 @@ def test_the_sections_are_the_registered_algorithms_in_pipeline_order():
     from alignflow.stages.config import PipelineConfig
 
     config = load_config("tiny")
-    assert list(config.sections()) == list(algorithms()) == ["pretrain", "sft", "dpo", "grpo", "orpo", "simpo"]
+    assert list(config.sections()) == list(algorithms()) == ["pretrain", "sft", "dpo", "grpo", "kto", "orpo", "simpo"]
     assert [n for n in PipelineConfig.model_fields if n in algorithms()] == list(algorithms())
     assert config.start == "pretrain"  # the first stage without a parent

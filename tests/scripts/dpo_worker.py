@@ -1,4 +1,4 @@
-"""A DPO run (or SimPO, CPO, ORPO: --method) in its own process, single or under `torchrun`;
+"""A DPO run (or SimPO, CPO, ORPO, KTO: --method) in its own process, single or under `torchrun`;
 rank 0 writes the final weights.
 
 Also home of `preference_pairs`, the toy preference data the DPO tests share."""
@@ -20,6 +20,7 @@ from conftest import small_model  # noqa: E402
 from alignflow.trainers import configure_optimizer  # noqa: E402
 from alignflow.trainers.distributed import exit_worker  # noqa: E402
 from alignflow.trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
+from alignflow.trainers.kto import KTOTrainer, collate_feedback  # noqa: E402
 from alignflow.trainers.orpo import ORPOTrainer  # noqa: E402
 from alignflow.trainers.simpo import SimPOTrainer  # noqa: E402
 
@@ -61,16 +62,20 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--live-reference", action="store_true")
     ap.add_argument("--strategy", default="ddp")
-    ap.add_argument("--method", default="dpo", choices=["dpo", "simpo", "cpo", "orpo"])
+    ap.add_argument("--method", default="dpo", choices=["dpo", "simpo", "cpo", "orpo", "kto"])
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     model = small_model(seed=0, vocab_size=PAIR_VOCAB)
     data = preference_pairs(args.num_pairs, seed=1)
+    collate = collate_pairs
+    if args.method == "kto":
+        from test_kto import feedback_items
+        data, collate = feedback_items(args.num_pairs, seed=1), collate_feedback
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     train_loader = DataLoader(data, batch_size=args.global_batch // world // args.accum, sampler=sampler,
-                              collate_fn=collate_pairs)
+                              collate_fn=collate)
     # SGD with momentum: the update is proportional to the gradient, so the comparison sees
     # what DDP changes and not Adam's amplified rounding of near-zero gradients.
     optimizer = configure_optimizer(model, "sgd", lr=0.5, weight_decay=0.0)
@@ -78,6 +83,10 @@ def main() -> None:
                 log_interval=1, seed=1234, progress_bar=False, strategy=args.strategy)
     if args.method == "dpo":
         trainer = DPOTrainer(model=model, ref_model=small_model(seed=0, vocab_size=PAIR_VOCAB), optimizer=optimizer,
+                             train_loader=train_loader, precompute_ref_log_probs=not args.live_reference,
+                             ref_cache_dir=args.cache_dir, **loop)
+    elif args.method == "kto":
+        trainer = KTOTrainer(model=model, ref_model=small_model(seed=0, vocab_size=PAIR_VOCAB), optimizer=optimizer,
                              train_loader=train_loader, precompute_ref_log_probs=not args.live_reference,
                              ref_cache_dir=args.cache_dir, **loop)
     elif args.method == "orpo":

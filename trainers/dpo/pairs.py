@@ -30,14 +30,15 @@ def _pad_rows(rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
     return out
 
 
-def collate_pairs(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+def collate_pairs(items: list[dict], pad_id: int = 0, sides: tuple[str, str] = SIDES) -> dict[str, torch.Tensor]:
     """Preference pairs -> a DPO batch (see the module docstring).
 
     Each item holds `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`,
     `rejected_labels` (lists or 1-D tensors; labels −100 on the prompt). Both sides are padded
-    to one common width so the trainer's concatenated forward pass needs no further padding."""
+    to one common width so the trainer's concatenated forward pass needs no further padding.
+    `sides` names the two sequences of an item otherwise (KTO's completion and its KL one)."""
     batch_sides = {}
-    for side in SIDES:
+    for side in sides:
         ids = [torch.as_tensor(item[f"{side}_input_ids"], dtype=torch.long) for item in items]
         labels = [torch.as_tensor(item[f"{side}_labels"], dtype=torch.long) for item in items]
         for i, (x, y) in enumerate(zip(ids, labels)):
@@ -57,25 +58,25 @@ def collate_pairs(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]
     return batch
 
 
-def concatenated_inputs(batch: dict) -> dict[str, torch.Tensor]:
+def concatenated_inputs(batch: dict, sides: tuple[str, str] = SIDES) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows [2B, L], for one forward pass over both.
 
     Sides of different widths are right-padded to the wider one; the pad value is irrelevant
     there because the mask hides those positions and their label is −100."""
-    width = max(batch[f"{side}_input_ids"].shape[1] for side in SIDES)
+    width = max(batch[f"{side}_input_ids"].shape[1] for side in sides)
     out = {}
     for key, value in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
-        halves = [batch[f"{side}_{key}"] for side in SIDES]
+        halves = [batch[f"{side}_{key}"] for side in sides]
         out[key] = torch.cat([F.pad(h, (0, width - h.shape[1]), value=value) for h in halves])
     return out
 
 
-def concatenated_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
+def concatenated_logps(model: nn.Module, batch: dict, sides: tuple[str, str] = SIDES) -> tuple[torch.Tensor, ...]:
     """(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths) from one forward pass."""
-    inputs = concatenated_inputs(batch)
+    inputs = concatenated_inputs(batch, sides)
     logits = logits_of(model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
     logps, lengths = sequence_logps(logits, inputs["labels"])
-    n = batch["chosen_input_ids"].shape[0]
+    n = batch[f"{sides[0]}_input_ids"].shape[0]
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
 
 
@@ -94,16 +95,16 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     }
 
 
-def pair_keys(batch: dict) -> list[bytes]:
+def pair_keys(batch: dict, sides: tuple[str, str] = SIDES) -> list[bytes]:
     """sha256 of each pair's unpadded chosen and rejected token ids and labels (CPU batch).
 
     The labels are part of the key because they decide which tokens are scored."""
-    sides = [tuple(batch[f"{side}_{k}"].cpu().numpy() for k in ("input_ids", "labels", "attention_mask"))
-             for side in SIDES]
+    arrays = [tuple(batch[f"{side}_{k}"].cpu().numpy() for k in ("input_ids", "labels", "attention_mask"))
+              for side in sides]
     keys = []
-    for i in range(len(batch["chosen_input_ids"])):
+    for i in range(len(batch[f"{sides[0]}_input_ids"])):
         h = hashlib.sha256()
-        for ids, labels, mask in sides:
+        for ids, labels, mask in arrays:
             real = mask[i].astype(bool)
             h.update(int(real.sum()).to_bytes(8, "little"))  # length prefix: no ambiguous joins
             h.update(ids[i][real].astype("int64").tobytes())

@@ -32,7 +32,7 @@ from alignflow.models.files import atomic_write
 from .. import checkpoint as ckpt
 from .. import distributed as dist_utils
 from ..reference import freeze_reference, reference_fingerprint
-from .pairs import concatenated_logps, pair_keys
+from .pairs import SIDES, concatenated_logps, pair_keys
 
 
 def keys_to_tensor(keys: list[bytes]) -> torch.Tensor:
@@ -81,12 +81,14 @@ def data_fingerprint(keys: list[bytes]) -> str:
 class DPOReference:
     """`source`: the reference model, or a function that loads it (called only when needed).
     `place(model)` freezes it on the trainer's device (sharded like the policy under fsdp);
-    `scoring` names the autocast dtype it is run under, part of the cache's key."""
+    `scoring` names the autocast dtype it is run under, part of the cache's key. `sides` names
+    the two sequences of a batch item it scores (DPO's chosen and rejected; KTO's completion and
+    its mismatched KL one)."""
 
     def __init__(self, source: nn.Module | Callable[[], nn.Module], *, place: Callable[[nn.Module], nn.Module],
                  device: torch.device, scoring: str, cache_dir: Path | None, weights_id: str | None,
-                 sharded: bool = False):
-        self._source, self._place = source, place
+                 sharded: bool = False, sides: tuple[str, str] = SIDES):
+        self._source, self._place, self.sides = source, place, sides
         self.device, self.scoring, self.cache_dir, self.sharded = device, scoring, cache_dir, sharded
         # The cache's key for the reference: named by the caller, else (when first needed) a hash
         # of its weights.
@@ -113,15 +115,17 @@ class DPOReference:
         precomputed log-probs, once there are any."""
         if self.table is None:
             return batch
-        ref = self.table.lookup(pair_keys(batch))
-        return {**batch, "ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]}
+        ref = self.table.lookup(pair_keys(batch, self.sides))
+        first, second = self.sides
+        return {**batch, f"ref_{first}_logps": ref[:, 0], f"ref_{second}_logps": ref[:, 1]}
 
     def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) reference log-probs: the batch's precomputed ones, else a no-grad pass."""
-        if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        first, second = self.sides
+        if f"ref_{first}_logps" in batch:
+            return batch[f"ref_{first}_logps"], batch[f"ref_{second}_logps"]
         with torch.no_grad():
-            chosen, rejected, _, _ = concatenated_logps(self.model(), batch)
+            chosen, rejected, _, _ = concatenated_logps(self.model(), batch, self.sides)
         return chosen, rejected
 
     def precompute(self, loaders: list, autocast: Callable, to_device: Callable[[dict], dict]) -> ReferenceLogps:
@@ -164,7 +168,7 @@ class DPOReference:
         if self.fingerprint is None:
             model = self.model()  # under fsdp this hashes the weights before sharding them
             self.fingerprint = self.fingerprint or reference_fingerprint(model, self.scoring)
-        local = [k for loader in loaders for batch in loader for k in pair_keys(batch)]
+        local = [k for loader in loaders for batch in loader for k in pair_keys(batch, self.sides)]
         data = data_fingerprint(self._gather_keys(local))
         path = self.cache_dir / f"ref-{self.fingerprint[:16]}-data-{data[:16]}.safetensors"
         return path, {"reference_sha256": self.fingerprint, "data_sha256": data, "scoring": self.scoring}
@@ -179,9 +183,9 @@ class DPOReference:
         keys, rows = [], []
         for loader in loaders:
             for batch in loader:
-                keys.extend(pair_keys(batch))
+                keys.extend(pair_keys(batch, self.sides))
                 with autocast():
-                    chosen, rejected, _, _ = concatenated_logps(self.model(), to_device(batch))
+                    chosen, rejected, _, _ = concatenated_logps(self.model(), to_device(batch), self.sides)
                 rows.append(torch.stack([chosen, rejected], dim=1).float())
         logps = torch.cat(rows) if rows else torch.zeros((0, 2), device=self.device)
         return ReferenceLogps.from_rows(self._gather_keys(keys), dist_utils.all_gather_rows(logps).cpu())

@@ -12,7 +12,7 @@ from ..args import Settings
 from ..base import BaseTrainer
 from ..placement import place_reference
 from .loss import DPOLossType, check_loss_config, dpo_loss, loss_types
-from .pairs import concatenated_logps, preference_metrics
+from .pairs import SIDES, concatenated_logps, preference_metrics
 from .reference import DPOReference
 
 
@@ -54,35 +54,34 @@ def check_separate(model: nn.Module, ref_model: nn.Module) -> None:
                          "(load the parent checkpoint again, or copy.deepcopy the policy)")
 
 
-class DPOTrainer(BaseTrainer):
-    """DPO on preference pairs (`collate_pairs` batches).
+class ReferenceTrainer(BaseTrainer):
+    """A trainer scored against a frozen reference (DPO's, KTO's), held as a `DPOReference`
+    (`self.reference`) that scores the two sequences of each batch item (`sides`).
 
     `ref_model` is frozen, moved to the trainer's device, and kept out of the optimizer and of
-    DDP; it may also be a function that loads it. The trainer holds it as a `DPOReference`
-    (`self.reference`): with `precompute_ref_log_probs` it scores the data once before training
-    and is then let go (the loaders must be finite, re-iterable and yield the same pairs every
-    epoch); otherwise it runs under no_grad on every batch. `ref_cache_dir` defaults to
-    `save_dir/ref_logps`; with neither set the scores stay in memory only. With
+    DDP; it may also be a function that loads it. With `precompute` it scores the data once
+    before training and is then let go (the loaders must be finite, re-iterable and yield the
+    same items every epoch); otherwise it runs under no_grad on every batch. `ref_cache_dir`
+    defaults to `save_dir/ref_logps`; with neither set the scores stay in memory only. With
     `ref_weights_id` (a hash that names its weights, such as the parent checkpoint's content
     hash) a run whose scores are cached never loads the reference."""
 
-    progress_metrics = (("rewards/accuracies", "acc"), ("rewards/margins", "margin"))
+    sides: tuple[str, str] = SIDES
 
-    def __init__(self, model: nn.Module, ref_model: nn.Module | Callable[[], nn.Module],
-                 optimizer, train_loader, val_loader=None, dpo: DPOArgs | None = None, *,
-                 ref_cache_dir: str | Path | None = None, ref_weights_id: str | None = None, **kwargs):
-        self.dpo = DPOArgs.build(dpo, **DPOArgs.take(kwargs))
+    def __init__(self, model: nn.Module, ref_model: nn.Module | Callable[[], nn.Module], optimizer, train_loader,
+                 val_loader=None, *, precompute: bool, ref_cache_dir: str | Path | None = None,
+                 ref_weights_id: str | None = None, **kwargs):
         if isinstance(ref_model, nn.Module):
             check_separate(model, ref_model)
         super().__init__(model, optimizer, train_loader, val_loader, **kwargs)
         if ref_cache_dir is None and self.save_dir is not None:
             ref_cache_dir = self.save_dir / "ref_logps"
-        precompute = self.dpo.precompute_ref_log_probs
+        self.precompute = precompute
         self.reference = DPOReference(
             ref_model, place=lambda ref: place_reference(ref, self.args, self.device), device=self.device,
             scoring=str(self.amp_dtype) if self.use_amp else "float32", weights_id=ref_weights_id,
             cache_dir=Path(ref_cache_dir) if precompute and ref_cache_dir is not None else None,
-            sharded=self.sharded)
+            sharded=self.sharded, sides=self.sides)
         if not precompute:
             self.reference.model()
 
@@ -94,14 +93,14 @@ class DPOTrainer(BaseTrainer):
     # ---- BaseTrainer hooks ----
 
     def count_items(self, batch: dict) -> int:
-        return batch["chosen_input_ids"].shape[0]
+        return batch[f"{self.sides[0]}_input_ids"].shape[0]
 
     def on_train_begin(self) -> None:
-        if self.dpo.precompute_ref_log_probs:
+        if self.precompute:
             self.precompute_reference_logps()
 
     def precompute_reference_logps(self):
-        """Score the training and validation pairs once (or load them from the disk cache); every
+        """Score the training and validation items once (or load them from the disk cache); every
         rank must call it at the same point, as `on_train_begin` does."""
         loaders = [loader for loader in (self.train_loader, self.val_loader) if loader is not None]
         return self.reference.precompute(loaders, self.autocast, super().to_device)
@@ -112,6 +111,19 @@ class DPOTrainer(BaseTrainer):
 
     def to_device(self, batch: dict) -> dict:
         return super().to_device(self.reference.attach(batch))
+
+
+class DPOTrainer(ReferenceTrainer):
+    """DPO on preference pairs (`collate_pairs` batches); the reference as `ReferenceTrainer`
+    says, precomputed with `precompute_ref_log_probs`."""
+
+    progress_metrics = (("rewards/accuracies", "acc"), ("rewards/margins", "margin"))
+
+    def __init__(self, model: nn.Module, ref_model: nn.Module | Callable[[], nn.Module],
+                 optimizer, train_loader, val_loader=None, dpo: DPOArgs | None = None, **kwargs):
+        self.dpo = DPOArgs.build(dpo, **DPOArgs.take(kwargs))
+        super().__init__(model, ref_model, optimizer, train_loader, val_loader,
+                         precompute=self.dpo.precompute_ref_log_probs, **kwargs)
 
     def compute_loss(self, model, batch):
         # Reference first: its no-grad activations are freed before the policy's are kept for backward.

@@ -1,6 +1,7 @@
-"""SimPO and ORPO as stages: aligned through the pipeline after the stages they build on, ORPO
-straight on a pretrained base (SimPO refused there), and a run killed with SIGKILL resumed to the
-same bits as an uninterrupted one (all three runs fresh `python -m alignflow.stages` processes)."""
+"""SimPO, ORPO and KTO as stages: aligned through the pipeline after the stages they build on,
+ORPO straight on a pretrained base (SimPO refused there), and a run killed with SIGKILL resumed
+to the same bits as an uninterrupted one (all three runs fresh `python -m alignflow.stages`
+processes)."""
 import json
 import re
 import signal
@@ -18,10 +19,11 @@ from conftest import SMALL_PIPELINE
 from alignflow.stages.config import load_config
 from alignflow.stages.run import train_stage
 
-# 128 training pairs, batch 8: 16 steps an epoch; the held-out pairs are 12.
+# 128 training pairs (KTO: 128 answers), batch 8: 16 steps an epoch; the held-out ones are 12.
 SETTINGS = {**SMALL_PIPELINE, "demo.preference_pairs": 128,
-            **{f"{stage}.train.{key}": value for stage in ("simpo", "orpo") for key, value in
-               {"max_steps": 32, "batch_size": 8, "log_interval": 1, "eval_interval": 16, "save_interval": 8}.items()}}
+            **{f"{stage}.train.{key}": value for stage in ("simpo", "orpo", "kto") for key, value in
+               {"max_steps": 32, "batch_size": 8, "lr": 1e-4, "log_interval": 1, "eval_interval": 16,
+                "save_interval": 8}.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,10 @@ def records(stage_dir) -> list[dict]:
     return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage, label", [("simpo", "SimPO"), ("orpo", "ORPO")])
-def test_aligns_after_the_stages_it_builds_on_and_learns_the_preference(base_run, stage, label):
+@pytest.mark.parametrize("stage, row", [("simpo", r"SimPO val accuracy \|[ |]*\d+\.\d% \(\d+/12\)"),
+                                        ("orpo", r"ORPO val accuracy \|[ |]*\d+\.\d% \(\d+/12\)"),
+                                        ("kto", r"KTO val reward, desirable \|[ |]*-?\d")])
+def test_aligns_after_the_stages_it_builds_on_and_learns_the_preference(base_run, stage, row):
     from alignflow.flows.pipeline import alignment_pipeline
 
     config, _ = base_run
@@ -49,16 +53,23 @@ def test_aligns_after_the_stages_it_builds_on_and_learns_the_preference(base_run
     # The run's card has a column per stage of its directory (the other test's aligner too).
     assert card.split("\n")[4].startswith("| | pretrain | sft | ") and f" {stage} |" in card.split("\n")[4]
     assert "| status | skipped (already complete) | skipped (already complete) | trained" in card
-    assert re.search(rf"\n\| {label} val accuracy \|[ |]*\d+\.\d% \(\d+/12\) \|", card), card
+    assert re.search(rf"\n\| {row}", card), card
     assert f"![{stage} curves]({stage}/curves.png)" in card
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == stage and manifest["parent"]["stage"] == "sft"
-    assert not (out / "ref_logps").exists()  # nothing was scored by a reference (DPO's stage has it)
-    # Its loss falls over two epochs of the training pairs (SimPO's by a wider margin, ORPO's by
-    # its NLL term; this small a model does not carry the preference to held-out pairs).
-    losses = [r["loss"] for r in records(out) if "loss" in r]
-    assert len(losses) == 32
-    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.05, losses
+    # Only KTO scores against a reference (precomputed, as DPO does).
+    assert (out / "ref_logps").exists() == (stage == "kto")
+    # Over two epochs of the training data SimPO's and ORPO's loss falls (ORPO's by its NLL
+    # term); KTO's barely moves at β = 0.1, but the gap between its desirable and undesirable
+    # rewards widens. This small a model does not carry the preference to held-out data.
+    logged = [r for r in records(out) if "loss" in r]
+    assert len(logged) == 32
+    if stage == "kto":
+        gap = [r["rewards/chosen"] - r["rewards/rejected"] for r in logged]
+        assert sum(gap[-8:]) / 8 > sum(gap[:8]) / 8 + 0.05, gap
+    else:
+        losses = [r["loss"] for r in logged]
+        assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.05, losses
 
 
 def test_orpo_aligns_a_pretrained_base_and_simpo_refuses_one(base_run, tmp_path):
@@ -82,7 +93,7 @@ def finished(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-@pytest.mark.parametrize("stage", ["simpo", "orpo"])
+@pytest.mark.parametrize("stage", ["simpo", "orpo", "kto"])
 def test_a_sigkilled_stage_resumes_to_the_same_bits(base_run, tmp_path, stage):
     config, stages = base_run
     config_file = tmp_path / "config.yaml"
