@@ -120,7 +120,8 @@ class DPOReference:
         return {**batch, f"ref_{first}_logps": ref[:, 0], f"ref_{second}_logps": ref[:, 1]}
 
     def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) reference log-probs: the batch's precomputed ones, else a no-grad pass."""
+        """The two sides' reference log-probs (DPO: chosen, rejected): the batch's precomputed
+        ones, else a no-grad pass."""
         first, second = self.sides
         if f"ref_{first}_logps" in batch:
             return batch[f"ref_{first}_logps"], batch[f"ref_{second}_logps"]
