@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="re-run these stages even if complete")
 
     p = sub.add_parser("stage", help="re-run one stage against an earlier run's checkpoint", description=(
-        "Run one stage on PARENT (an earlier run's checkpoint directory: pretrain for sft, sft for "
-        "dpo/grpo) into a new run directory whose manifest records the parent and its hash."))
+        "Run one stage on PARENT (an earlier run's checkpoint directory of the stage's parent: pretrain "
+        "for sft, sft for the aligners, and also pretrain for orpo; or a Hugging Face model directory) "
+        "into a new run directory whose manifest records the parent and its hash."))
     p.add_argument("name", choices=Registered(children), metavar="STAGE", help="the stage to run: %(choices)s")
     p.add_argument("--parent", required=True, help="the parent stage's checkpoint directory (path or fsspec URL)")
     add_config_args(p)

@@ -19,12 +19,19 @@ from alignflow.stages.lifeline import alive
 SETTINGS = {**SMALL_PIPELINE, "sft.train.max_steps": 200}
 
 
+def as_a_foreground_job() -> None:
+    """Ctrl-C's default action, as a terminal's foreground job has it. A process inherits an
+    ignored SIGINT, and a shell starts background jobs (`pytest ... &`) with SIGINT ignored:
+    without this the CLI would ignore the test's Ctrl-C and train to the end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_run(runs_dir, env, **extra) -> subprocess.Popen:
     sets = [arg for key, value in {**SETTINGS, **extra}.items() for arg in ("--set", f"{key}={value}")]
     # A session of its own, like a shell's foreground job: killpg reaches what a terminal reaches.
     return subprocess.Popen([sys.executable, "-m", "alignflow.flows.cli", "run", "--runs-dir", str(runs_dir), "--run-id", "r",
-                             *sets], env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             *sets], env=env, start_new_session=True, preexec_fn=as_a_foreground_job,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_checkpoint(proc, stage_dir, timeout=300.0) -> None:

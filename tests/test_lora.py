@@ -130,7 +130,7 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
     base = hf_model_dir("llama3")
     config = small_config(**FAST, model=str(base), start="sft", runs_dir=str(tmp_path / "runs"),
                           **{"sft.lora": {"r": 8, "alpha": 16}, "dpo.lora": {"r": 8, "alpha": 16},
-                             "dpo.data.source": preference_file(tmp_path / "pairs.jsonl"),
+                             "dpo.data.source": preference_file(tmp_path / "pairs.jsonl"), "dpo.rpo_alpha": None,
                              "dpo.data.val_fraction": 0.2, "dpo.train.max_steps": 16, "dpo.train.lr": 3e-3,
                              "dpo.train.log_interval": 1, "grpo.lora": {"r": 8, "alpha": 16},
                              "grpo.train.max_steps": 3, "grpo.train.lr": 3e-2, "grpo.train.log_interval": 1,
@@ -154,7 +154,8 @@ def test_a_lora_sft_then_lora_dpo_and_grpo_hand_on_merged_models_against_the_par
     train_stage("dpo", config, sft_dir, dpo_dir)
     rows = [json.loads(line) for line in (dpo_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    # Policy = merged SFT + a zero update = the reference: DPO starts at exactly log 2.
+    # Policy = merged SFT + a zero update = the reference: DPO (without the tiny preset's RPO
+    # term) starts at exactly log 2.
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert sum(losses[-4:]) / 4 < math.log(2) - 0.05, losses
     assert handoff.verify(dpo_dir)["parent"]["content_hash"] == manifest["content_hash"]
@@ -199,7 +200,7 @@ def test_qlora_trains_on_a_4bit_base_and_hands_on_the_parent_plus_its_adapter(tm
     base = build_model_dir("llama3", tmp_path / "base", hidden_size=64)  # 4-bit blocks of 64
     qlora = {"r": 8, "alpha": 16, "quantize": "4bit"}
     config = small_config(**FAST, model=str(base), start="sft", runs_dir=str(tmp_path / "runs"),
-                          **{"sft.lora": qlora, "dpo.lora": qlora, "dpo.train.max_steps": 6,
+                          **{"sft.lora": qlora, "dpo.lora": qlora, "dpo.train.max_steps": 6, "dpo.rpo_alpha": None,
                              "dpo.data.source": preference_file(tmp_path / "pairs.jsonl"), "dpo.train.log_interval": 1})
     lines = []
     monkeypatch.setattr(run.log, "info", lambda message, *a: lines.append(message))

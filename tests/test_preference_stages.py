@@ -121,3 +121,31 @@ def test_a_sigkilled_stage_resumes_to_the_same_bits(base_run, tmp_path, stage):
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+@pytest.mark.parametrize("quantize", ["none", "4bit"])
+def test_lora_and_qlora_kto_on_a_hugging_face_model_reads_a_pair_file_against_the_parent(
+        quantize, hf_model_dir, tmp_path, small_config):
+    """KTO with an adapter on a transformers Llama, from a pair file (unpaired into desirable and
+    undesirable rows). Its reference is the policy with the adapter off (QLoRA: the same 4-bit
+    base), so at step 0 policy and reference agree: z₀ = 0 and every loss is 1 − σ(0) = 0.5."""
+    if quantize == "4bit":
+        pytest.importorskip("bitsandbytes")
+    from hf_fixtures import build_model_dir
+    from test_hf_pipeline import FAST, preference_file
+
+    base = build_model_dir("llama3", tmp_path / "base", hidden_size=64)  # 4-bit blocks of 64
+    lora = {"r": 8, "alpha": 16, "quantize": quantize}
+    config = small_config(**FAST, model=str(base), start="sft", runs_dir=str(tmp_path / "runs"),
+                          **{"kto.lora": lora, "kto.train.max_steps": 8, "kto.train.lr": 3e-3, "kto.beta": 0.5,
+                             "kto.train.log_interval": 1, "kto.data.val_fraction": 0.1,
+                             "kto.data.source": preference_file(tmp_path / "pairs.jsonl")})
+    out = tmp_path / "runs" / "kto"
+    train_stage("kto", config, base, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(manifest["sha256"])
+    assert manifest["data"]["train"]["rows"] == 2 * 144  # 144 training pairs, each two rows
+    logged = [r for r in records(out) if "loss" in r]
+    assert logged[0]["loss"] == pytest.approx(0.5, abs=1e-6) and logged[0]["kl"] == 0.0
+    # The worked answers gain on the refusals.
+    assert logged[-1]["rewards/chosen"] - logged[-1]["rewards/rejected"] > 0.1, logged[-1]

@@ -41,7 +41,9 @@ def preference_panels(method: str) -> tuple[Panel, ...]:
             Panel(f"{method} margin", (("rewards/margins", "train"), ("val_rewards/margins", "validation"))),
             # Both falling together is likelihood displacement: the margin grows while the
             # chosen answer becomes less likely too.
-            Panel(f"{method} log-probs", (("logps/chosen", "chosen"), ("logps/rejected", "rejected"))))
+            Panel(f"{method} log-probs", (("logps/chosen", "chosen"), ("logps/rejected", "rejected"),
+                                          ("val_logps/chosen", "chosen, validation"),
+                                          ("val_logps/rejected", "rejected, validation"))))
 
 
 ALGORITHM = Algorithm(

@@ -36,4 +36,6 @@ ALGORITHM = Algorithm(
                                   ("val_rewards/chosen", "desirable, validation"),
                                   ("val_rewards/rejected", "undesirable, validation"))),
             Panel("KTO reference point z₀", (("kl", "train"), ("val_kl", "validation"))),
-            Panel("KTO log-probs", (("logps/chosen", "desirable"), ("logps/rejected", "undesirable")))))
+            Panel("KTO log-probs", (("logps/chosen", "desirable"), ("logps/rejected", "undesirable"),
+                                    ("val_logps/chosen", "desirable, validation"),
+                                    ("val_logps/rejected", "undesirable, validation")))))
