@@ -10,8 +10,9 @@ gradients, optimizer state and the activations autograd keeps. DPO's reference r
 step (precompute_ref_log_probs: false), so it is held beside the policy.
 Target (issue: preference family): reference-free / DPO-live <= 0.6. What it can reach: the
 reference-free step drops one model's weights, W; with AdamW the rest is ~4W + activations, so
-the ratio is at least 4/5 = 0.8 when weights dominate (2/3 with SGD); the reference's own
-forward activations are freed before the policy's backward, so they are not in the peak."""
+the ratio is at least 4/5 = 0.8 however large the model (3/4 with SGD and its momentum buffer);
+the reference's own forward activations are freed before the policy's backward, so they are not
+in the peak. Measured at the defaults: 0.874 (adamw), 0.855 (sgd)."""
 from __future__ import annotations
 
 import argparse
