@@ -19,6 +19,7 @@ from prefect.states import Completed
 
 from alignflow.stages import aligners, algorithms, chain, check_parent, children, handoff, storage
 from alignflow.stages.config import PipelineConfig, load_config
+from alignflow.stages.settings import plain_name
 from alignflow.stages.failures import is_permanent
 from alignflow.stages.lock import DirLock
 from alignflow.stages.run import train_stage
@@ -263,6 +264,8 @@ def run_stage(stage: ChildStage, config: PipelineConfig | None = None, parent: s
     last week's SFT checkpoint) into a new run directory whose manifest records the lineage."""
     if not parent:
         raise ValueError("run_stage needs parent: the checkpoint directory (path or URL) of the parent stage")
+    if run_id:  # a form's value, before anything is read or written with it
+        plain_name(run_id, "run_id")
     config = resolve(config, preset, overrides)
     manifest = storage.read_manifest(parent, verify=True)  # a URL's files are checked as the stage fetches them
     check_parent(stage, manifest, parent)

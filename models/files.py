@@ -112,6 +112,14 @@ def read_seal(directory: str | os.PathLike, record_name: str, error: type[Except
         raise error(f"cannot read {path}: {e}") from e
 
 
+def plain_relative_path(name: str) -> bool:
+    """A file name a record (a manifest, a checkpoint's meta) may list: relative, '/'-separated,
+    with no empty, '.' or '..' part, no backslash, NUL or drive letter, so it stays inside the
+    directory it names a file of (unless through a symlink the directory itself holds)."""
+    parts = name.split("/")
+    return not (any(p in ("", ".", "..") for p in parts) or "\\" in name or "\0" in name or ":" in parts[0])
+
+
 def verify_seal(directory: str | os.PathLike, record_name: str, error: type[Exception],
                 required: Iterable[str] = ()) -> dict:
     """The record, after re-hashing every file it lists. Raises `error` naming the record for
@@ -127,6 +135,8 @@ def verify_seal(directory: str | os.PathLike, record_name: str, error: type[Exce
     if unlisted:
         raise error(f"{record_path} does not list {', '.join(unlisted)} in {SHA256_KEY}: cannot verify it")
     for name, expected in digests.items():
+        if not plain_relative_path(name):  # the record may come from anyone: never open /etc/x or ../../x
+            raise error(f"{record_path}: refusing {SHA256_KEY} entry {name!r}: not a plain relative path")
         path = directory / name
         if not path.is_file():
             raise error(f"{path} is missing, though {record_path} lists it")

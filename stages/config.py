@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from alignflow.models import PRESETS
 from alignflow.trainers.args import Settings
 
 from .algorithm import algorithms, freeze, roots
-from .settings import SHARED_KEYS, DemoConfig, EvalConfig, HFConfig, StageConfig, config_hash
+from .settings import SHARED_KEYS, DemoConfig, EvalConfig, HFConfig, StageConfig, config_hash, plain_name
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -56,6 +56,11 @@ class SharedConfig(Settings):
                              f"directory ({self.model!r} is a built-in preset, which only a first stage such as "
                              f"{', '.join(roots())} trains from scratch)")
         return self
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_name(cls, value: str | None) -> str | None:
+        return plain_name(value, "run_id") if value else None  # a form's empty field: the default
 
     @model_validator(mode="after")
     def _lora_needs_a_trained_parent(self) -> "SharedConfig":

@@ -132,6 +132,16 @@ class HFConfig(Settings):
     max_shard_size: str = Field("5GB", description="stage outputs above this are saved in safetensors shards")
 
 
+def plain_name(value: str, what: str) -> str:
+    """`value` if it can name one directory inside another (a run id under runs_dir): not empty,
+    no path separator, not `.` or `..`. A run id is also a flow parameter a deployment's form
+    passes, so it is checked wherever it arrives, not only on the command line."""
+    if not value or value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
+        raise ValueError(f"{what} {value!r} is not a plain name: it names a directory under runs_dir, so it "
+                         "may not be empty, contain '/' or '\\', be '.' or '..', or start or end with a space")
+    return value
+
+
 def config_hash(obj: BaseModel | dict) -> str:
     data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

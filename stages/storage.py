@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignflow.models.files import read_seal, write_json_atomic
+from alignflow.models.files import plain_relative_path, read_seal, write_json_atomic
 from alignflow.trainers.checkpoint import CHECKPOINT_DIR, META_FILE
 
 from . import handoff
@@ -155,7 +155,7 @@ def _download_names(manifest_url: str, manifest, local: Path) -> list[str]:
     root = local.resolve()
     for name in digests:
         parts = name.split("/")
-        if any(p in ("", ".", "..") for p in parts) or "\\" in name or "\0" in name or ":" in parts[0]:
+        if not plain_relative_path(name):
             why = "not a plain relative path"  # also: absolute, Windows separators, drive letters
         elif links := [p for i in range(len(parts)) if (p := local.joinpath(*parts[:i + 1])).is_symlink()]:
             why = f"{links[0]} is a symlink, which the download would follow"

@@ -25,6 +25,23 @@ def test_a_run_id_is_a_name_not_yaml(run_id):
     assert (config.run_id, config.runs_dir) == (run_id, "123")
 
 
+@pytest.mark.parametrize("run_id", ["../../escaped", "a/b", "..", " x", "a\\b"])
+def test_a_run_id_that_is_not_a_plain_name_is_refused_before_anything_is_written(run_id, tmp_path, capsys):
+    """It names a directory under runs_dir: `../../escaped` wrote a stage and its report outside it."""
+    from alignflow.flows.cli import main
+    from alignflow.flows.pipeline import run_stage
+
+    with pytest.raises(ValidationError, match="is not a plain name"):
+        load_config("tiny", overrides={"run_id": run_id})
+    runs = tmp_path / "X" / "runs"
+    assert main(["run", "--runs-dir", str(runs), "--run-id", run_id]) == 1
+    assert "is not a plain name" in capsys.readouterr().err
+    # The flow's own parameter (what a deployment's form passes), before the parent is read.
+    with pytest.raises(ValueError, match="is not a plain name"):
+        run_stage.fn(stage="dpo", parent=str(tmp_path / "no-parent"), run_id=run_id)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_directory_picks_the_hf_small_preset_and_starts_at_sft(tmp_path):
     config = resolve_config(build_parser().parse_args(["run", "--model", str(tmp_path)]))
     assert (config.preset, config.model, config.start, config.builtin_model) == ("hf-small", str(tmp_path), "sft", False)

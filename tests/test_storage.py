@@ -1,5 +1,9 @@
 """A runs directory given as an fsspec URL: stages hand checkpoints to each other through it,
-as pods sharing a bucket do. `memory://` and `file://` stand in for s3:// or gs://."""
+as pods sharing a bucket do. `memory://` and `file://` stand in for s3:// or gs://; a local
+parent's manifest is held to the same rule for the names it lists."""
+import hashlib
+import json
+import re
 import uuid
 
 import fsspec
@@ -88,9 +92,6 @@ def test_publish_uploads_the_manifest_last_and_not_the_state(tmp_path, monkeypat
 def remote_stage(url: str, extra: dict[str, bytes] = {}, sha256=None) -> dict:
     """A published stage in a memory:// bucket (placeholder bytes: only the hand-off is tested);
     `extra` adds files that the manifest lists after the weights, `sha256` replaces the map."""
-    import hashlib
-    import json
-
     fs, root = fsspec.core.url_to_fs(url)
     files = {**{name: name.encode() for name in ("config.json", "model.safetensors", "tokenizer.json")}, **extra}
     for name, data in files.items():
@@ -120,6 +121,28 @@ def test_localize_refuses_names_outside_the_stage_dir(tmp_path, monkeypatch, ent
     # Refused before anything was downloaded, inside the cache or out of it.
     assert not (tmp_path / "cache").exists()
     assert not (tmp_path / "escaped.sh").exists() and not (tmp_path / "absolute.sh").exists()
+
+
+@pytest.mark.parametrize("entry", ["../../../secret.txt", "ABSOLUTE", "a/../../../../secret.txt"])
+def test_a_local_parent_whose_manifest_names_a_file_outside_it_is_refused(tmp_path, capsys, entry):
+    """The same rule for a local directory: a manifest listing `../../../../etc/hostname` (with
+    its right hash) was accepted as a parent, and `alignflow eval` hashed `/etc/os-release`."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    stage = tmp_path / "runs" / "r" / "sft"
+    stage.mkdir(parents=True)
+    entry = str(secret) if entry == "ABSOLUTE" else entry
+    files = {"config.json": b"{}", "tokenizer.json": b"{}"}
+    for name, data in files.items():
+        (stage / name).write_bytes(data)
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    digests[entry] = hashlib.sha256(secret.read_bytes()).hexdigest()  # the right hash
+    (stage / handoff.MANIFEST).write_text(json.dumps({"stage": "sft", "sha256": digests}))
+    with pytest.raises(handoff.StageDirError, match=rf"refusing sha256 entry '{re.escape(entry)}': not a plain "):
+        handoff.verify(stage)
+    assert cli(["eval", str(stage)]) == 1
+    err = capsys.readouterr().err
+    assert "not a plain relative path" in err and hashlib.sha256(b"not yours").hexdigest() not in err, err
 
 
 def test_localize_does_not_follow_a_symlink_in_the_cache(tmp_path, monkeypatch):
