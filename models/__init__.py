@@ -3,7 +3,7 @@
 Depends on torch, safetensors, tokenizers, transformers and pydantic, never on the pipeline,
 so every stage and tool can import it."""
 
-from .chat import ChatTemplateError, prompt_ids, render_chat, stop_ids
+from .chat import ChatTemplateError, prompt_ids, render_chat, render_examples, stop_ids
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset
 from .generate import Generation, generate, generate_text
 from .hf_io import (BUILTIN, TRANSFORMERS, fit_vocabulary, load_model, load_pretrained, model_kind, save_model,
@@ -19,6 +19,6 @@ __all__ = [
     "save_pretrained", "load_pretrained", "load_model", "save_model", "fit_vocabulary", "model_kind",
     "BUILTIN", "TRANSFORMERS",
     "Tokenizer", "train_tokenizer", "load_tokenizer", "ensure_pad_token",
-    "render_chat", "prompt_ids", "stop_ids", "ChatTemplateError",
+    "render_chat", "render_examples", "prompt_ids", "stop_ids", "ChatTemplateError",
     "PAD", "BOS", "EOS", "SYSTEM", "USER", "ASSISTANT", "SPECIAL_TOKENS",
 ]

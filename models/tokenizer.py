@@ -5,6 +5,7 @@ BPE trained here on the pretraining corpus (`train_tokenizer`) and given a chat 
 own, so `AutoTokenizer.from_pretrained(stage_dir).apply_chat_template(messages)` gives exactly
 the ids alignflow trained on."""
 
+import json
 import os
 from collections.abc import Iterable
 
@@ -67,7 +68,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
 
 
 def load_tokenizer(directory: str, chat_template: str | None = None, trust_remote_code: bool = False) -> Tokenizer:
-    """The fast tokenizer saved in `directory`; `chat_template` (Jinja text) replaces its own."""
+    """The fast tokenizer saved in `directory`; `chat_template` (Jinja text) replaces its own.
+    The stop tokens of the directory's generation_config.json ride along as
+    `generation_eos_token_ids` (`models.chat.stop_ids`)."""
     directory = os.path.abspath(directory)
     if needs_remote_code(directory, "tokenizer_config.json") and not trust_remote_code:
         raise ValueError(f"the tokenizer in {directory} needs code from its repository (auto_map in "
@@ -85,7 +88,22 @@ def load_tokenizer(directory: str, chat_template: str | None = None, trust_remot
                          "(a tokenizer.json)")
     if chat_template is not None:
         tok.chat_template = chat_template
+    tok.generation_eos_token_ids = generation_eos_token_ids(directory)
     return tok
+
+
+def generation_eos_token_ids(directory: str) -> list[int]:
+    """generation_config.json's `eos_token_id` (an int or a list: instruct checkpoints stop on
+    several tokens, e.g. Phi-3.5's <|end|> and <|endoftext|>); [] without the file."""
+    try:
+        with open(os.path.join(directory, "generation_config.json")) as f:
+            eos = json.load(f).get("eos_token_id")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{directory}/generation_config.json: cannot read its eos_token_id: {e}") from e
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    return [i for i in ids if isinstance(i, int)]
 
 
 def ensure_pad_token(tok: Tokenizer) -> bool:

@@ -9,10 +9,11 @@ column, or (on_bad_rows: skip) are dropped; so are lines of jsonl or csv that ca
 (not UTF-8, not JSON), named by their line (stages/data_files.py)."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 # The hubs are unreachable here and never needed: everything is local files.
@@ -22,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets  # noqa: E402
 
 from alignflow.models import ChatTemplateError, Tokenizer  # noqa: E402
+from alignflow.models.chat import rendering  # noqa: E402
 from alignflow.trainers.packing import pack_examples  # noqa: E402
 
 from . import demo  # noqa: E402
@@ -30,7 +32,9 @@ from .data_files import DataError, Place, read_file  # noqa: E402
 if TYPE_CHECKING:
     from .settings import DataConfig, DemoConfig
 
+log = logging.getLogger(__name__)
 Problem = tuple[str, str]  # (column, what is wrong with it)
+ROW = "_row"  # while encoding: the raw row an example came from
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class RawSplit:
 class LoadedData(RawSplit):
     dropped_too_long: int = 0
     examples: int | None = None  # packed (data.packing): how many examples its rows hold
+    rendered: Rendered | None = None  # what its chat template forced (conversational data)
 
     @property
     def packed(self) -> bool:
@@ -119,20 +124,62 @@ def _without(ds: datasets.Dataset, rows: list[int]) -> tuple[datasets.Dataset, i
     return ds.select([i for i in range(len(ds)) if i not in drop]), len(rows)
 
 
-def _encoded(raw: RawSplit, kind: DataKind, tok: Tokenizer) -> datasets.Dataset:
-    """`ds.map` (in batches) of the kind's `encode(row, tok)`, whose columns replace the raw
-    ones; a conversation the chat template cannot split is a DataError naming the file's row."""
-    def encode(batch, indices):
-        encoded = []
-        for i, values in zip(indices, zip(*batch.values())):
+class RowRefused(ValueError):
+    """A row that validated but cannot train once tokenised (e.g. a pair identical after its
+    chat template); named, or skipped and counted under on_bad_rows: skip, as a bad row is."""
+
+
+@dataclass
+class Rendered:
+    """What tokenising a split's conversations chose, for its log line and the manifest."""
+    refused: int = 0                                   # rows skipped (on_bad_rows: skip)
+    expanded: dict[str, int] = field(default_factory=dict)  # why -> conversations made one example per reply
+    merged: int = 0                                    # rows with a reply whose first token merged with the prompt
+
+
+def _encoded(raw: RawSplit, kind: DataKind, tok: Tokenizer, cfg: DataConfig
+             ) -> tuple[datasets.Dataset, Place, Rendered]:
+    """`ds.map` (in batches) of the kind's `encode(row, tok)` (one example, or a list: a
+    conversation expanded into one example per reply), whose columns replace the raw ones; where
+    each example's row is in the file; and what rendering chose. A row the chat template refuses
+    is a DataError naming the file's row, or (on_bad_rows: skip) dropped and counted."""
+    place, notes = raw.place or Place(), Rendered()
+
+    def examples(row: dict, i: int) -> tuple[list[dict], str, int]:
+        """The row's examples and what rendering chose (none: refused under skip)."""
+        with rendering(cfg.multi_turn) as how:
             try:
-                encoded.append(kind.encode(dict(zip(batch, values)), tok))
-            except ChatTemplateError as e:
-                raise DataError(f"{raw.origin}: {(raw.place or Place()).name(i)}: {e}") from None
-        return {column: [e[column] for e in encoded] for column in encoded[0]}
+                out = kind.encode(row, tok)
+            except (ChatTemplateError, RowRefused) as e:
+                if cfg.on_bad_rows == "error":
+                    raise DataError(f"{raw.origin}: {place.name(i)}: {e}") from None
+                return [], "", 0
+        return (out if isinstance(out, list) else [out]), how.expanded, how.merged
 
     ds = raw.dataset
-    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenise {kind.name}")
+    # A batch may lose every row: it still returns every column, learned from the first row that encodes.
+    first = next((out[0] for i in range(len(ds)) if (out := examples(ds[i], i)[0])), None)
+    if first is None:
+        notes.refused = len(ds)
+        return ds.select([]).remove_columns(ds.column_names), Place([], place.lines, place.skipped), notes
+
+    def encode(batch, indices):
+        encoded, rows = [], []
+        for i, values in zip(indices, zip(*batch.values())):
+            out, expanded, merged = examples(dict(zip(batch, values)), i)
+            notes.refused += not out
+            notes.expanded[expanded] = notes.expanded.get(expanded, 0) + bool(expanded)
+            notes.merged += merged > 0
+            encoded += out
+            rows += [i] * len(out)
+        return {ROW: rows, **{column: [e[column] for e in encoded] for column in first}}
+
+    # Computed afresh every time (never from datasets' cache): the notes are gathered as it runs.
+    ds = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, load_from_cache_file=False,
+                desc=f"tokenise {kind.name}")
+    notes.expanded = {why: n for why, n in notes.expanded.items() if n}
+    rows = ds[ROW]
+    return ds.remove_columns(ROW), Place([place.row(r) for r in rows], place.lines, place.skipped), notes
 
 
 def enforce_max_length(ds: datasets.Dataset, kind: DataKind, max_length: int, policy: str, origin: str,
@@ -166,14 +213,29 @@ def tokenize(kind: DataKind, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> 
         return LoadedData(raw.dataset, raw.origin)
     if kind.blocks is not None:
         return LoadedData(kind.blocks(raw.dataset, tok, cfg.max_length), raw.origin, skipped=raw.skipped)
-    ds = _encoded(raw, kind, tok)
-    ds, dropped = enforce_max_length(ds, kind, cfg.max_length, cfg.too_long, raw.origin, raw.place)
+    ds, place, rendered = _encoded(raw, kind, tok, cfg)
+    _log_rendering(raw.origin, rendered)
+    ds, dropped = enforce_max_length(ds, kind, cfg.max_length, cfg.too_long, raw.origin, place)
     examples = None
     if kind.packable and getattr(cfg, "packing", False):  # the one place data.packing is read
         examples = len(ds)
         ds = datasets.Dataset.from_list(pack_examples(ds.select_columns(["input_ids", "labels"]).to_list(),
                                                       cfg.max_length))
-    return LoadedData(ds, raw.origin, skipped=raw.skipped, dropped_too_long=dropped, examples=examples)
+    return LoadedData(ds, raw.origin, skipped=raw.skipped + rendered.refused, dropped_too_long=dropped,
+                      examples=examples, rendered=rendered)
+
+
+def _log_rendering(origin: str, rendered: Rendered) -> None:
+    """One line per split for each choice the chat template forced (models/chat.py)."""
+    for why, n in rendered.expanded.items():
+        log.info(f"{origin}: {n:,} conversations trained as one example per reply: {why} (data.multi_turn)")
+    if rendered.merged:
+        log.warning(f"{origin}: {rendered.merged:,} rows have a reply whose first token merges with the chat "
+                    "template's generation prompt (e.g. a reply starting with a newline); each trains as the prompt's "
+                    "tokens + the reply's own, what generation produces")
+    if rendered.refused:
+        log.warning(f"{origin}: {rendered.refused:,} rows the chat template cannot train were skipped "
+                    "(data.on_bad_rows: skip)")
 
 
 def prepare(stage: str, kind: DataKind, cfg: DataConfig, demo_cfg: DemoConfig, tok: Tokenizer, split: str

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datasets
 
-from alignflow.models import Tokenizer, render_chat
+from alignflow.models import Tokenizer, render_chat, render_examples
 from alignflow.models import prompt_ids as chat_prompt_ids
 from alignflow.models.chat import ROLES
 from alignflow.trainers.dpo import collate_pairs
@@ -25,7 +25,7 @@ from alignflow.trainers.kto import collate_feedback
 from alignflow.trainers.sft import collate_causal_lm
 
 from . import demo
-from .data import DataKind, Problem
+from .data import DataKind, Problem, RowRefused
 
 # ---- row checks: (column, what is wrong) or None ----
 
@@ -136,18 +136,24 @@ def blocks_of_text(ds: datasets.Dataset, tok: Tokenizer, block: int) -> datasets
     return ds.map(cut, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenise into blocks")
 
 
-def _conversation(row: dict, tok: Tokenizer) -> dict:
+def _conversation(row: dict, tok: Tokenizer) -> list[dict]:
+    """One example, or one per reply when the chat template needs it (models.chat.render_examples)."""
     if row.get("messages") is not None:
-        return labelled(*render_chat(tok, row["messages"]))
-    return prompt_and_completion(tok, row["prompt"], row["completion"])
+        return [labelled(ids, mask) for ids, mask in render_examples(tok, row["messages"])]
+    return [prompt_and_completion(tok, row["prompt"], row["completion"])]
 
 
 def _pair(row: dict, tok: Tokenizer) -> dict:
     prompt = row["prompt"]
     if any(isinstance(row[c], list) for c in ("prompt", "chosen", "rejected")):
         prompt = as_messages(prompt, "user")  # one side a conversation: both are
-    return {**prompt_and_completion(tok, prompt, row["chosen"], "chosen_"),
+    pair = {**prompt_and_completion(tok, prompt, row["chosen"], "chosen_"),
             **prompt_and_completion(tok, prompt, row["rejected"], "rejected_")}
+    if pair["chosen_input_ids"] == pair["rejected_input_ids"]:
+        raise RowRefused("column 'rejected' is identical to chosen once rendered and tokenised (what tells them "
+                         "apart, e.g. surrounding whitespace, is trimmed by the chat template): the pair carries "
+                         "no preference")
+    return pair
 
 
 def _unpaired(ds: datasets.Dataset) -> tuple[datasets.Dataset, list[int]]:

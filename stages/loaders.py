@@ -21,8 +21,8 @@ class StageData:
     val: data.LoadedData
 
     def notes(self) -> dict[str, dict]:
-        """Per split: where the rows came from, how many were used, skipped and dropped, and the
-        dataset's fingerprint (the manifest's `data`)."""
+        """Per split: where the rows came from, how many were used, skipped and dropped, what the
+        chat template forced (models/chat.py), and the dataset's fingerprint (the manifest's `data`)."""
         out = {}
         for split, loaded in (("train", self.train), ("val", self.val)):
             out[split] = {"origin": loaded.origin, "rows": loaded.examples or len(loaded.dataset),
@@ -30,6 +30,11 @@ class StageData:
                           "fingerprint": getattr(loaded.dataset, "_fingerprint", None)}
             if loaded.packed:
                 out[split]["packed_rows"] = len(loaded.dataset)
+            rendered = loaded.rendered
+            if rendered and rendered.expanded:  # conversations trained as one example per reply, by why
+                out[split]["conversations_expanded"] = rendered.expanded
+            if rendered and rendered.merged:  # rows trained as prompt tokens + the reply's own
+                out[split]["replies_merged"] = rendered.merged
         return out
 
     def loaders(self, pad_id: int, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader | None]:

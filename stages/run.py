@@ -166,8 +166,10 @@ class StageRun:
         notes = self.data.notes()
         train, t = notes["train"], self.settings.train
         read = train["rows"] + train["skipped_bad_rows"] + train["dropped_too_long"]
+        expanded = sum(train.get("conversations_expanded", {}).values())
         rows = (f"{train['rows']:,} training examples" if self.algorithm.data.blocks else
-                f"{train['rows']:,} of {read:,} training rows used")
+                f"{train['rows']:,} of {read:,} training rows used" if not expanded else
+                f"{train['rows']:,} training examples ({expanded:,} conversations as one per reply)")
         if "packed_rows" in train:
             rows += f" (packed into {train['packed_rows']:,} rows of {self.settings.data.max_length} tokens)"
         n = sum(p.numel() for p in model.parameters())

@@ -33,6 +33,10 @@ class DataConfig(Settings):
     max_length: int = Field(128, gt=8, description="tokens per example (pretraining: block size)")
     too_long: Literal["drop", "error"] = "drop"
     on_bad_rows: Literal["error", "skip"] = "error"
+    multi_turn: Literal["auto", "expand", "last", "refuse"] = Field(
+        "auto", description="conversations with several replies: one example each (auto: when the chat template "
+                            "renders earlier turns as at inference, else one example per reply), expand (always "
+                            "one per reply), last (only the last reply), refuse (error unless one example fits)")
 
 
 class TrainConfig(TrainingArgs):

@@ -1,6 +1,7 @@
 """Chat templates of three Hugging Face model families (tests/hf_fixtures.py): what SFT learns,
 the DPO/GRPO prompt/completion split, the stop tokens, the padding token, and a template whose
-prompt is not a prefix failing with the row named."""
+reply does not continue its prompt failing with the row named. Templates that behave as other
+real ones do: test_template_behaviours.py."""
 import json
 
 import pytest
@@ -20,7 +21,7 @@ EXPECTED = {
         learned=["3 + 4 = 7.<|eot_id|>", "2 + 2 = 4.<|eot_id|>"],
         prompt="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 3 plus 4?<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        stops=["<|eot_id|>"], end="<|eot_id|>"),
+        stops=["<|eot_id|>", "<|end_of_text|>"], end="<|eot_id|>"),  # generation_config.json stops on both
     "chatml": dict(
         learned=["3 + 4 = 7.<|im_end|>", "2 + 2 = 4.<|im_end|>"],
         prompt="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is 3 plus 4?"
@@ -85,18 +86,18 @@ def test_padding_is_never_eos(family_tok):
     assert added == (family in ("llama3", "neox")) and len(tok) == before + added
 
 
-def test_a_template_whose_prompt_is_not_a_prefix_fails_naming_the_row(hf_model_dir, tmp_path):
+def test_a_template_whose_reply_does_not_continue_its_prompt_fails_naming_the_row(hf_model_dir, tmp_path):
     tok = load_tokenizer(str(hf_model_dir("chatml")))
-    # Like templates that drop the reasoning of earlier turns: the last reply renders differently
-    # from how the generation prompt announces it.
+    # The generation prompt announces the reply with a "\n" more than the reply is rendered with.
     tok.chat_template = tok.chat_template.replace("<|im_start|>assistant\n'", "<|im_start|>assistant\n\n'")
-    with pytest.raises(ChatTemplateError, match="not a token prefix"):
+    with pytest.raises(ChatTemplateError, match=r"message 1 \(assistant\): the chat template's generation prompt ends "
+                                                r"with '\\n', which its rendering of the reply does not write"):
         render_chat(tok, TURNS[:2])
     rows = [{"messages": TURNS[:2]}] * 3
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(data_mod.DataError, match=r"chat.jsonl: row 0 \(line 1\): the chat template does not render "
-                                                 r"message 1 \(assistant\)"):
+    with pytest.raises(data_mod.DataError, match=r"chat.jsonl: row 0 \(line 1\): message 1 \(assistant\): the chat "
+                                                 r"template's generation prompt"):
         prepared("sft", CONVERSATIONS, path, tok)
 
 
