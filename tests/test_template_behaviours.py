@@ -220,28 +220,32 @@ def test_generation_stops_at_every_stop_token(make, stops):
         assert out.ended.all() and out.completion_mask.sum().item() == len(word) + 1 and out.texts == ["7"]
 
 
-def test_a_stage_saves_a_tokenizer_that_renders_the_last_turns_context(hf_model_dir, tmp_path, small_config):
-    """SFT of a ChatML model through a Qwen3-like template (hf.chat_template): multi-turn rows are
-    expanded, recorded in the manifest, and the saved tokenizer renders the last turn's context
-    exactly as trained."""
+@pytest.mark.parametrize("family, template, system", [("chatml", T.QWEN3_LIKE, []), ("neox", T.PHI35_LIKE, []),
+                                                     ("chatml", T.MISTRAL_LIKE, SYSTEM)])
+def test_a_stage_saves_a_tokenizer_that_renders_the_last_turns_context(family, template, system, hf_model_dir,
+                                                                        tmp_path, small_config):
+    """SFT of a model through a template of another behaviour (hf.chat_template): multi-turn rows
+    are expanded, recorded in the manifest, and the saved tokenizer renders the last turn's
+    context exactly as trained."""
     from alignflow.stages import handoff
     from alignflow.stages.run import train_stage
     from test_hf_pipeline import FAST
 
-    template = tmp_path / "qwen3.jinja"
-    template.write_text(T.QWEN3_LIKE)
-    path = write_rows(tmp_path / "chat.jsonl", [{"messages": TURNS}] * 6 + [{"messages": TURNS[:2]}] * 2)
-    base = hf_model_dir("chatml")
-    config = small_config(**{**FAST, "sft.data.source": str(path), "sft.data.val_fraction": 0.0,
-                             "sft.train.max_steps": 2, "sft.train.batch_size": 2, "hf.chat_template": str(template)},
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    turns = system + TURNS
+    rows = write_rows(tmp_path / "chat.jsonl", [{"messages": turns}] * 6 + [{"messages": system + TURNS[:2]}] * 2)
+    base = hf_model_dir(family)
+    config = small_config(**{**FAST, "sft.data.source": str(rows), "sft.data.val_fraction": 0.0,
+                             "sft.train.max_steps": 2, "sft.train.batch_size": 2, "hf.chat_template": str(path),
+                             "sft.data.max_length": 200},
                           model=str(base), start="sft", runs_dir=str(tmp_path))
     train_stage("sft", config, base, tmp_path / "sft")
     notes = handoff.verify(tmp_path / "sft")["data"]["train"]
     why = "the template renders an earlier reply differently once later turns follow"
-    assert notes["conversations_expanded"] == {why: 6} and notes["rows"] == 14
+    assert notes["conversations_expanded"] == {why: 6} and notes["rows"] == 14, notes
     saved = AutoTokenizer.from_pretrained(tmp_path / "sft")
-    trained_with = load_tokenizer(str(base), chat_template=T.QWEN3_LIKE)
-    (ids, mask) = render_examples(trained_with, TURNS)[-1]
-    context = ids[:mask.index(1)]
-    assert saved.apply_chat_template(TURNS[:3], add_generation_prompt=True, tokenize=True,
-                                     return_dict=True)["input_ids"] == context
+    trained_with = load_tokenizer(str(base), chat_template=template)
+    (ids, mask) = render_examples(trained_with, turns)[-1]
+    assert saved.apply_chat_template(turns[:-1], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"] == ids[:mask.index(1)]
