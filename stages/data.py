@@ -45,7 +45,9 @@ class DataKind:
     token_columns: tuple[str, ...]             # an example's length is that of its longest
     collate: Callable[[list[dict], int], dict]  # (examples, pad id) -> the trainer's batch
     demo: Callable[[demo.DemoSplit], list[dict]]  # the demo task's rows of this kind
-    encode: Callable[[dict, Tokenizer], dict] | None = None  # one row -> its token columns
+    # One row -> its token columns, or a list of them (a conversation the chat template makes one
+    # example per reply); raise RowRefused (or ChatTemplateError) for a row that cannot train.
+    encode: Callable[[dict, Tokenizer], dict | list[dict]] | None = None
     # Or the split as a whole cut into blocks of data.max_length tokens, (rows, tok, max_length)
     # -> blocks (pretraining): no example is then too long.
     blocks: Callable[[datasets.Dataset, Tokenizer, int], datasets.Dataset] | None = None
