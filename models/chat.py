@@ -169,10 +169,12 @@ def _turn(tok: Tokenizer, messages: Sequence[dict], i: int, stops: set[int]) -> 
     upto_text = render_text(tok, messages[: i + 1])
     if not upto_text.startswith(context_text):
         unwritten = context_text[_common_prefix(context_text, upto_text):]
-        raise ChatTemplateError(
-            f"message {i} (assistant): the chat template's generation prompt ends with {unwritten!r}, which its "
-            "rendering of the reply does not write, so the model would learn a reply it never generates after that "
-            f"prompt; {TRAINING_TEMPLATE}")
+        what = (f"the chat template's generation prompt ends with {unwritten!r}, which its rendering of the reply "
+                "does not write" if len(unwritten) <= 40 else
+                f"the chat template renders the conversation before the reply differently once the reply follows "
+                f"(from {unwritten[:24]!r} on)")
+        raise ChatTemplateError(f"message {i} (assistant): {what}, so the model would learn a reply it never "
+                                f"generates after that prompt; {TRAINING_TEMPLATE}")
     reply_text = upto_text[len(context_text):]
     end_char = _content_end(reply_text, messages[i]["content"])
     if end_char is None:
