@@ -150,10 +150,21 @@ def four_bit(compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def fit_vocabulary(model: torch.nn.Module, tokenizer) -> None:
-    """Grow the embeddings when the tokenizer gained a token (a padding token) the model lacks,
-    and record the padding id where a config keeps it."""
+def fit_vocabulary(model: torch.nn.Module, tokenizer, added: int = 0, source: str = "the model") -> None:
+    """Grow the embeddings by the `added` tokens alignflow itself gave the tokenizer (the padding
+    token of `ensure_pad_token`), and record the padding id where a config keeps it. A tokenizer
+    with more tokens of its own than the model has rows is refused: those ids (often BOS and EOS)
+    would get untrained rows and train silently on them. More rows than tokens is fine (Qwen
+    rounds its embedding up). `source`: the directory, for the message."""
     rows = model.get_input_embeddings().num_embeddings if model_kind(model) == TRANSFORMERS else None
+    if rows is not None and len(tokenizer) - added > rows:
+        own = len(tokenizer) - added
+        beyond = sorted(i for i in set(tokenizer.all_special_ids) if rows <= i < own)
+        named = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} {i}" for i in beyond[:5]) + (
+            ", ..." if len(beyond) > 5 else "")
+        raise ValueError(f"{source}: the model has {rows} embedding rows (vocab_size {rows}) but its tokenizer has "
+                         f"{own} tokens, so ids {rows}-{own - 1}{f' ({named})' if named else ''} have no embedding; "
+                         "the tokenizer files do not belong to this model: use the tokenizer it was trained with")
     if rows is not None and len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         # The new rows start at the mean of the others, not at random: a policy and its

@@ -188,12 +188,12 @@ def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", option
             raise ValueError(f"hf.chat_template: cannot read {options.chat_template}: {e}") from e
     trust = bool(options and options.trust_remote_code)
     tokenizer = load_tokenizer(str(stage_dir), chat_template=chat_template, trust_remote_code=trust)
-    ensure_pad_token(tokenizer)
+    added = int(ensure_pad_token(tokenizer))  # the one token the model may lack a row for
     kwargs = {} if options is None else {"dtype": options.dtype, "attn_implementation": options.attn_implementation}
     # Manifests from before transformers models were supported only ever held the built-in model.
     model = load_model(str(stage_dir), manifest.get("model_kind", BUILTIN), device=device, trust_remote_code=trust,
                        quantize=quantize, **kwargs)
-    fit_vocabulary(model, tokenizer)
+    fit_vocabulary(model, tokenizer, added, source=str(stage_dir))
     return model, tokenizer, manifest
 
 

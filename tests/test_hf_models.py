@@ -137,6 +137,29 @@ def test_a_base_without_a_padding_token_gets_the_same_new_row_on_every_load(hf_m
     assert torch.equal(emb[tok.pad_token_id], emb[:-1].mean(0))
 
 
+def test_a_model_with_fewer_rows_than_its_tokenizer_has_tokens_is_refused_not_grown(hf_model_dir, tmp_path, capsys):
+    # Only the padding token alignflow adds may get a new row; a tokenizer 100 tokens past the
+    # model's vocabulary (its BOS and EOS among them) belongs to another model.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignflow.flows.cli import main as cli
+
+    base = tmp_path / "base"
+    shutil.copytree(hf_model_dir("llama3"), base)
+    tok = AutoTokenizer.from_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    rows = len(tok) - 100
+    LlamaForCausalLM(LlamaConfig(**{**config, "vocab_size": rows})).save_pretrained(base)
+    message = (rf"{base}: the model has {rows} embedding rows \(vocab_size {rows}\) but its tokenizer has {len(tok)} "
+               rf"tokens, so ids {rows}-{len(tok) - 1} \(.*<\|begin_of_text\|> {tok.bos_token_id}.*"
+               rf"<\|eot_id\|> {tok.eos_token_id}\) have no embedding")
+    with pytest.raises(ValueError, match=message):
+        handoff.load_stage(base)
+    assert cli(["eval", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "use the tokenizer it was trained with" in err
+
+
 def test_cli_eval_and_generate_take_a_plain_model_directory(hf_model_dir, capsys):
     from alignflow.flows.cli import main as cli
 
