@@ -278,7 +278,7 @@ def cmd_job_preview(args) -> int:
 
     from . import deploy
 
-    job_variables = dict(parse_override(item) for item in args.job_variables)
+    job_variables = dict(parse_override(item, "--var") for item in args.job_variables)
     print(json.dumps(deploy.preview_job(args.pool, job_variables), indent=2))
     return 0
 
@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as e:
         if args.debug:
             traceback.print_exc()
-        print(f"alignflow {args.command}: error: {e}", file=sys.stderr)
+        from alignflow.stages.failures import one_line
+
+        print(f"alignflow {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

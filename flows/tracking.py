@@ -9,6 +9,7 @@ trains is in Prefect's log (and TensorBoard, `train.tensorboard`)."""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,15 +56,52 @@ def default_uri(runs_dir: str) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
+def check_sqlite_store(uri: str) -> None:
+    """Refuse, in one line, a SQLite store this process cannot write. MLflow would retry opening
+    it for about two minutes (its engine's retry loop, a warning each time) before failing with
+    sqlalchemy's error: a read-only directory, or a path that is a directory, does not heal
+    meanwhile. SQLite writes a journal beside the database, so its directory must take a file."""
+    if not uri.startswith("sqlite:///"):
+        return  # a server, or another database: MLflow reports those itself
+    name = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not name or name == ":memory:":
+        return
+    path = Path(name)
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does
+        except FileExistsError as e:
+            raise OSError(e.errno, f"{e.filename} is a file, not a directory") from None
+        if path.exists():
+            path.open("r+b").close()
+        try:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".alignflow-probe-"):
+                pass
+        except OSError as e:
+            raise OSError(e.errno, f"its directory takes no new file: {e.strerror}") from None
+    except OSError as e:
+        raise ValueError(f"tracking: cannot write the MLflow database {path} ({e.strerror or e}); set tracking_uri "
+                         "to a writable sqlite:///path/mlflow.db or your MLflow server, or tracking: none") from None
+
+
 class MlflowTracker(Tracker):
     def __init__(self, config: PipelineConfig, title: str, tags: dict[str, str]):
         try:
-            from mlflow.tracking import MlflowClient
+            from mlflow.exceptions import MlflowException
         except ImportError as e:
             raise ValueError("tracking: mlflow needs MLflow: pip install 'alignflow[mlflow]'") from e
-        from mlflow.exceptions import MlflowException
 
         uri = config.tracking_uri or default_uri(config.runs_dir)
+        check_sqlite_store(uri)
+        try:
+            self._start(config, uri, title, tags)
+        except MlflowException as e:  # e.g. a file: store MLflow 3 refuses; its message is the reason
+            raise ValueError(f"tracking: MLflow store {uri}: {e.message.strip().splitlines()[0]}") from e
+
+    def _start(self, config: PipelineConfig, uri: str, title: str, tags: dict[str, str]) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(config.tracking_experiment)
         if experiment is None:

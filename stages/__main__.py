@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from alignflow.trainers import distributed as dist_utils
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent", help="the parent stage's checkpoint directory (stages that have one), or a Hugging "
                                      "Face model directory to start from")
     ap.add_argument("--out", required=True, help="this stage's checkpoint directory")
+    ap.add_argument("--debug", action="store_true", default=bool(os.environ.get("ALIGNFLOW_DEBUG")),
+                    help="show the traceback of an error that is otherwise one line (also: ALIGNFLOW_DEBUG=1)")
     args = ap.parse_args(argv)
     lifeline.watch()  # under the flow's torchrun: end with the process that launched us
     # Progress lines on stdout: a terminal shows them, and under torchrun the flow streams them
@@ -41,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         result = train_stage(args.stage, load_config(args.preset, args.config, args.overrides), args.parent, args.out)
     except Exception as e:
         failures.mark_permanent(e, dist_utils.detect().rank)
-        raise
+        # What a user causes (a setting, the data, a parent, a path, a full disk) is one line, as
+        # in flows/cli.py; anything else is a bug, whose traceback is wanted. Under the flow's
+        # torchrun the traceback stays: the flow reports each rank's from its log
+        # (flows/launch.py), and the marker above carries the one-line reason.
+        launched_by_flow = bool(os.environ.get(failures.FAILURE_DIR_ENV))
+        if args.debug or launched_by_flow or not isinstance(e, (ValueError, RuntimeError, OSError)):
+            raise
+        print(f"{ap.prog} {args.stage}: error: {failures.one_line(e)}", file=sys.stderr)
+        return 1
     if result is not None:  # rank 0
         print(json.dumps({k: result[k] for k in ("stage", "path", "content_hash")}))
     if dist_utils.detect().enabled:

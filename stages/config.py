@@ -123,12 +123,18 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = _merge(tree[leaf], value) if isinstance(value, dict) and isinstance(tree.get(leaf), dict) else value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """'dpo.beta=0.2' -> ('dpo.beta', 0.2); the value is read as YAML (numbers, bools, lists)."""
+def parse_override(item: str, flag: str = "--set") -> tuple[str, Any]:
+    """'dpo.beta=0.2' -> ('dpo.beta', 0.2); the value is read as YAML (numbers, bools, lists).
+    `flag`: the option it came with, for the message."""
     if "=" not in item:
-        raise ValueError(f"override {item!r} is not key=value (e.g. dpo.beta=0.2)")
+        raise ValueError(f"{flag} {item!r} is not key=value (e.g. dpo.beta=0.2)")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:  # its own message spans lines and never says which key
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{flag} {key.strip()}: the value {raw!r} is not plain YAML ({problem}); give a number, "
+                         "true/false, text, a [list] or a {mapping}, quoted for the shell") from None
 
 
 def load_config(preset: str = "tiny", file: str | Path | None = None,

@@ -30,6 +30,22 @@ def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, permanent) or unwritable or getattr(exc, "permanent", False)
 
 
+def one_line(exc: BaseException) -> str:
+    """The error as the one line a user reads: pydantic's ValidationError (a bad setting) spans
+    several lines per field, with type tags and a URL; here each field is `key: reason (got x)`."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"])
+        reason = error["msg"].removeprefix("Value error, ")  # a validator's own message names its key
+        got = f" (got {error['input']!r})" if key and not isinstance(error.get("input"), dict) else ""
+        parts.append(f"{key}: {reason}{got}" if key else reason)
+    return "; ".join(parts)
+
+
 def mark_permanent(exc: BaseException, rank: int) -> None:
     """Leave the one-line reason where the launching flow looks (nothing when not launched by it)."""
     directory = os.environ.get(FAILURE_DIR_ENV)

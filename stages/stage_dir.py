@@ -4,7 +4,10 @@ fetches the checkpoint mirrored there), and on success written (the model direct
 manifest last: stages/handoff.py) and published to its URL."""
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -41,8 +44,31 @@ class StageDir:
               adapter: tuple[dict, object] | None = None) -> dict:
         """The Hugging Face model directory, the manifest last, published at a URL; returns what
         the next stage needs (handoff.stage_result)."""
-        handoff.save_stage(self.local, model, tokenizer, max_shard_size, adapter=adapter)
-        manifest = handoff.write_manifest(self.local, fields)
+        try:
+            handoff.save_stage(self.local, model, tokenizer, max_shard_size, adapter=adapter)
+            manifest = handoff.write_manifest(self.local, fields)
+        except Exception as e:
+            code = os_error_code(e)
+            if code is None:
+                raise
+            # A full disk (or quota, or a read-only mount) is the user's to fix, and the training
+            # is not lost: the last checkpoint in state/ is the final step, and a re-run writes
+            # the directory from it without training again.
+            remedy = "free space" if code in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+            cause = os.strerror(code) + (f": {e.filename}" if getattr(e, "filename", None) else "")
+            raise OSError(code, f"writing the stage's model directory {self.local} failed: {cause}; "
+                                f"the training is kept in {self.local / 'state'} (its last checkpoint): {remedy} "
+                                "and re-run the same command, which writes the directory from there without "
+                                "training again") from e
         if storage.is_url(self.ref):
             storage.publish(self.local, self.ref)
         return handoff.stage_result(self.ref, manifest)
+
+
+def os_error_code(e: BaseException) -> int | None:
+    """The errno of an I/O failure: an OSError's, or one a serializer reports only in its message
+    (safetensors: "I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None

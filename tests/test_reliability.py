@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -174,6 +175,95 @@ def test_a_read_only_stage_directory_is_one_line_naming_the_path_and_not_retried
     assert cli(["stage", "sft", "--parent", result["stages"]["pretrain"]["path"], "--runs-dir", str(tmp_path),
                 "--run-id", "ro", *sets]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"alignflow stage: error: [Errno 30] Read-only file system: "
-                       f"'{tmp_path / 'ro' / 'sft' / 'model.safetensors'}'")
+    assert err[-1] == (f"alignflow stage: error: [Errno 30] writing the stage's model directory "
+                       f"{tmp_path / 'ro' / 'sft'} failed: Read-only file system: "
+                       f"{tmp_path / 'ro' / 'sft' / 'model.safetensors'}; the training is kept in "
+                       f"{tmp_path / 'ro' / 'sft' / 'state'} (its last checkpoint): make it writable and re-run the "
+                       "same command, which writes the directory from there without training again")
     assert len(attempts) == 1
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, small_config):
+    """A finished pretrain stage, trained in this process (no flow)."""
+    out = tmp_path_factory.mktemp("parent") / "pretrain"
+    train_stage("pretrain", small_config(), None, out)
+    return out
+
+
+def stages_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m alignflow.stages ARGS`, as a user runs it (not under the flow: no failure dir)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("ALIGNFLOW_DEBUG", "ALIGNFLOW_FAILURE_DIR")}
+    return subprocess.run([sys.executable, "-m", "alignflow.stages", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env={**clean, **(env or {})})
+
+
+SMALL_SETS = [arg for key, value in SMALL_PIPELINE.items() for arg in ("--set", f"{key}={value}")]
+TAG = '!!python/object/apply:os.system ["echo pwned"]'
+# stage, extra arguments (parent, data), the error after "python -m alignflow.stages <stage>: error: "
+REFUSALS = {
+    "bad setting": ("pretrain", lambda tmp, parent: ["--set", "pretrain.train.lr=abc"],
+                    "pretrain.train.lr: Input should be a valid number, unable to parse string as a number (got 'abc')"),
+    "yaml tag in --set": ("pretrain", lambda tmp, parent: ["--set", f"x={TAG}"],
+                          f"--set x: the value '{TAG}' is not plain YAML (could not determine a constructor for the "
+                          "tag 'tag:yaml.org,2002:python/object/apply:os.system'); give a number, true/false, text, "
+                          "a [list] or a {{mapping}}, quoted for the shell"),
+    "wrong parent stage": ("dpo", lambda tmp, parent: ["--parent", parent],
+                           "dpo trains on a sft checkpoint, but {parent} holds a pretrain stage"),
+    "zero rows": ("sft", lambda tmp, parent: ["--parent", parent, "--set", f"sft.data.source={tmp / 'empty.jsonl'}"],
+                  "{tmp}/empty.jsonl: empty, no rows"),
+}
+
+
+@pytest.mark.parametrize("probe", list(REFUSALS))
+def test_python_m_stages_refuses_bad_input_in_one_line(probe, tmp_path, pretrained):
+    stage, extra, message = REFUSALS[probe]
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = stages_cli(stage, *SMALL_SETS, *extra(tmp_path, pretrained), "--out", tmp_path / "out")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [f"python -m alignflow.stages {stage}: error: "
+                                        + message.format(tmp=tmp_path, parent=pretrained)], proc.stderr
+    assert "pwned" not in proc.stdout
+    assert not (tmp_path / "out" / handoff.MANIFEST).exists()
+
+
+def test_python_m_stages_shows_the_traceback_with_debug(tmp_path):
+    for how, env in ((["--debug"], None), ([], {"ALIGNFLOW_DEBUG": "1"})):
+        proc = stages_cli("pretrain", *how, "--set", "pretrain.train.lr=abc", "--out", tmp_path / "out", env=env)
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("Traceback (most recent call last):"), proc.stderr
+        assert "pretrain.train.lr" in proc.stderr.splitlines()[-3]
+
+
+class SafetensorError(Exception):
+    """What safetensors raises on a full disk: not an OSError, the errno only in its message."""
+
+
+@pytest.mark.parametrize("raised", [OSError(28, "No space left on device"),
+                                    SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                    "(os error 28)")], ids=["OSError", "safetensors"])
+def test_a_full_disk_at_the_final_save_is_one_line_naming_the_directory_and_loses_nothing(
+        raised, tmp_path, pretrained, small_config, monkeypatch):
+    import errno
+
+    config = small_config(**{"sft.train.max_steps": 4, "sft.train.save_interval": 2})
+    out = tmp_path / "sft"
+    with monkeypatch.context() as m:
+        def full(model, directory, **kwargs):
+            (Path(directory) / "model.safetensors").write_bytes(b"half")  # what a full disk leaves
+            raise raised
+
+        m.setattr(handoff, "save_model", full)
+        with pytest.raises(OSError) as failure:
+            train_stage("sft", config, pretrained, out)
+    assert failure.value.errno == errno.ENOSPC
+    assert str(failure.value) == (
+        f"[Errno 28] writing the stage's model directory {out} failed: No space left on device; the training is kept "
+        f"in {out / 'state'} (its last checkpoint): free space and re-run the same command, which writes the "
+        "directory from there without training again")
+    assert not (out / handoff.MANIFEST).exists()
+    assert (out / "state" / "step-00000004").is_dir()
+    # Space freed: the re-run writes the directory from the last checkpoint, training nothing again.
+    result = train_stage("sft", config, pretrained, out)
+    manifest = handoff.verify(result["path"])
+    assert manifest["restored_from_step"] == 4 and manifest["metrics"]["step"] == 4

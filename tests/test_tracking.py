@@ -44,3 +44,42 @@ def test_a_pipeline_is_one_mlflow_run_with_a_nested_run_per_stage(tmp_path, pref
         assert manifest == storage.read_manifest(path)
     assert children["sft"].data.metrics["task_accuracy"] == out["stages"]["sft"]["metrics"]["task_accuracy"]
     assert "val_rewards/accuracies" in children["dpo"].data.metrics
+
+
+def unwritable_store(kind: str, tmp_path) -> tuple[str, str]:
+    """(tracking_uri, the reason in the message) for a store this process cannot write; as root
+    (these tests' usual user), a chmod-ed directory stays writable, so: a path that is a directory,
+    a directory that is a file, and MLflow 3's refused file store."""
+    if kind == "database is a directory":
+        (tmp_path / "mlflow.db").mkdir()
+        return f"sqlite:///{tmp_path / 'mlflow.db'}", f"cannot write the MLflow database {tmp_path / 'mlflow.db'} " \
+                                                       "(Is a directory)"
+    if kind == "directory is a file":
+        (tmp_path / "runs").write_text("")
+        return f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", \
+            f"cannot write the MLflow database {tmp_path / 'runs' / 'mlflow.db'} ({tmp_path / 'runs'} is a file, " \
+            "not a directory)"
+    return f"file://{tmp_path / 'mlruns'}", f"MLflow store file://{tmp_path / 'mlruns'}: The filesystem tracking " \
+                                            "backend (e.g., './mlruns') is in maintenance mode"
+
+
+@pytest.mark.parametrize("kind", ["database is a directory", "directory is a file", "file store"])
+def test_an_unwritable_mlflow_store_fails_at_once_in_one_line(kind, tmp_path, monkeypatch):
+    """MLflow retries an SQLite store it cannot open for about two minutes, a warning each time."""
+    import types
+
+    import mlflow.store.db.utils as db_utils
+
+    from alignflow.flows import tracking
+
+    monkeypatch.setattr(db_utils, "time", types.SimpleNamespace(
+        sleep=lambda seconds: pytest.fail(f"MLflow retried opening the store (sleeping {seconds} s)")))
+    uri, reason = unwritable_store(kind, tmp_path)
+    config = load_config("tiny", overrides={"runs_dir": str(tmp_path), "tracking": "mlflow", "tracking_uri": uri})
+    with pytest.raises(ValueError) as failure:
+        tracking.tracker(config, str(tmp_path / "run"), "run", {})
+    message = str(failure.value)
+    assert message.startswith(f"tracking: {reason}") and "\n" not in message, message
+    if kind != "file store":
+        assert message.endswith("; set tracking_uri to a writable sqlite:///path/mlflow.db or your MLflow server, "
+                                "or tracking: none")
