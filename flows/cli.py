@@ -295,8 +295,31 @@ class Interrupted(KeyboardInterrupt):
     torchrun process group, the embedded server) runs on the way out."""
 
 
+_received: list[int] = []  # the signals this command's handlers ran for
+
+
 def _terminate(signum, frame):
+    _received.append(signum)
     raise Interrupted()
+
+
+def _interrupt(signum, frame):
+    """Ctrl-C or `kill -INT`: Python's own KeyboardInterrupt, and a note that it came. Prefect's
+    flow engine swallows a KeyboardInterrupt raised once the flow run is final (it logs it at
+    debug level and returns the result), so main reads the note too and still ends the command
+    as interrupted."""
+    _received.append(signum)
+    raise KeyboardInterrupt()
+
+
+def stop_on_sigint() -> Callable | int | None:
+    """Install `_interrupt` for SIGINT; returns the handler it replaces. Also where SIGINT was
+    inherited ignored: a non-interactive shell starts a background job (`alignflow run &` in a
+    script, a CI step) with SIGINT ignored, Python then installs no handler at all, and a
+    `kill -INT` was lost: the run trained to the end and exited 0. Whoever sends SIGINT to this
+    process means it."""
+    _received.clear()
+    return signal.signal(signal.SIGINT, _interrupt)
 
 
 class OneLineErrors(logging.Filter):
@@ -320,25 +343,40 @@ def quiet_prefect_tracebacks() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous_sigint = stop_on_sigint()  # first: parsing a stage's name already imports torch
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)  # a stage's name loads the algorithms, plugins too
     except (RuntimeError, TypeError, ValueError) as e:  # an algorithm plugin that cannot load
         print(f"alignflow: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("alignflow: interrupted.", file=sys.stderr)
+        return 130
     try:
         if args.command not in FLOW_COMMANDS:
-            return COMMANDS[args.command](args)
-        from .embedded_server import serving
+            code = COMMANDS[args.command](args)
+        else:
+            from .embedded_server import serving
 
-        if not args.debug:
-            quiet_prefect_tracebacks()
+            if not args.debug:
+                quiet_prefect_tracebacks()
 
-        previous = signal.signal(signal.SIGTERM, _terminate)
-        try:
-            with serving():
-                return COMMANDS[args.command](args)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+            previous = signal.signal(signal.SIGTERM, _terminate)
+            try:
+                with serving():
+                    code = COMMANDS[args.command](args)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        if _received:  # a signal whose KeyboardInterrupt something swallowed (see _interrupt)
+            raise Interrupted() if signal.SIGTERM in _received else KeyboardInterrupt()
+        return code
     except KeyboardInterrupt as e:
         print(f"alignflow {args.command}: interrupted. {resume_hint(args)}", file=sys.stderr)
         return 143 if isinstance(e, Interrupted) else 130

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from alignflow.trainers import distributed as dist_utils
@@ -18,6 +19,36 @@ from .run import train_stage
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C or `kill -INT` stops the stage also where SIGINT was inherited ignored (a script's
+    # background job): Python then installs no handler of its own, and the signal was lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(_interrupted(sys.argv[1:] if argv is None else argv), file=sys.stderr)
+        return 130
+
+
+def _interrupted(argv: list[str]) -> str:
+    """The one line an interrupted stage ends with: where its next run starts (the trainer
+    resumes from the last checkpoint in --out)."""
+    from alignflow.trainers.checkpoint import latest_checkpoint, step_of
+
+    from . import storage
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("stage", nargs="?", default="")
+    parser.add_argument("--out")
+    args = parser.parse_known_args(argv)[0]
+    try:
+        last = latest_checkpoint(storage.local_dir(args.out))
+        where = f"from step {step_of(last)} (its last checkpoint)" if last else "from the start (no checkpoint yet)"
+    except Exception:  # the hint must never hide the interruption itself
+        where = "from its last checkpoint"
+    return f"python -m alignflow.stages {args.stage}: interrupted. Re-running the same command resumes it {where}."
+
+
+def _main(argv: list[str] | None) -> int:
     found = algorithms()
     ap = argparse.ArgumentParser(prog="python -m alignflow.stages", description=__doc__)
     ap.add_argument("stage", choices=list(found))

@@ -1,18 +1,22 @@
 """A real `alignflow run` interrupted the ways a person or a cluster does it: Ctrl-C (SIGINT to
-its process group, as a terminal sends it), SIGTERM, SIGKILL. It exits quickly with one line
+its process group, as a terminal sends it; `kill -INT` to a run started as a background job,
+which inherits SIGINT ignored), SIGTERM, SIGKILL. It exits quickly with one line
 that says how to resume, leaves none of the processes it started (the embedded Prefect server,
 torchrun and its ranks), and the re-run ends bitwise where an uninterrupted run ends."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import SMALL_PIPELINE
 from alignflow.flows.pipeline import alignment_pipeline
 from alignflow.stages.config import load_config
+from alignflow.stages import lifeline
 from alignflow.stages.lifeline import alive
 
 # Enough SFT steps that the signal lands while SFT trains (a checkpoint every 4 steps).
@@ -118,3 +122,113 @@ def test_no_process_outlives_a_terminated_or_killed_cli(sig, tmp_path, env):
     while (left := [pid for pid in started if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == []
+
+
+# ---- SIGINT inherited ignored, at each point of a run ----
+
+SIGINT_AT = Path(__file__).parent / "scripts" / "sigint_at.py"
+# SFT long enough that a `kill -INT` sent after its first checkpoint lands while it trains.
+STEPS = {**SMALL_PIPELINE, "sft.train.max_steps": 40}
+
+
+def as_a_background_job() -> None:
+    """What a non-interactive shell does to `alignflow run &` (a script, a CI step): SIGINT
+    ignored. Python then installs no handler of its own, so a `kill -INT` was lost."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def background_run(runs_dir, env, point: str) -> subprocess.Popen:
+    """`alignflow run` started as a background job; it sends itself SIGINT at `point`
+    (tests/scripts/sigint_at.py), or waits for the test's."""
+    sets = [arg for key, value in STEPS.items() for arg in ("--set", f"{key}={value}")]
+    return subprocess.Popen([sys.executable, str(SIGINT_AT), point, "run", "--runs-dir", str(runs_dir),
+                             "--run-id", "r", *sets], env=env, start_new_session=True,
+                            preexec_fn=as_a_background_job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def interrupted_line(proc: subprocess.Popen, sent: float | None = None, timeout: float = 300) -> str:
+    """The run's exit: status 130 within 15 s of the SIGINT (sent at `sent`, or when
+    sigint_at.py says it sent it), and its last stderr line, asserted to be the interruption's."""
+    _, err = proc.communicate(timeout=timeout)
+    ended = time.monotonic()
+    assert proc.returncode == 130, err[-3000:]
+    if sent is None:
+        sent = float(err.split("sigint_at: SIGINT at ")[1].split()[0])
+    assert ended - sent <= 15, f"exited {ended - sent:.1f} s after the SIGINT"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("alignflow run: interrupted. "), err[-3000:]
+    return last
+
+
+def lifeline_of(pid: int) -> list[int]:
+    """The running processes the CLI `pid` started with its PID as their lifeline (the embedded
+    server, torchrun, ranks): they carry it in their environment, found after the CLI is gone."""
+    mark = f"{lifeline.ENV}={pid}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark in f.read().split(b"\0") and alive(int(entry)):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def manifest(runs, stage) -> dict:
+    return json.loads((runs / "r" / stage / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_sigint_stops_a_background_run_at_every_point_and_nothing_is_lost(tmp_path, env, prefect_harness):
+    """Five runs of one run directory, each started with SIGINT ignored (as `alignflow run &` in
+    a script is) and each interrupted at another point; each ends within seconds with status 130
+    and one line, and each next run goes on from where the last one stopped. Before SIGINT was
+    handled explicitly, every one of them ignored it and trained to the end."""
+    from prefect.settings import PREFECT_API_URL
+
+    runs = tmp_path / "runs"
+
+    # While the embedded Prefect server starts: the CLI stops it and says nothing was trained.
+    proc = background_run(runs, env, "server-start")
+    last = interrupted_line(proc)
+    assert last.endswith("pretrain of run r was not finished; Re-running the same command resumes it from the "
+                         "start (no checkpoint yet)."), last
+    assert lifeline_of(proc.pid) == [], "the embedded server outlived the CLI"
+
+    # The other runs use the session's Prefect server (no server start each).
+    served = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+    # During SFT's training, by `kill -INT <pid>` from outside, as in the report.
+    proc = background_run(runs, served, "none")
+    wait_for_checkpoint(proc, runs / "r" / "sft")
+    os.kill(proc.pid, signal.SIGINT)
+    last = interrupted_line(proc, sent=time.monotonic())
+    step = int(last.split("resumes it from step ")[1].split()[0])
+    assert 4 <= step < 40
+    pretrain = manifest(runs, "pretrain")["content_hash"]
+
+    # In the middle of a checkpoint's save: the half-written one is removed, the last whole one
+    # is where the next run starts.
+    proc = background_run(runs, served, "checkpoint-save")
+    last = interrupted_line(proc)
+    assert last.endswith(f"resumes it from step {step} (its last checkpoint)."), last
+    assert list((runs / "r" / "sft" / "state").glob("*.tmp")) == []
+
+    # While SFT's output is written, after its last checkpoint: the next run rebuilds it from there.
+    proc = background_run(runs, served, "stage-output")
+    last = interrupted_line(proc)
+    assert last.endswith("sft of run r was not finished; Re-running the same command resumes it from step 40 "
+                         "(its last checkpoint)."), last
+    assert not (runs / "r" / "sft" / "manifest.json").exists()
+
+    # After the flow run is final: Prefect's engine swallows the KeyboardInterrupt there, and the
+    # command still ends as interrupted (every stage was finished, and stays so).
+    proc = background_run(runs, served, "flow-final")
+    last = interrupted_line(proc)
+    assert last == "alignflow run: interrupted. Every stage of r is complete.", last
+    assert manifest(runs, "pretrain")["content_hash"] == pretrain  # trained once, skipped since
+    assert manifest(runs, "sft")["metrics"]["resumed_from_step"] == 40  # rebuilt, not trained again
+    assert manifest(runs, "dpo")["metrics"]["step"] == STEPS["dpo.train.max_steps"]
+    assert (runs / "r" / "report.md").exists()
