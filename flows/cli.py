@@ -136,6 +136,13 @@ def resolve_config(args):
     named = (("run_id", args.run_id), ("runs_dir", args.runs_dir), ("model", getattr(args, "model", None)),
              ("start", getattr(args, "start", None)))
     overrides.update({key: value for key, value in named if value})
+    if args.command != "run":
+        # `start` is `run`'s first stage, from the model given with --model. The other commands
+        # name their own model directory (stage: --parent; eval, generate: DIR), so a preset's
+        # start (hf-small's sft, which needs --model) does not apply to them.
+        from alignflow.stages.algorithm import roots
+
+        overrides["start"] = roots()[0]
     model = getattr(args, "model", None)
     preset = args.preset or ("hf-small" if model and Path(model).is_dir() else "tiny")
     return load_config(preset, args.config, overrides)

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from alignflow.stages import aligners, algorithms, chain, check_parent, children, handoff, storage
+from alignflow.stages.algorithm import roots
 from alignflow.stages.config import PipelineConfig, load_config
 from alignflow.stages.settings import plain_name
 from alignflow.stages.failures import is_permanent
@@ -266,6 +267,8 @@ def run_stage(stage: ChildStage, config: PipelineConfig | None = None, parent: s
         raise ValueError("run_stage needs parent: the checkpoint directory (path or URL) of the parent stage")
     if run_id:  # a form's value, before anything is read or written with it
         plain_name(run_id, "run_id")
+    if config is None:  # `start` is the full pipeline's; a preset's (hf-small: sft, from a model) does not apply
+        overrides = {**(overrides or {}), "start": roots()[0]}
     config = resolve(config, preset, overrides)
     manifest = storage.read_manifest(parent, verify=True)  # a URL's files are checked as the stage fetches them
     check_parent(stage, manifest, parent)

@@ -39,6 +39,7 @@ BUILTIN_CHAT_TEMPLATE = (
 )
 
 Tokenizer = PreTrainedTokenizerFast
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a directory with neither has no tokenizer
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
@@ -67,17 +68,31 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
         clean_up_tokenization_spaces=False)
 
 
+def require_tokenizer_files(directory: str) -> None:
+    """Refuse a model directory without tokenizer files, saying so: transformers, finding none,
+    asks for sentencepiece or tiktoken, which would not help."""
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"{directory} has no tokenizer (no {' or '.join(TOKENIZER_FILES)}): copy the tokenizer "
+                         "files of the model it came from into it")
+
+
 def load_tokenizer(directory: str, chat_template: str | None = None, trust_remote_code: bool = False) -> Tokenizer:
     """The fast tokenizer saved in `directory`; `chat_template` (Jinja text) replaces its own.
     The stop tokens of the directory's generation_config.json ride along as
     `generation_eos_token_ids` (`models.chat.stop_ids`)."""
     directory = os.path.abspath(directory)
+    require_tokenizer_files(directory)
     if needs_remote_code(directory, "tokenizer_config.json") and not trust_remote_code:
         raise ValueError(f"the tokenizer in {directory} needs code from its repository (auto_map in "
                          "tokenizer_config.json); set hf.trust_remote_code: true if you trust it")
     try:
         tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types; the user needs the directory
+        if not os.path.isfile(os.path.join(directory, "tokenizer.json")) and "sentencepiece" in str(e):
+            # It asks for a converter package; what is really missing is the fast tokenizer's file.
+            raise ValueError(f"{directory} has no tokenizer.json, and transformers cannot build the fast tokenizer "
+                             "alignflow needs from its other tokenizer files: copy tokenizer.json of the model it "
+                             "came from into it") from e
         raise ValueError(f"cannot load a tokenizer from {directory}: {e}") from e
     # How this process happened to load it (offline or not) is no property of the tokenizer, and
     # would make the tokenizer_config.json a stage writes, and so its content hash, vary.

@@ -36,6 +36,7 @@ from alignflow.models import (BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocab
                               save_model)
 from alignflow.models.files import seal, sha256_file, verify_seal, write_json_atomic
 from alignflow.models.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, save_adapter
+from alignflow.models.tokenizer import require_tokenizer_files
 from alignflow.trainers.checkpoint import CHECKPOINT_DIR
 
 MANIFEST = "manifest.json"
@@ -107,6 +108,7 @@ def external_base(directory: str | Path) -> dict:
     d = Path(directory).resolve()
     names = model_files(d)
     weight_files(d, names)
+    require_tokenizer_files(str(d))  # refused here, before a flow starts a stage on it
     digests = {name: sha256_file(d / name) for name in names}
     return {"stage": None, "external": True, "path": str(d), "model_kind": TRANSFORMERS, "run_id": d.name,
             "content_hash": content_hash(digests), "sha256": digests, "metrics": {}, "timings": {}}
@@ -118,6 +120,7 @@ def verify(stage_dir: str | Path) -> dict:
     model directory gives its `external_base` record."""
     if is_external_base(stage_dir):
         return external_base(stage_dir)
+    not_a_model_directory(Path(stage_dir))
     record = verify_seal(stage_dir, MANIFEST, StageDirError, required=(CONFIG, TOKENIZER))
     listed = record["sha256"]
     unlisted = [n for n in weight_files(Path(stage_dir), model_files(stage_dir)) if n not in listed]
@@ -125,6 +128,27 @@ def verify(stage_dir: str | Path) -> dict:
         raise StageDirError(f"{Path(stage_dir) / MANIFEST} does not list {', '.join(unlisted)} in sha256: "
                             "cannot verify it")
     return record
+
+
+def not_a_model_directory(d: Path) -> None:
+    """Say what `d` really is when it is neither a stage directory (a manifest, or an unfinished
+    run's work/ or state/) nor a Hugging Face model directory (config.json): "manifest.json is
+    missing" would send the user looking for the wrong file."""
+    if not d.exists():
+        raise StageDirError(f"{d} does not exist: give a stage directory of an earlier run or a Hugging Face model "
+                            "directory")
+    if not d.is_dir():
+        raise StageDirError(f"{d} is a file: give a stage directory of an earlier run or a Hugging Face model "
+                            "directory")
+    if any((d / name).exists() for name in (MANIFEST, WORK_DIR, CHECKPOINT_DIR)):
+        return  # a stage directory, finished or not: verify_seal says what is wrong with it
+    weights = [n for n in model_files(d) if n.endswith(".safetensors") or n in ("pytorch_model.bin", WEIGHT_INDEX)]
+    if weights:
+        raise StageDirError(f"{d} has no {CONFIG}, so it is not a Hugging Face model directory (its weights "
+                            f"{', '.join(weights[:3])} need the model's {CONFIG} beside them): copy it from where "
+                            "the model came from")
+    raise StageDirError(f"{d} is neither a stage directory ({MANIFEST}) nor a Hugging Face model directory "
+                        f"({CONFIG} and weights)")
 
 
 def work_file(out_dir: Path, name: str) -> Path:

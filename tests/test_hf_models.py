@@ -160,6 +160,40 @@ def test_a_model_with_fewer_rows_than_its_tokenizer_has_tokens_is_refused_not_gr
     assert err.count("\n") == 1 and "use the tokenizer it was trained with" in err
 
 
+def not_a_model(kind: str, base, tmp_path):
+    """(a directory as a user might give it, the one line they should read about it)."""
+    d = tmp_path / "model"
+    if kind == "missing":
+        return d, f"{d} does not exist: give a stage directory of an earlier run or a Hugging Face model directory"
+    if kind == "a file":
+        d.write_text("")
+        return d, f"{d} is a file: give a stage directory of an earlier run or a Hugging Face model directory"
+    shutil.copytree(base, d)
+    if kind == "no config.json":
+        (d / "config.json").unlink()
+        return d, (f"{d} has no config.json, so it is not a Hugging Face model directory (its weights "
+                   "model.safetensors need the model's config.json beside them): copy it from where the model came from")
+    if kind == "no tokenizer files":
+        (d / "tokenizer.json").unlink()
+        (d / "tokenizer_config.json").unlink()
+        return d, (f"{d} has no tokenizer (no tokenizer.json or tokenizer_config.json): copy the tokenizer files of "
+                   "the model it came from into it")
+    (d / "tokenizer.json").unlink()  # a tokenizer_config.json alone, no vocabulary to build one from
+    return d, (f"{d} has no tokenizer.json, and transformers cannot build the fast tokenizer alignflow needs from "
+               "its other tokenizer files: copy tokenizer.json of the model it came from into it")
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file", "no config.json", "no tokenizer files", "no tokenizer.json"])
+def test_a_directory_that_is_no_model_is_refused_saying_what_is_missing(kind, hf_model_dir, tmp_path, capsys):
+    # Not "manifest.json is missing" (nor transformers' "install sentencepiece or tiktoken").
+    from alignflow.flows.cli import main as cli
+
+    d, message = not_a_model(kind, hf_model_dir("llama3"), tmp_path)
+    capsys.readouterr()  # the fixture's own output, when it builds the model now
+    assert cli(["eval", str(d)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"alignflow eval: error: {message}"]
+
+
 def test_cli_eval_and_generate_take_a_plain_model_directory(hf_model_dir, capsys):
     from alignflow.flows.cli import main as cli
 

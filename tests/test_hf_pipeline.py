@@ -132,3 +132,21 @@ def test_continued_pretraining_of_a_neox_model_trains_no_tokenizer(prefect_harne
     assert json.loads((run / "pretrain" / "tokenizer.json").read_text())["model"] == json.loads(base_tok)["model"]
     assert not (run / "pretrain" / "work" / "tokenizer").exists()
     assert_reloads_with_transformers(run / "pretrain", trained_logits)
+
+
+def test_one_stage_with_the_hf_small_preset_on_a_hugging_face_parent(prefect_harness, hf_model_dir, tmp_path, capsys):
+    """`stage` has no --model: its parent is the model. The preset's `start: sft` (which `run`
+    reads with --model) must not ask for one."""
+    from alignflow.flows.cli import main as cli
+
+    base = hf_model_dir("llama3")
+    sets = {"sft.train.max_steps": 2, "sft.train.precision": "fp32", "sft.data.max_length": 128,
+            "demo.sft_examples": 64, "eval.max_prompts": 2, "eval.reward_samples": 0, "eval.max_new_tokens": 4}
+    args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    assert cli(["stage", "sft", "--preset", "hf-small", "--parent", str(base), "--runs-dir", str(tmp_path),
+                "--run-id", "r", *args]) == 0, capsys.readouterr().err
+    manifest = handoff.verify(tmp_path / "r" / "sft")
+    assert manifest["parent"]["path"] == str(base) and manifest["parent"]["external"]
+    assert manifest["metrics"]["step"] == 2
+    assert cli(["eval", str(tmp_path / "r" / "sft"), "--preset", "hf-small", "--set", "eval.max_prompts=2",
+                "--set", "eval.reward_samples=0"]) == 0, capsys.readouterr().err
