@@ -13,7 +13,7 @@ import sys
 from alignflow.trainers import distributed as dist_utils
 
 from . import failures, lifeline
-from .algorithm import algorithms
+from .algorithm import algorithms, roots
 from .config import load_config
 from .run import train_stage
 
@@ -71,8 +71,11 @@ def _main(argv: list[str] | None) -> int:
     parent = found[args.stage].parent
     if parent and not args.parent:
         ap.error(f"stage {args.stage} needs --parent (a {parent} checkpoint directory)")
+    # `start` is the full pipeline's first stage (from --model); one stage names its own parent,
+    # so a preset's start (hf-small: sft, which wants a model) does not apply here.
+    overrides = [*args.overrides, f"start={roots()[0]}"]
     try:
-        result = train_stage(args.stage, load_config(args.preset, args.config, args.overrides), args.parent, args.out)
+        result = train_stage(args.stage, load_config(args.preset, args.config, overrides), args.parent, args.out)
     except Exception as e:
         failures.mark_permanent(e, dist_utils.detect().rank)
         # What a user causes (a setting, the data, a parent, a path, a full disk) is one line, as

@@ -2,6 +2,8 @@
 directory they are saved to (sharded too), and a plain model directory as a parent."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -155,9 +157,17 @@ def test_a_model_with_fewer_rows_than_its_tokenizer_has_tokens_is_refused_not_gr
                rf"<\|eot_id\|> {tok.eos_token_id}\) have no embedding")
     with pytest.raises(ValueError, match=message):
         handoff.load_stage(base)
+    capsys.readouterr()  # save_pretrained's progress bars
     assert cli(["eval", str(base)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "use the tokenizer it was trained with" in err
+    # As the issue ran it: one stage with the preset for Hugging Face models, which trained (rc 0).
+    proc = subprocess.run([sys.executable, "-m", "alignflow.stages", "sft", "--preset", "hf-small", "--parent",
+                           str(base), "--out", str(tmp_path / "sft")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith(f"python -m alignflow.stages sft: error: {base}: the model has "
+                                                   f"{rows} embedding rows"), proc.stderr
+    assert not (tmp_path / "sft" / "model.safetensors").exists()
 
 
 def not_a_model(kind: str, base, tmp_path):
