@@ -24,7 +24,9 @@ import datasets  # noqa: E402
 
 from alignflow.models import ChatTemplateError, Tokenizer  # noqa: E402
 from alignflow.models.chat import rendering  # noqa: E402
+from alignflow.trainers import progress  # noqa: E402
 from alignflow.trainers.packing import pack_examples  # noqa: E402
+from alignflow.trainers.progress import Progress  # noqa: E402
 
 from . import demo  # noqa: E402
 from .data_files import DataError, Place, read_file  # noqa: E402
@@ -63,6 +65,7 @@ class RawSplit:
     origin: str                 # the file, or "demo:<stage>/<split>"
     skipped: int = 0            # bad rows dropped under on_bad_rows=skip
     place: Place | None = None  # where each row is in its file, for errors to name it
+    cut_from: int | None = None  # held-out rows before data.max_val_rows cut them (None: not cut)
 
 
 @dataclass
@@ -80,6 +83,7 @@ def progress_bars(on: bool) -> None:
     """datasets' bars only for a person at a terminal, and from one rank: in a log (Prefect's,
     torchrun's --tee) every redraw would be a line of its own."""
     (datasets.enable_progress_bars if on and sys.stderr.isatty() else datasets.disable_progress_bars)()
+    progress.quiet = not on  # our own progress lines (long phases), too: from one rank
 
 
 def load_split(stage: str, kind: DataKind, cfg: DataConfig, demo_cfg: DemoConfig, split: str
@@ -102,6 +106,16 @@ def load_split(stage: str, kind: DataKind, cfg: DataConfig, demo_cfg: DemoConfig
     return ds.select(rows), cfg.source, Place(rows, place.lines, place.skipped if split == "train" else 0)
 
 
+def at_most(ds: datasets.Dataset, place: Place, n: int | None, seed: int) -> tuple[datasets.Dataset, Place, int | None]:
+    """At most `n` of the held-out rows: a seeded sample, the same every run, kept in file order;
+    and how many rows there were when they were cut (None: not cut). The validation loss runs
+    over every held-out row at every evaluation: 34k rows cost 9 minutes a pass."""
+    if n is None or len(ds) <= n:
+        return ds, place, None
+    keep = sorted(random.Random(seed).sample(range(len(ds)), n))
+    return ds.select(keep), Place([place.row(i) for i in keep], place.lines, place.skipped), len(ds)
+
+
 def validate(ds: datasets.Dataset, stage: str, kind: DataKind, origin: str, on_bad_rows: str,
              place: Place | None = None) -> tuple[datasets.Dataset, int, Place]:
     """Missing columns always fail; bad rows fail (naming the file's row) or are skipped and
@@ -111,7 +125,8 @@ def validate(ds: datasets.Dataset, stage: str, kind: DataKind, origin: str, on_b
         missing = sorted(set(kind.columns[0]) - set(ds.column_names))
         raise DataError(f"{origin}: missing column {', '.join(repr(m) for m in missing)} for {stage} data "
                         f"(expects {wanted}; found {', '.join(ds.column_names) or 'no columns'})")
-    bad = [i for i, row in enumerate(ds) if kind.row_problem(row) is not None]
+    rows = Progress(f"checking {origin}", total=len(ds)).over(enumerate(ds))
+    bad = [i for i, row in rows if kind.row_problem(row) is not None]
     if bad and on_bad_rows == "error":
         column, what = kind.row_problem(ds[bad[0]])
         raise DataError(f"{origin}: {(place or Place()).name(bad[0])}: column '{column}' {what}")
@@ -146,6 +161,7 @@ def _encoded(raw: RawSplit, kind: DataKind, tok: Tokenizer, cfg: DataConfig
     each example's row is in the file; and what rendering chose. A row the chat template refuses
     is a DataError naming the file's row, or (on_bad_rows: skip) dropped and counted."""
     place, notes = raw.place or Place(), Rendered()
+    tokenised = Progress(f"tokenising {raw.origin}", total=len(raw.dataset))
 
     def examples(row: dict, i: int) -> tuple[list[dict], str, int]:
         """The row's examples and what rendering chose (none: refused under skip)."""
@@ -174,6 +190,7 @@ def _encoded(raw: RawSplit, kind: DataKind, tok: Tokenizer, cfg: DataConfig
             notes.merged += merged > 0
             encoded += out
             rows += [i] * len(out)
+        tokenised.advance(len(indices))
         return {ROW: rows, **{column: [e[column] for e in encoded] for column in first}}
 
     # Computed afresh every time (never from datasets' cache): the notes are gathered as it runs.
@@ -186,7 +203,8 @@ def _encoded(raw: RawSplit, kind: DataKind, tok: Tokenizer, cfg: DataConfig
 
 def enforce_max_length(ds: datasets.Dataset, kind: DataKind, max_length: int, policy: str, origin: str,
                        place: Place | None = None) -> tuple[datasets.Dataset, int]:
-    lengths = [max(len(example[c]) for c in kind.token_columns) for example in ds]
+    examples = Progress(f"measuring {origin}", total=len(ds)).over(ds)
+    lengths = [max(len(example[c]) for c in kind.token_columns) for example in examples]
     too_long = [i for i, n in enumerate(lengths) if n > max_length]
     if too_long and policy == "error":
         i = too_long[0]
@@ -200,11 +218,14 @@ def read(stage: str, kind: DataKind, cfg: DataConfig, demo_cfg: DemoConfig, spli
     """Load one split of a stage's data, of `kind`, and validate it (an empty split is returned as
     it is). `stage` names the data in messages and draws the stage's own demo rows."""
     ds, origin, place = load_split(stage, kind, cfg, demo_cfg, split)
+    cut_from = None
+    if split == "val":  # before checking and tokenising: the rows cut cost nothing more
+        ds, place, cut_from = at_most(ds, place, cfg.max_val_rows, demo_cfg.seed)
     ds, skipped, rows = validate(ds, stage, kind, origin, cfg.on_bad_rows, place) if len(ds) else (ds, 0, place)
     if kind.convert is not None and len(ds):
         ds, came_from = kind.convert(ds)
         rows = Place([rows.row(i) for i in came_from], rows.lines, rows.skipped)  # errors still name the file's row
-    return RawSplit(ds, origin, place.skipped + skipped, rows)
+    return RawSplit(ds, origin, place.skipped + skipped, rows, cut_from)
 
 
 def tokenize(kind: DataKind, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> LoadedData:
@@ -212,9 +233,10 @@ def tokenize(kind: DataKind, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> 
     cfg.too_long applied to longer examples and, with data.packing, packed into rows of
     max_length (trainers.packing)."""
     if len(raw.dataset) == 0 and not raw.skipped:  # nothing was read: nothing to tokenise
-        return LoadedData(raw.dataset, raw.origin)
+        return LoadedData(raw.dataset, raw.origin, cut_from=raw.cut_from)
     if kind.blocks is not None:
-        return LoadedData(kind.blocks(raw.dataset, tok, cfg.max_length), raw.origin, skipped=raw.skipped)
+        return LoadedData(kind.blocks(raw.dataset, tok, cfg.max_length), raw.origin, skipped=raw.skipped,
+                          cut_from=raw.cut_from)
     ds, place, rendered = _encoded(raw, kind, tok, cfg)
     _log_rendering(raw.origin, rendered)
     ds, dropped = enforce_max_length(ds, kind, cfg.max_length, cfg.too_long, raw.origin, place)
@@ -223,8 +245,8 @@ def tokenize(kind: DataKind, raw: RawSplit, tok: Tokenizer, cfg: DataConfig) -> 
         examples = len(ds)
         ds = datasets.Dataset.from_list(pack_examples(ds.select_columns(["input_ids", "labels"]).to_list(),
                                                       cfg.max_length))
-    return LoadedData(ds, raw.origin, skipped=raw.skipped + rendered.refused, dropped_too_long=dropped,
-                      examples=examples, rendered=rendered)
+    return LoadedData(ds, raw.origin, skipped=raw.skipped + rendered.refused, cut_from=raw.cut_from,
+                      dropped_too_long=dropped, examples=examples, rendered=rendered)
 
 
 def _log_rendering(origin: str, rendered: Rendered) -> None:

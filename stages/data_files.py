@@ -12,6 +12,8 @@ from typing import Iterable, Iterator
 
 import datasets
 
+from alignflow.trainers.progress import Progress
+
 
 class DataError(ValueError):
     """A data file (or one of its rows) does not fit the stage; the message says where."""
@@ -94,7 +96,7 @@ def _from_lines(source: str, parsed: Iterable[tuple[int, dict | str]], on_bad_ro
                 ) -> tuple[datasets.Dataset, Place]:
     """The rows of a jsonl or csv file; a line that is no row raises, or is skipped and counted."""
     rows, lines, skipped = [], [], 0
-    for number, row in parsed:
+    for number, row in Progress(f"reading {source}", unit="rows").over(parsed):
         if isinstance(row, str):
             if on_bad_rows == "error":
                 raise DataError(f"{source}: line {number}: {row}")

@@ -35,6 +35,8 @@ class StageData:
                 out[split]["conversations_expanded"] = rendered.expanded
             if rendered and rendered.merged:  # rows trained as prompt tokens + the reply's own
                 out[split]["replies_merged"] = rendered.merged
+            if loaded.cut_from is not None:  # data.max_val_rows: the rows there were
+                out[split]["cut_from"] = loaded.cut_from
         return out
 
     def loaders(self, pad_id: int, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader | None]:

@@ -159,6 +159,9 @@ class StageRun:
             save_dir=self.out_dir, on_checkpoint=self.out.checkpoint_mirror(), **algorithm)
         if self.dist.is_main:
             log.info(self._start_line(model, trainer))
+            if self.data.val.cut_from is not None:
+                log.info(f"{self.name} validation: {self.settings.data.max_val_rows:,} of {self.data.val.cut_from:,} "
+                         "held-out rows (data.max_val_rows)")
         return trainer
 
     def _start_line(self, model: torch.nn.Module, trainer: BaseTrainer) -> str:

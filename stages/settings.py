@@ -30,6 +30,9 @@ class DataConfig(Settings):
                                             "jsonl, json, parquet, csv, or a datasets save_to_disk directory")
     val_source: str | None = Field(None, description="held-out data; default: split val_fraction off source")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_val_rows: int | None = Field(2000, ge=1, description="held-out rows the validation loss runs over at most: a "
+                                                             "larger held-out split is cut to a seeded sample of this "
+                                                             "many, the same every run (None: all of them)")
     max_length: int = Field(128, gt=8, description="tokens per example (pretraining: block size)")
     too_long: Literal["drop", "error"] = "drop"
     on_bad_rows: Literal["error", "skip"] = "error"

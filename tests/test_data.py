@@ -1,5 +1,6 @@
 """Stage data: formats TRL users have, and bad data with errors that name file, row and column."""
 import json
+import logging
 
 import pytest
 
@@ -149,3 +150,116 @@ def test_a_bad_row_is_named_by_its_row_in_the_file_after_the_val_split(tmp_path,
         except data_mod.DataError as e:
             errors.append(str(e))
     assert errors == [f"{path}: row 7 (line 8): column 'completion' is empty"]
+
+
+# ---- big held-out splits: bounded (data.max_val_rows), and long phases say how far they are ----
+
+def numbered_rows(n):
+    return [{"prompt": f"What is {i} plus 1?", "completion": f"Answer: {i + 1}"} for i in range(n)]
+
+
+def test_a_held_out_split_over_max_val_rows_is_cut_to_it_the_same_every_read(tmp_path, tok):
+    path = write_jsonl(tmp_path / "sft.jsonl", numbered_rows(200))
+    whole = data_mod.read("sft", CONVERSATIONS, DataConfig(source=path, val_fraction=0.25, max_val_rows=None),
+                          DemoConfig(), "val")
+    cfg = DataConfig(source=path, val_fraction=0.25, max_val_rows=20)
+    first, again = (data_mod.prepare("sft", CONVERSATIONS, cfg, DemoConfig(), tok, "val") for _ in range(2))
+    assert len(whole.dataset) == 50 and whole.cut_from is None
+    assert len(first.dataset) == 20 and first.cut_from == 50
+    assert first.dataset["input_ids"] == again.dataset["input_ids"]  # seeded: the same 20 rows each read
+    cut = data_mod.read("sft", CONVERSATIONS, cfg, DemoConfig(), "val")
+    assert set(cut.dataset["prompt"]) < set(whole.dataset["prompt"])  # held-out rows, none from training
+    assert cut.dataset["prompt"] != whole.dataset["prompt"][:20]  # a sample, not the first rows
+    # The training split is what it was: the cut takes nothing from it and gives nothing to it.
+    train = data_mod.read("sft", CONVERSATIONS, cfg, DemoConfig(), "train")
+    assert len(train.dataset) == 150 and not set(train.dataset["prompt"]) & set(whole.dataset["prompt"])
+    # A held-out file (val_source) is cut the same way, and an error still names a row by where
+    # it is in the file.
+    rows = numbered_rows(30)
+    for row in rows[1::2]:
+        row["completion"] = ""
+    val_path = write_jsonl(tmp_path / "val.jsonl", rows)
+    cfg = DataConfig(source=path, val_source=val_path, max_val_rows=10, on_bad_rows="skip")
+    held = data_mod.read("sft", CONVERSATIONS, cfg, DemoConfig(), "val")
+    assert held.cut_from == 30 and len(held.dataset) + held.skipped == 10 and held.skipped > 0
+    assert [rows[held.place.row(i)]["prompt"] for i in range(len(held.dataset))] == held.dataset["prompt"]
+    assert all(held.place.row(i) % 2 == 0 for i in range(len(held.dataset)))
+
+
+def test_validation_says_when_its_held_out_rows_were_cut(tmp_path, small_config, caplog):
+    """A real pretrain stage on a file whose held-out split is over data.max_val_rows: its log
+    says so next to the stage's start line, and the manifest records how many there were."""
+    from alignflow.stages.run import train_stage
+
+    words = "the cat sat on the mat and then it ran to the big red barn where a dog slept".split()
+    docs = [{"text": " ".join(words[(i + j) % len(words)] for j in range(60))} for i in range(80)]
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    config = small_config(**{"pretrain.data.source": path, "pretrain.data.val_fraction": 0.5,
+                             "pretrain.data.max_val_rows": 12, "pretrain.data.max_length": 32,
+                             "pretrain.train.max_steps": 1})
+    with caplog.at_level(logging.INFO, logger="alignflow"):
+        result = train_stage("pretrain", config, None, str(tmp_path / "pretrain"))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("alignflow")]
+    assert "pretrain validation: 12 of 40 held-out rows (data.max_val_rows)" in lines
+    manifest = json.loads((tmp_path / "pretrain" / "manifest.json").read_text())
+    assert manifest["data"]["val"]["cut_from"] == 40 and "cut_from" not in manifest["data"]["train"]
+    assert result["metrics"]["val_loss"] > 0
+
+
+class SlowClock:
+    """time.monotonic for trainers.progress, as if each look at it came `step` seconds later."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "alignflow.progress"]
+
+
+def test_long_phases_say_how_far_they_are_short_ones_say_nothing(tmp_path, tok, caplog, monkeypatch):
+    from alignflow.trainers import progress
+
+    path = write_jsonl(tmp_path / "sft.jsonl", numbered_rows(40))
+    with caplog.at_level(logging.INFO, logger="alignflow"):
+        prepare("sft", path, tok)  # on the real clock: a phase of milliseconds
+    assert progress_lines(caplog) == []
+
+    monkeypatch.setattr(progress, "clock", SlowClock(step=4.0))  # every row (batch) takes 4 s: lines every 3rd
+    with caplog.at_level(logging.INFO, logger="alignflow"):
+        prepare("sft", path, tok)
+    lines = progress_lines(caplog)
+    assert f"reading {path}: 3 rows · 12.0 s" in lines
+    assert f"checking {path}: 3 of 40 rows · 12.0 s · eta 2m28s" in lines
+    assert f"measuring {path}: 3 of 40 rows · 12.0 s · eta 2m28s" in lines
+    # At most one line per 10 s of the phase: 40 rows of 4 s each, 160 s, 13 lines.
+    assert len([line for line in lines if line.startswith("reading")]) == 13
+    # Tokenising counts datasets' batches (1,000 rows): here one, of 4 s, which says nothing; of 12 s, one line.
+    assert not [line for line in lines if line.startswith("tokenising")]
+    monkeypatch.setattr(progress, "clock", SlowClock(step=12.0))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alignflow"):
+        prepare("sft", path, tok)
+    assert f"tokenising {path}: 40 of 40 rows · 12.0 s · eta 0.0 s" in progress_lines(caplog)
+
+
+def test_a_long_validation_pass_says_how_far_it_is(monkeypatch, caplog):
+    from conftest import SequenceDataset, loader, small_model
+
+    from alignflow.trainers import SFTTrainer, configure_optimizer, progress
+
+    model = small_model(seed=0)
+    trainer = SFTTrainer(model=model, optimizer=configure_optimizer(model), train_loader=loader(SequenceDataset(8), 4),
+                         val_loader=loader(SequenceDataset(40, seed=3), 4), device="cpu", max_steps=1,
+                         progress_bar=False)
+    quiet = trainer.evaluate()
+    monkeypatch.setattr(progress, "clock", SlowClock(step=5.0))
+    with caplog.at_level(logging.INFO, logger="alignflow"):
+        slow = trainer.evaluate()
+    assert progress_lines(caplog)[:2] == ["validation: 2 of 10 batches · 10.0 s · eta 40.0 s",
+                                          "validation: 4 of 10 batches · 20.0 s · eta 30.0 s"]
+    assert slow == quiet  # the same numbers, only said

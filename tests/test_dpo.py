@@ -179,6 +179,22 @@ def test_precomputed_reference_matches_live_and_the_cache_is_reused(tmp_path):
     assert len(list((tmp_path / "pre" / "ref_logps").glob("*.safetensors"))) == 2
 
 
+def test_a_long_reference_pass_says_how_far_it_is(tmp_path, monkeypatch, caplog):
+    """Scoring every pair with the reference is one silent pass before the first step; on a big
+    file it lasts minutes, so past 10 s it says how far it is (trainers.progress)."""
+    import logging
+
+    from alignflow.trainers import progress
+
+    ticks = iter(range(0, 10_000, 4))  # each look at the clock 4 s after the one before
+    monkeypatch.setattr(progress, "clock", lambda: float(next(ticks)))
+    with caplog.at_level(logging.INFO, logger="alignflow.progress"):
+        dpo_run(tmp_path, precompute=True, steps=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "alignflow.progress"]
+    assert lines[:2] == ["reference log-probs: 3 of 8 batches · 12.0 s · eta 20.0 s",
+                         "reference log-probs: 6 of 8 batches · 24.0 s · eta 8.0 s"]
+
+
 def test_resume_reads_the_cache_and_continues_the_same_run(tmp_path):
     ref = small_model(seed=0, vocab_size=PAIR_VOCAB)
     full, full_records = dpo_run(tmp_path / "full", precompute=True, ref_model=ref, steps=6)

@@ -35,6 +35,7 @@ from .metrics import MetricsLogger, MetricSums
 from .modules import unwrap
 from .optim import create_scheduler
 from .placement import place_policy
+from .progress import Progress
 from .resume import Resumable
 
 
@@ -266,7 +267,9 @@ class BaseTrainer(Resumable):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_items = torch.zeros((), dtype=torch.float64, device=self.device)
         sums = MetricSums()
-        for batch in self.val_loader:
+        # A pass over a big held-out split can take minutes: say how far it is (trainers.progress).
+        batches = Progress("validation", total=len(self.val_loader), unit="batches", quiet=not self.is_main)
+        for batch in batches.over(self.val_loader):
             n_items += self.count_items(batch)
             with self.autocast():
                 loss, metrics = self.compute_loss(self.model, self.to_device(batch))

@@ -31,6 +31,7 @@ from alignflow.models.files import atomic_write
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist_utils
+from ..progress import Progress
 from ..reference import freeze_reference, reference_fingerprint
 from .pairs import SIDES, concatenated_logps, pair_keys
 
@@ -182,8 +183,11 @@ class DPOReference:
     def _score(self, loaders, autocast, to_device) -> ReferenceLogps:
         """This rank scores the pairs of its own loaders; the ranks then share their rows."""
         keys, rows = [], []
+        # One pass over every training pair: minutes on a big file (trainers.progress).
+        scored = Progress("reference log-probs", total=sum(len(loader) for loader in loaders), unit="batches",
+                          quiet=not dist_utils.detect().is_main)
         for loader in loaders:
-            for batch in loader:
+            for batch in scored.over(loader):
                 keys.extend(pair_keys(batch, self.sides))
                 with autocast():
                     chosen, rejected, _, _ = concatenated_logps(self.model(), to_device(batch), self.sides)
