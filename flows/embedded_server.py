@@ -61,10 +61,14 @@ def _start(timeout: float) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen([sys.executable, "-m", "alignflow.flows.embedded_server", str(port)], env=env,
                                 start_new_session=True)  # out of the terminal's Ctrl-C
         url = f"http://127.0.0.1:{port}/api"
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _healthy(url):
-                return proc, url
-            time.sleep(0.2)
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                if _healthy(url):
+                    return proc, url
+                time.sleep(0.2)
+        except BaseException:  # Ctrl-C while it starts: serving() has no hold of it yet, so stop it here
+            stop_process_group(proc, grace=5.0)  # (its lifeline would, but only once its imports are done)
+            raise
         if proc.poll() != PORT_IN_USE:  # another process took the port in between: try another
             break
     stop_process_group(proc, grace=5.0)
