@@ -65,13 +65,17 @@ def progress_into(logger):
     source, handler = logging.getLogger("alignflow"), Forward()
     # Not also to the root logger: Prefect's console handler there would print each line twice.
     saved = source.level, source.propagate
-    source.level, source.propagate = logging.INFO, False
+    # setLevel, not `.level =`: it clears the loggers' isEnabledFor caches, and `alignflow.train`,
+    # asked once while the level was WARNING (a trainer run outside a flow), would stay silent.
+    source.setLevel(logging.INFO)
+    source.propagate = False
     source.addHandler(handler)
     try:
         yield
     finally:
         source.removeHandler(handler)
-        source.level, source.propagate = saved
+        source.setLevel(saved[0])
+        source.propagate = saved[1]
 
 
 def summary(metrics: dict) -> str:

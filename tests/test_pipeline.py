@@ -235,6 +235,25 @@ def test_a_stage_s_progress_is_in_its_prefect_log_a_line_per_record(runs):
     assert not any("\r" in m or "it/s" in m or "█" in m for m in logs), logs
 
 
+def test_progress_lines_reach_the_task_log_after_a_trainer_logged_outside_a_flow():
+    """A logger remembers whether a level is enabled: a trainer run outside a flow (alignflow's
+    level WARNING) must not leave `alignflow.train` silent inside the next flow's task."""
+    import logging
+
+    from alignflow.flows.pipeline import progress_into
+
+    source, train, forwarded = logging.getLogger("alignflow"), logging.getLogger("alignflow.train"), []
+    saved = source.level
+    try:
+        source.setLevel(logging.WARNING)
+        assert not train.isEnabledFor(logging.INFO)  # asked, and remembered
+        with progress_into(type("TaskLogger", (), {"log": lambda self, level, msg: forwarded.append(msg)})()):
+            train.info("step 1/1 · loss 1")
+        assert forwarded == ["step 1/1 · loss 1"]
+    finally:
+        source.setLevel(saved)
+
+
 def test_grpo_curves_draw_its_training_reward_kl_and_lengths(runs):
     from pathlib import Path
 
