@@ -26,7 +26,6 @@ from alignflow.models import ChatTemplateError, Tokenizer  # noqa: E402
 from alignflow.models.chat import rendering  # noqa: E402
 from alignflow.trainers import progress  # noqa: E402
 from alignflow.trainers.packing import pack_examples  # noqa: E402
-from alignflow.trainers.progress import Progress  # noqa: E402
 
 from . import demo  # noqa: E402
 from .data_files import DataError, Place, read_file  # noqa: E402
@@ -125,7 +124,7 @@ def validate(ds: datasets.Dataset, stage: str, kind: DataKind, origin: str, on_b
         missing = sorted(set(kind.columns[0]) - set(ds.column_names))
         raise DataError(f"{origin}: missing column {', '.join(repr(m) for m in missing)} for {stage} data "
                         f"(expects {wanted}; found {', '.join(ds.column_names) or 'no columns'})")
-    rows = Progress(f"checking {origin}", total=len(ds)).over(enumerate(ds))
+    rows = progress.Progress(f"checking {origin}", total=len(ds)).over(enumerate(ds))
     bad = [i for i, row in rows if kind.row_problem(row) is not None]
     if bad and on_bad_rows == "error":
         column, what = kind.row_problem(ds[bad[0]])
@@ -161,7 +160,7 @@ def _encoded(raw: RawSplit, kind: DataKind, tok: Tokenizer, cfg: DataConfig
     each example's row is in the file; and what rendering chose. A row the chat template refuses
     is a DataError naming the file's row, or (on_bad_rows: skip) dropped and counted."""
     place, notes = raw.place or Place(), Rendered()
-    tokenised = Progress(f"tokenising {raw.origin}", total=len(raw.dataset))
+    tokenised = progress.Progress(f"tokenising {raw.origin}", total=len(raw.dataset))
 
     def examples(row: dict, i: int) -> tuple[list[dict], str, int]:
         """The row's examples and what rendering chose (none: refused under skip)."""
@@ -186,7 +185,8 @@ def _encoded(raw: RawSplit, kind: DataKind, tok: Tokenizer, cfg: DataConfig
         for i, values in zip(indices, zip(*batch.values())):
             out, expanded, merged = examples(dict(zip(batch, values)), i)
             notes.refused += not out
-            notes.expanded[expanded] = notes.expanded.get(expanded, 0) + bool(expanded)
+            if expanded:
+                notes.expanded[expanded] = notes.expanded.get(expanded, 0) + 1
             notes.merged += merged > 0
             encoded += out
             rows += [i] * len(out)
@@ -196,14 +196,13 @@ def _encoded(raw: RawSplit, kind: DataKind, tok: Tokenizer, cfg: DataConfig
     # Computed afresh every time (never from datasets' cache): the notes are gathered as it runs.
     ds = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, load_from_cache_file=False,
                 desc=f"tokenise {kind.name}")
-    notes.expanded = {why: n for why, n in notes.expanded.items() if n}
     rows = ds[ROW]
     return ds.remove_columns(ROW), Place([place.row(r) for r in rows], place.lines, place.skipped), notes
 
 
 def enforce_max_length(ds: datasets.Dataset, kind: DataKind, max_length: int, policy: str, origin: str,
                        place: Place | None = None) -> tuple[datasets.Dataset, int]:
-    examples = Progress(f"measuring {origin}", total=len(ds)).over(ds)
+    examples = progress.Progress(f"measuring {origin}", total=len(ds)).over(ds)
     lengths = [max(len(example[c]) for c in kind.token_columns) for example in examples]
     too_long = [i for i, n in enumerate(lengths) if n > max_length]
     if too_long and policy == "error":
