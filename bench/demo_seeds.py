@@ -24,7 +24,11 @@ from alignflow.stages.config import load_config, parse_override
 
 
 def metrics(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]
+    """Its training metrics and its numbers on the demo's held-out prompts (eval.json), as
+    task_accuracy, heldout_reward (sampled) and eval_prompts."""
+    demo = json.loads((run_dir / stage / "eval.json").read_text())["sets"]["demo"]
+    return {**json.loads((run_dir / stage / "manifest.json").read_text())["metrics"],
+            "task_accuracy": demo["accuracy"], "heldout_reward": demo["sampled_reward"], "eval_prompts": demo["prompts"]}
 
 
 def main() -> None:

@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
 
     p = sub.add_parser("eval", help="verify a checkpoint directory (or hash a Hugging Face model directory) and "
-                                    "evaluate it on the held-out prompts")
+                                    "evaluate it on the eval section's sets and lm-eval tasks", description=(
+        "Evaluate DIR (a stage directory of a run, or a Hugging Face model directory, evaluated as an sft stage) "
+        "on the config's eval.sets and eval.lm_eval, without training anything. A stage directory's numbers are "
+        "recorded in its eval.json, where the report and the next `alignflow run` find them."))
     p.add_argument("dir")
     add_config_args(p)
 
@@ -198,20 +201,26 @@ def resume_hint(args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from alignflow.stages import handoff, storage
-    from alignflow.stages.evaluation import heldout_metrics
+    from alignflow.stages import eval_record, storage
 
     config = resolve_config(args)
-    model, tok, manifest = handoff.load_stage(storage.localize(args.dir), options=config.hf)
+    manifest = storage.read_manifest(args.dir, verify=True)
     what = "a Hugging Face model directory, files hashed" if manifest.get("external") else \
         f"{manifest['stage']} stage, sha256 verified"
     print(f"{args.dir}: {what}")
-    result = heldout_metrics(config, config.stage(manifest["stage"] or "sft").data, model, tok)
-    for key in ("task_accuracy", "format_rate", "greedy_reward", "heldout_reward", "eval_prompts"):
-        if key in result:
-            print(f"  {key:16s} {result[key]:.4g}")
-    print("  recorded metrics: " + json.dumps({k: v for k, v in manifest["metrics"].items()
-                                               if isinstance(v, float)}, indent=None))
+    record = eval_record.evaluate_directory(args.dir, config)
+    for name, got in record["sets"].items():
+        shown = ", ".join(f"{key} {got[key]:.4g}" for key in ("accuracy", "sampled_reward", "greedy_reward",
+                                                                "format_rate", "completion_tokens") if key in got)
+        print(f"  {name}: {shown} ({got['prompts']} prompts)")
+    for task, got in record["lm_eval"].items():
+        print(f"  lm-eval {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in got.items()))
+    if not record["sets"] and not record["lm_eval"]:
+        print("  no evaluation set applies to it: give eval.sets (or eval.lm_eval) with --config or --set")
+    if not manifest.get("external"):
+        print(f"  recorded in {storage.join(args.dir, 'eval.json')}")
+    print("  training metrics: " + json.dumps({k: v for k, v in manifest["metrics"].items()
+                                              if isinstance(v, float)}, indent=None))
     return 0
 
 
@@ -231,8 +240,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_runs(args) -> int:
+    from alignflow.flows.eval_report import headline_text
     from alignflow.flows.report import headline
-    from alignflow.stages import handoff, storage
+    from alignflow.stages import eval_record, handoff, storage
 
     runs = storage.subdirs(args.runs_dir)
     if not runs:
@@ -246,6 +256,7 @@ def cmd_runs(args) -> int:
                 print(f"  {stage:9s} incomplete")
                 continue
             shown = [f"{label} {text}" for label, text in headline(m["stage"], m["metrics"])]
+            shown += headline_text({"evaluation": eval_record.read_record(storage.join(args.runs_dir, run, stage))})
             parent = m.get("parent") or {}
             lineage = f"  <- {parent['path']}" if parent.get("path") else ""
             print(f"  {stage:9s} " + ", ".join(shown) + lineage)

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from alignflow.stages import aligners, algorithms, chain, check_parent, children, handoff, storage
+from alignflow.stages import aligners, algorithms, chain, check_parent, children, eval_record, handoff, storage
 from alignflow.stages.algorithm import roots
 from alignflow.stages.config import PipelineConfig, load_config
 from alignflow.stages.settings import plain_name
@@ -28,7 +28,7 @@ from alignflow.trainers.checkpoint import latest_checkpoint, step_of
 
 from alignflow.trainers import numbers
 
-from . import report, tracking
+from . import eval_report, report, tracking
 from .launch import run_torchrun
 
 
@@ -79,13 +79,33 @@ def progress_into(logger):
 
 
 def summary(metrics: dict) -> str:
-    """A stage's final numbers, rounded: `loss 0.64 · val_loss 0.6574 · task_accuracy 0.3696`."""
+    """A stage's final numbers, rounded: `loss 0.64 · val_loss 0.6574 · demo accuracy 0.3696`."""
     return " · ".join(f"{k} {numbers.number(v)}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def eval_summary(record: dict) -> dict:
+    """`{"demo accuracy": 0.37, ...}`: each evaluation set's numbers, named by their set."""
+    return {f"{name} {key}": value for name, got in (record.get("sets") or {}).items()
+            for key, value in got.items() if isinstance(value, float) and key != "seconds"}
 
 
 def retryable(task, task_run, state) -> bool:
     """Prefect's retry condition: retry only what a retry can fix (stages.failures)."""
     return not (isinstance(state.data, BaseException) and is_permanent(state.data))
+
+
+def evaluated(stage: str, config: PipelineConfig, result: dict, logger) -> dict:
+    """The result with its evaluation: the one the stage made as it trained, or its eval.json when
+    that measured this model with these `eval` settings; else the finished directory is
+    evaluated now (e.g. only `eval` changed), and its training is not run again."""
+    record = result.get("evaluation") or eval_record.current_record(result["path"], config, stage,
+                                                                     result["content_hash"])
+    if record is not None:
+        return {**result, "evaluation": record}
+    logger.info("evaluating %s: %s has no evaluation with these eval settings", stage, result["path"])
+    with progress_into(logger):
+        record = eval_record.evaluate_directory(result["path"], config, stage=stage)
+    return {**result, "evaluation": record, "reevaluated": True}
 
 
 @task(task_run_name="{stage}", retry_condition_fn=retryable)
@@ -97,6 +117,7 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
     if why is None:
         logger.info("%s is already complete for this config and parent: skipped", out_dir)
         result = {**handoff.stage_result(out_dir, storage.read_manifest(out_dir)), "skipped": True}
+        result = evaluated(stage, config, result, logger)
         # Completed, so the chain goes on with its result, but named so the UI tells it apart.
         return Completed(name="Skipped", message=f"{stage} already complete in {out_dir}", data=result)
     if why.damaged:
@@ -111,8 +132,9 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
     else:
         with progress_into(logger):
             result = train_stage(stage, config, parent_path, out_dir)
+    result = evaluated(stage, config, result, logger)
     publish(stage, config.resolved_run_id(), result)
-    logger.info("%s done: %s", stage, summary(result["metrics"]))
+    logger.info("%s done: %s", stage, summary({**result["metrics"], **eval_summary(result["evaluation"])}))
     return result
 
 
@@ -180,7 +202,8 @@ def earlier_result(out: str) -> dict | None:
         manifest = storage.read_manifest(out)
     except handoff.StageDirError:
         return None
-    return {**handoff.stage_result(out, manifest), "parent_hash": (manifest.get("parent") or {}).get("content_hash")}
+    return {**handoff.stage_result(out, manifest), "parent_hash": (manifest.get("parent") or {}).get("content_hash"),
+            "evaluation": eval_record.read_record(out)}
 
 
 def write_report(run_dir: str, run_id: str, results: dict[str, dict], chain: list[str]) -> str:
@@ -189,6 +212,10 @@ def write_report(run_dir: str, run_id: str, results: dict[str, dict], chain: lis
     every = report.complete_stages(run_dir, results, earlier_result)
     local = storage.local_dir(run_dir)
     local.mkdir(parents=True, exist_ok=True)
+    if eval_report.plot(every, local / report.EVAL_CHART) is None:
+        (local / report.EVAL_CHART).unlink(missing_ok=True)  # an earlier run's, of stages no longer evaluated
+    elif storage.is_url(run_dir):
+        storage.put_file(local / report.EVAL_CHART, storage.join(run_dir, report.EVAL_CHART))
     (local / "report.md").write_text(report.report_card(run_dir, run_id, every, chain, inline=False))
     if storage.is_url(run_dir):
         storage.put_file(local / "report.md", storage.join(run_dir, "report.md"))

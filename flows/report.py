@@ -16,14 +16,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from alignflow.stages import Headline, Panel, algorithms, storage  # noqa: E402
-from alignflow.stages.evaluation import HEADLINE as EVALUATION_HEADLINE  # noqa: E402
 from alignflow.trainers import numbers  # noqa: E402
+
+from . import eval_report  # noqa: E402
 
 # Every stage's curves start with its loss, training and validation together; then come its
 # algorithm's panels (stages/algorithm.py: Algorithm.panels), each a quantity by the metric
 # names its trainer logs.
 LOSS_PANEL = Panel("loss", (("loss", "train"), ("val_loss", "validation")))
 COLUMNS = 3
+EVAL_CHART = "eval.png"  # in the run directory: each evaluation set's headline across the stages
 
 
 def panels(stage: str) -> list[Panel]:
@@ -32,9 +34,9 @@ def panels(stage: str) -> list[Panel]:
 
 
 def headline_rows(stage: str) -> tuple[Headline, ...]:
-    """A stage's report rows: its algorithm's, then the held-out evaluation's every stage has."""
+    """A stage's report rows of its training metrics: its algorithm's."""
     found = algorithms().get(stage)
-    return (*(found.headline if found else ()), *EVALUATION_HEADLINE)
+    return found.headline if found else ()
 
 
 def artifact_key(*parts: str) -> str:
@@ -97,7 +99,7 @@ def status(result: dict) -> str:
     if result.get("earlier"):
         return "from an earlier run" + (", on an older parent" if result.get("stale") else "")
     if result.get("skipped"):
-        return "skipped (already complete)"
+        return "skipped (already complete)" + (", evaluated again" if result.get("reevaluated") else "")
     resumed = result["metrics"].get("resumed_from_step")
     return f"trained (resumed at step {resumed})" if resumed else "trained"
 
@@ -109,7 +111,8 @@ def headline(stage: str, metrics: dict) -> list[tuple[str, str]]:
 
 
 def table(results: dict[str, dict]) -> list[str]:
-    """The stages side by side: headline metrics, then what each cost and where it is."""
+    """The stages side by side: headline metrics, the evaluation's (each with its change from the
+    parent stage), then what each cost and where it is."""
     stages = list(results)
     lines = ["| | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
 
@@ -119,9 +122,12 @@ def table(results: dict[str, dict]) -> list[str]:
 
     shown = {s: dict(headline(results[s]["stage"], results[s]["metrics"])) for s in stages}
     # Every algorithm's rows in pipeline order, then evaluation's: the same order in every report.
-    labels = [r.label for a in algorithms().values() for r in a.headline] + [r.label for r in EVALUATION_HEADLINE]
+    labels = [r.label for a in algorithms().values() for r in a.headline]
     for label in dict.fromkeys(labels):
         row(label, [shown[s].get(label, "") for s in stages])
+    for label, cells in eval_report.rows(results):
+        row(label, cells)
+    row("eval time", [numbers.duration((results[s].get("evaluation") or {}).get("seconds")) for s in stages])
     row("optimizer steps", [numbers.count(results[s]["metrics"].get("step")) for s in stages])
     row("tokens trained on", [numbers.count(results[s]["metrics"].get("tokens")) for s in stages])
     row("train time", [numbers.duration(results[s]["timings"].get("train_seconds")) for s in stages])
@@ -131,21 +137,17 @@ def table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def samples(results: dict[str, dict]) -> list[str]:
-    lines = []
-    for stage, result in results.items():
-        for row in (result["metrics"].get("samples") or [])[:2]:
-            completion = row["completion"].replace("\n", " ⏎ ")
-            lines.append(f"- **{stage}** — {row['prompt']} → `{completion}` (answer {row['answer']})")
-    return ["", "## Sample completions (greedy, held-out prompts)", "", *lines] if lines else []
-
-
 def report_card(run_dir: str, run_id: str, results: dict[str, dict], chain: list[str], inline: bool) -> str:
     """Markdown: every complete stage of the run directory side by side, then each one's curves.
     `inline`: images embedded (the Prefect artifact); otherwise linked to each stage's curves.png
     (report.md beside the stage directories)."""
     lines = [f"# alignflow report: {run_id}", "",
-             f"`{shown_path(run_dir)}` · this run: {' → '.join(chain)}", "", *table(results), "", "## Curves"]
+             f"`{shown_path(run_dir)}` · this run: {' → '.join(chain)}", "", *table(results)]
+    chart = storage.local_dir(run_dir) / EVAL_CHART
+    if chart.exists():
+        link = inline_image(chart, "evaluation") if inline else f"![evaluation]({EVAL_CHART})"
+        lines += ["", "## Evaluation", "", link]
+    lines += ["", "## Curves"]
     for stage, result in results.items():
         image = storage.local_dir(result["path"]) / "curves.png"
         if not image.exists():
@@ -153,7 +155,7 @@ def report_card(run_dir: str, run_id: str, results: dict[str, dict], chain: list
             continue
         link = inline_image(image, f"{stage} curves") if inline else f"![{stage} curves]({stage}/curves.png)"
         lines += ["", f"### {stage}", "", link]
-    return "\n".join(lines + samples(results)) + "\n"
+    return "\n".join(lines + eval_report.samples(results)) + "\n"
 
 
 def stage_card(stage: str, result: dict, image: Path | None) -> str:

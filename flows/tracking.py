@@ -2,13 +2,15 @@
 MLflow run per pipeline run, and a nested run per stage.
 
 The flow logs a stage when it has finished, from what the stage wrote: every record of its
-metrics.jsonl as step metrics, its final evaluation at the last step, its config section as
-params, its curves.png and manifest.json as artifacts. So ranks under torchrun never talk to
+metrics.jsonl as step metrics, its evaluation (eval.json: `eval/<set>/<metric>`,
+`lm_eval/<task>/<metric>`) at the last step, its config section as params, its curves.png,
+manifest.json and eval.json as artifacts. So ranks under torchrun never talk to
 MLflow, and a stage that crashed and resumed is logged once, whole. Live progress while a stage
 trains is in Prefect's log (and TensorBoard, `train.tensorboard`)."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +47,17 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = value if isinstance(value, str) else json.dumps(value)
     return out
+
+
+def evaluation_metrics(record: dict | None) -> dict[str, float]:
+    """A stage's evaluation as MLflow metrics: `eval/<set>/<metric>`, `lm_eval/<task>/<metric>`."""
+    record = record or {}
+    out = {f"eval/{name}/{k}": float(v) for name, got in (record.get("sets") or {}).items()
+           for k, v in got.items() if is_number(v)}
+    out.update({f"lm_eval/{task}/{k}": float(v) for task, got in (record.get("lm_eval") or {}).items()
+                for k, v in got.items() if is_number(v)})
+    # MLflow's names: letters, digits, _ - . / and spaces.
+    return {re.sub(r"[^\w\-./ ]", "_", k): v for k, v in out.items()}
 
 
 def default_uri(runs_dir: str) -> str:
@@ -117,7 +130,7 @@ class MlflowTracker(Tracker):
             self.experiment_id = experiment.experiment_id
         self.run_id = self.client.create_run(self.experiment_id, run_name=title, tags=tags).info.run_id
         dumped = config.model_dump(mode="json")
-        self._params(self.run_id, flatten({k: v for k, v in dumped.items() if not isinstance(v, dict) or k in SHARED_KEYS}))
+        self._params(self.run_id, flatten({k: v for k, v in dumped.items() if not isinstance(v, dict) or k in (*SHARED_KEYS, "eval")}))
 
     def _params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -147,9 +160,10 @@ class MlflowTracker(Tracker):
         logged = {m.key for m in metrics}
         metrics += [Metric(k, float(v), now, last_step) for k, v in result["metrics"].items()
                     if k not in logged and is_number(v)]
+        metrics += [Metric(k, v, now, last_step) for k, v in evaluation_metrics(result.get("evaluation")).items()]
         for start in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + BATCH])
-        for name in ("curves.png", "manifest.json"):
+        for name in ("curves.png", "manifest.json", "eval.json"):
             if (local / name).exists():
                 self.client.log_artifact(run_id, str(local / name))
         self.client.set_terminated(run_id, "FINISHED")

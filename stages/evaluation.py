@@ -1,9 +1,14 @@
-"""Held-out evaluation of a stage's model: the same prompts and settings for every stage, so the
-numbers compare. Its settings are the config's `eval` section, part of every stage's cache key
-(stages.settings.SHARED_KEYS); completions are scored by trainers.rewards' `Rewards`, as GRPO's
-are."""
+"""Evaluation of a stage's model on the `eval` section's sets: the same prompts and settings for
+every stage, so the numbers compare across the pipeline. Each set's prompts are generated
+greedily (exact-match accuracy against `answer`, the reward, the format rate, the completion
+length) and sampled (the mean reward over `samples` seeded completions per prompt: the quantity
+GRPO maximises, so it shows a policy growing surer of right answers even where the greedy
+answer is unchanged). Completions are scored by trainers.rewards' `Rewards`, as GRPO's are.
+When a stage is evaluated and where the numbers are kept: stages/eval_record.py."""
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,53 +18,105 @@ from alignflow.trainers import unwrap
 from alignflow.trainers.rewards import Rewards
 
 from . import data
-from .algorithm import Headline
-from .formats import EVAL_PROMPTS
+from .algorithm import algorithms
+from .formats import EVAL_PROMPTS, PROMPTS
+from .settings import DEMO_SET, DataConfig
 
 if TYPE_CHECKING:
-    from .settings import DataConfig
+    from .settings import EvalSet
 
+log = logging.getLogger("alignflow.stage")
 BATCH = 32  # prompts generated together
-# The report card's rows of these numbers, for every stage (after the algorithms' own).
-HEADLINE = (Headline("task accuracy", "task_accuracy", cases="eval_prompts"),
-            Headline("format rate", "format_rate", cases="eval_prompts"),
-            Headline("held-out reward", "heldout_reward"))
-TASK = Rewards(["exact_match", "format"])  # a right answer; the answer line's format
+ACCURACY = Rewards(["exact_match"])  # the greedy completion's final answer equals `answer`
+NOT_SCORED = ("prompt", "prompt_input_ids")  # every other column goes to the reward functions
+# A set's metrics in the order the report shows them, with their labels; the first it has is
+# its headline (the report's chart).
+METRICS = (("accuracy", "accuracy"), ("sampled_reward", "reward (sampled)"), ("greedy_reward", "reward (greedy)"),
+           ("format_rate", "format rate"), ("completion_tokens", "completion length"))
+RATES = ("accuracy", "format_rate")  # shown as percentages of the set's prompts
 
 
-def heldout_metrics(config, data_cfg: DataConfig, model: torch.nn.Module, tok: Tokenizer) -> dict:
-    """Task metrics on the demo's held-out prompts. Greedy decoding gives exact-match accuracy,
-    format rate and the greedy reward; the held-out reward is the `eval` reward (by default
-    GRPO's functions) averaged over `eval.reward_samples` seeded samples per prompt at
-    `eval.temperature` -- the quantity GRPO maximises, so it shows a policy growing surer of
-    right answers even where the greedy answer is unchanged. User data without answers gets no
-    task metrics."""
-    if data_cfg.source != "demo":
-        return {}
+def is_evaluated(config, stage: str, tok: Tokenizer) -> bool:
+    """`eval.stages` names the stages evaluated; by default every one, and a first stage such as
+    pretraining only when its tokenizer has a chat template to render a conversation's prompt."""
+    if config.eval.stages is not None:
+        return stage in config.eval.stages
+    return algorithms()[stage].parent is not None or bool(getattr(tok, "chat_template", None))
+
+
+def stage_sets(config, stage: str) -> list[EvalSet]:
+    """The sets `stage` is evaluated on: `eval.sets`; without them, the demo's held-out prompts on
+    stages trained on demo data (the demo's arithmetic says nothing about a model trained on the
+    user's own data)."""
     ev = config.eval
-    loaded = data.prepare("eval", EVAL_PROMPTS, data_cfg, config.demo, tok, "val")
-    ds = loaded.dataset.select(range(min(len(loaded.dataset), ev.max_prompts)))
+    if ev.sets is None and config.stage(stage).data.source != DEMO_SET:
+        return []
+    return ev.resolved_sets()
+
+
+def evaluate_sets(config, stage: str, model: torch.nn.Module, tok: Tokenizer) -> dict[str, dict]:
+    """{set name: its metrics} for every set `stage` is evaluated on (is_evaluated: checked by the caller)."""
+    out = {}
+    for s in stage_sets(config, stage):
+        started = time.perf_counter()
+        out[s.name] = evaluate_set(s, config.demo, model, tok)
+        seconds = time.perf_counter() - started
+        out[s.name]["seconds"] = round(seconds, 3)
+        shown = ", ".join(f"{label} {out[s.name][key]:.4g}" for key, label in METRICS if key in out[s.name])
+        log.info(f"{stage} eval {s.name}: {shown} ({out[s.name]['prompts']} prompts, {seconds:.1f} s)")
+    return out
+
+
+def set_rows(s: EvalSet, demo_cfg, tok: Tokenizer) -> list[dict]:
+    """A set's first `max_prompts` rows, tokenised: the demo's held-out prompts, or its file's
+    rows (checked at config load, stages.settings.eval_set_columns)."""
+    if s.source == DEMO_SET:
+        # Drawn as the held-out split of a stage named "eval": the same prompts for every stage.
+        loaded = data.prepare("eval", EVAL_PROMPTS, DataConfig(max_length=1 << 20), demo_cfg, tok, "val")
+    else:
+        cfg = DataConfig(source=s.source, val_fraction=0.0, max_length=1 << 20)
+        loaded = data.prepare(f"eval set {s.name}", PROMPTS, cfg, demo_cfg, tok, "train")
+    ds = loaded.dataset
+    return [ds[i] for i in range(min(len(ds), s.max_prompts))]
+
+
+def evaluate_set(s: EvalSet, demo_cfg, model: torch.nn.Module, tok: Tokenizer) -> dict:
+    """One set's metrics (see the module's docstring) and its first five greedy samples."""
+    rows = set_rows(s, demo_cfg, tok)
     model = unwrap(model)
-    rewards = Rewards(ev.reward_funcs, ev.reward_weights)
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.demo.seed)
-    task, greedy, sampled, samples = [], [], [], []
-    for start in range(0, len(ds), BATCH):
-        rows = [ds[i] for i in range(start, min(start + BATCH, len(ds)))]
-        completions = generate_text(model, tok, [r["prompt_input_ids"] for r in rows], ev.max_new_tokens).texts
-        task.append(_scores(TASK, rows, completions).nan_to_num(0.0))  # no answer to match: a miss
-        greedy += rewards.total(_scores(rewards, rows, completions)).tolist()
-        samples += [{"prompt": r["prompt"], "completion": c, "answer": r["answer"]} for r, c in zip(rows, completions)]
-        repeated = [r for r in rows for _ in range(ev.reward_samples)]
+    rewards = Rewards(s.reward_funcs, s.reward_weights)
+    has_answer = bool(rows) and "answer" in rows[0]
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(demo_cfg.seed)
+    hits, formatted, greedy, sampled, lengths, samples = [], [], [], [], [], []
+    for start in range(0, len(rows), BATCH):
+        batch = rows[start:start + BATCH]
+        out = generate_text(model, tok, [r["prompt_input_ids"] for r in batch], s.max_new_tokens)
+        scores = _scores(rewards, batch, out.texts)
+        greedy += rewards.total(scores).tolist()
+        if has_answer:  # no answer to match in a row: a miss
+            hits += _scores(ACCURACY, batch, out.texts)[:, 0].nan_to_num(0.0).tolist()
+        if "format" in rewards.names:
+            formatted += scores[:, rewards.names.index("format")].nan_to_num(0.0).tolist()
+        lengths += out.completion_mask.sum(1).tolist()
+        samples += [{"prompt": r["prompt"], "completion": c, **({"answer": r["answer"]} if has_answer else {})}
+                    for r, c in zip(batch, out.texts)]
+        repeated = [r for r in batch for _ in range(s.samples)]
         if repeated:
-            drawn = generate_text(model, tok, [r["prompt_input_ids"] for r in repeated], ev.max_new_tokens,
-                                  temperature=ev.temperature, generator=generator).texts
+            drawn = generate_text(model, tok, [r["prompt_input_ids"] for r in repeated], s.max_new_tokens,
+                                  temperature=s.temperature, generator=generator).texts
             sampled += rewards.total(_scores(rewards, repeated, drawn)).tolist()
-    hits, formatted = torch.cat(task).double().sum(0).tolist() if task else (0.0, 0.0)
-    n = max(len(ds), 1)
-    return {"task_accuracy": hits / n, "format_rate": formatted / n, "greedy_reward": sum(greedy) / n,
-            "heldout_reward": sum(sampled) / len(sampled) if sampled else sum(greedy) / n,
-            "eval_prompts": len(ds), "samples": samples[:5]}
+    n = max(len(rows), 1)
+    metrics = {"prompts": len(rows), "greedy_reward": sum(greedy) / n,
+               "completion_tokens": sum(lengths) / n, "samples": samples[:5]}
+    if has_answer:
+        metrics["accuracy"] = sum(hits) / n
+    if formatted:
+        metrics["format_rate"] = sum(formatted) / n
+    if sampled:
+        metrics["sampled_reward"] = sum(sampled) / len(sampled)
+    return metrics
 
 
 def _scores(rewards: Rewards, rows: list[dict], completions: list[str]) -> torch.Tensor:
-    return rewards.score([r["prompt"] for r in rows], completions, {"answer": [r["answer"] for r in rows]})
+    columns = {c: [r[c] for r in rows] for c in rows[0] if c not in NOT_SCORED} if rows else {}
+    return rewards.score([r["prompt"] for r in rows], completions, columns)

@@ -13,6 +13,8 @@
       ref_logps/         DPO's trainer: its reference log-prob cache
       curves.png         the flow, after the stage (flows/report.py)
       manifest.json      the stage (`write_manifest`), last: a directory without it is incomplete
+      eval.json          the stage's evaluation, after the manifest (stages/eval_record.py): not
+                         part of the model, rewritten when only the `eval` settings change
       state/             the trainer: resumable checkpoints (trainers/checkpoint.py)
       work/              the stage's run (`prepare_out_dir`, `work_file`): what state/ was
                          written for (fingerprint.json), pretraining's tokenizer in progress
@@ -46,7 +48,8 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 WEIGHT_INDEX = "model.safetensors.index.json"
 OPTIONAL_FILES = ("metrics.jsonl",)  # sealed too when present, but not part of content_hash
-NOT_MODEL_FILES = {MANIFEST, "curves.png", *OPTIONAL_FILES}  # top-level files that are not the model
+EVAL_RECORD = "eval.json"  # the stage's evaluation, written after the manifest (stages/eval_record.py)
+NOT_MODEL_FILES = {MANIFEST, EVAL_RECORD, "curves.png", *OPTIONAL_FILES}  # top-level files that are not the model
 
 
 class StageDirError(RuntimeError):

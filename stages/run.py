@@ -5,15 +5,15 @@ algorithm's recipe inside a `StageRun`, which does what every stage does the sam
         algorithm.recipe(stage)                               # e.g. stages/recipes/dpo.py:
             model, tok = stage.load_policy()                  #   the parent (+ a LoRA adapter if `lora`)
             trainer = stage.trainer(model, tok, ...)          #   data, loaders, optimizer, trainer
-            stage.train(trainer, tok)                         #   train (resuming), held-out evaluation
-    return stage.result                                       # set on a clean exit: directory written
+            stage.train(trainer, tok)                         #   train (resuming)
+    return stage.result                                       # on a clean exit: directory written, evaluated
 
 Its parts each live where they say what they are: the parent (stages/parent.py), the output
 directory's lifecycle (stages/stage_dir.py), the data and loaders (stages/loaders.py), what
 trains and what is handed on, every weight or a LoRA/QLoRA adapter (models/lora.py's
 `AdapterPolicy`). On a clean exit rank 0 writes the model directory (Hugging Face layout; a LoRA
 policy merged, its adapter in adapter/) and, last, the manifest, then publishes the directory
-when it lives at a URL. On an exception nothing is written: a retry resumes from the trainer's
+when it lives at a URL, and evaluates the model it still holds (eval.json: stages/eval_record.py). On an exception nothing is written: a retry resumes from the trainer's
 last checkpoint in `state/`."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from alignflow.trainers.sharding import original_class
 
 from . import data, loaders
 from .algorithm import Algorithm, get_algorithm
-from .evaluation import heldout_metrics
+from . import eval_record
 from .parent import Parent
 from .stage_dir import StageDir
 
@@ -95,10 +95,18 @@ class StageRun:
                     o = self.outcome
                     self.result = self.out.write(o["model"], o["tokenizer"], self._manifest_fields(),
                                                  self.config.hf.max_shard_size, adapter=o["adapter"])
+                    self.result["evaluation"] = self._evaluate(o["model"], o["tokenizer"])
                 dist_utils.barrier()
         finally:
             self.out.release()
         return False
+
+    def _evaluate(self, model: torch.nn.Module, tok: Tokenizer) -> dict:
+        """The finished stage evaluated with its model still loaded, recorded in eval.json. After
+        the manifest: the stage is complete even if its evaluation fails, and a retry only
+        evaluates (stages/eval_record.py)."""
+        numbers = eval_record.evaluate(self.config, self.name, model, tok, self.out_dir)
+        return eval_record.write_record(self.out.ref, self.config, self.name, self.result["content_hash"], numbers)
 
     def _manifest_fields(self) -> dict:
         o, seconds = self.outcome, self.outcome["train_seconds"]
@@ -115,7 +123,7 @@ class StageRun:
             "model_kind": model_kind(o["model"]),  # how the next stage loads it (models.load_model)
             "parent": self.parent.lineage() if self.parent else None,
             "data": self.data.notes() if self.data else {},
-            "metrics": {**o["metrics"], **o["evaluation"]},
+            "metrics": o["metrics"],
             "restored_from_step": restored,
             "timings": {"wall_seconds": round(time.time() - self.started, 2), "train_seconds": round(seconds, 2),
                         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None},
@@ -186,17 +194,16 @@ class StageRun:
                 f"world size {self.dist.world_size} ({strategy}), {self.device}, {t.precision}")
 
     def train(self, trainer: BaseTrainer, tok: Tokenizer) -> None:
-        """Train (resuming from this stage's last checkpoint), then evaluate on held-out prompts."""
+        """Train (resuming from this stage's last checkpoint); the model is handed to rank 0 to write."""
         metrics = trainer.train(resume_from="latest")
         seconds = trainer.elapsed_seconds()  # of every attempt: tokens/s over all tokens seen
         model = trainer.final_model()  # every rank takes part (fsdp gathers); rank 0 gets it
-        evaluation, adapter = {}, None
+        adapter = None
         if self.dist.is_main:
             model, adapter = self.adapters.hand_off(model, lambda: self.parent.load("cpu", self.config.hf)[0])
-            model.to(self.device)  # fsdp gathers onto the CPU
-            evaluation = heldout_metrics(self.config, self.settings.data, model, tok)
+            model.to(self.device)  # fsdp gathers onto the CPU, and evaluation runs on the stage's device
         self.outcome = {"model": model, "tokenizer": tok, "adapter": adapter, "metrics": metrics,
-                        "evaluation": evaluation, "train_seconds": seconds}
+                        "train_seconds": seconds}
 
 
 def package_versions() -> dict:

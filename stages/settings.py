@@ -20,9 +20,11 @@ from alignflow.models.lora import LoRAConfig
 from alignflow.trainers.args import Settings, TrainingArgs
 from alignflow.trainers.rewards import DEFAULT_REWARDS, required_columns
 
-# Sections every stage's output depends on: the model and how it is loaded, the tokenizer, the
-# demo data, evaluation.
-SHARED_KEYS = ("model", "hf", "vocab_size", "demo", "eval")
+from .harness import LMEvalConfig
+
+# Sections every stage's trained output depends on: the model and how it is loaded, the
+# tokenizer, the demo data. Not evaluation: it is keyed on its own (stages/eval_record.py).
+SHARED_KEYS = ("model", "hf", "vocab_size", "demo")
 
 
 class DataConfig(Settings):
@@ -92,30 +94,101 @@ class StageConfig(Settings):
         return self
 
 
-EVAL_COLUMNS = ("answer",)  # what stages/evaluation.py hands each reward function
+EVAL_COLUMNS = ("answer",)  # what the demo's held-out prompts hand each reward function
+DEMO_SET = "demo"  # the evaluation set of the demo's held-out prompts
+
+
+class EvalSet(Settings):
+    """One evaluation set: prompts from a local file (or the demo's held-out prompts), and how
+    they are scored. A field left unset takes the `eval` section's value of the same name."""
+    name: str = Field(description="the set's name in the report, the manifest and MLflow")
+    source: str = Field(DEMO_SET, description="a local file (jsonl, json, parquet, csv) of `prompt` (text or "
+                                              "messages), optional `answer` and any columns its reward functions "
+                                              "read; or 'demo' (the demo task's held-out prompts)")
+    max_prompts: int | None = Field(None, ge=1, description="the first this many prompts of the file")
+    max_new_tokens: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=0, description="sampled completions per prompt for the sampled mean "
+                                                        "reward (0: greedy only)")
+    temperature: float | None = Field(None, gt=0)
+    reward_funcs: list[str] | None = Field(None, min_length=1)
+    reward_weights: list[float] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, value: str) -> str:
+        return plain_name(value, "eval.sets name")
 
 
 class EvalConfig(Settings):
-    """Held-out evaluation of every stage (stages/evaluation.py). Part of every stage's cache
-    key: changing it re-runs the stages whose numbers it changes."""
-    max_prompts: int = Field(64, ge=1, description="held-out prompts for the task metrics")
+    """Evaluation of every stage after it trains (stages/evaluation.py): each set's prompts
+    generated greedily (exact-match accuracy, reward, format rate, length) and sampled (mean
+    reward), and lm-evaluation-harness tasks. Not part of a stage's training cache key: changing
+    it re-evaluates the stages, it does not retrain them (stages/eval_record.py)."""
+    sets: list[EvalSet] | None = Field(None, description="evaluation sets (default: the demo's held-out prompts, "
+                                                         "on the stages trained on demo data)")
+    stages: list[str] | None = Field(None, description="the stages evaluated (default: every stage, pretraining "
+                                                       "only when its tokenizer has a chat template)")
+    lm_eval: LMEvalConfig | None = Field(None, description="lm-evaluation-harness tasks run on every evaluated "
+                                                           "stage's directory (pip install 'alignflow[eval]')")
+    # The defaults of every set's own fields:
+    max_prompts: int = Field(64, ge=1, description="prompts of each set evaluated at most")
     max_new_tokens: int = Field(16, ge=1)
-    reward_samples: int = Field(8, ge=0, description="sampled completions per prompt for the held-out mean reward (0: greedy)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of the held-out reward")
+    reward_samples: int = Field(8, ge=0, description="sampled completions per prompt for the sampled mean reward "
+                                                     "(0: greedy only)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the sampled mean reward")
     reward_funcs: list[str] = Field(DEFAULT_REWARDS, min_length=1,
-                                    description="reward functions of the held-out reward (by default GRPO's)")
+                                    description="reward functions of each set (by default GRPO's)")
     reward_weights: list[float] | None = None
 
-    @field_validator("reward_funcs")
-    @classmethod
-    def _held_out_rows_have_the_columns(cls, names: list[str]) -> list[str]:
-        # The held-out prompts carry only `answer`: a function reading another column would
-        # score no row, and the held-out reward would silently count it as 0.
-        unknown = {c: fns for c, fns in required_columns(names).items() if c not in EVAL_COLUMNS}
-        if unknown:
-            raise ValueError("the held-out prompts have only " + ", ".join(EVAL_COLUMNS) + "; " +
-                             "; ".join(f"{', '.join(fns)} reads {c!r}" for c, fns in unknown.items()))
-        return names
+    def resolved_sets(self) -> list[EvalSet]:
+        """Every set with its unset fields filled from this section (the demo set when none is given)."""
+        given = self.sets if self.sets is not None else [EvalSet(name=DEMO_SET)]
+        defaults = {"max_prompts": self.max_prompts, "max_new_tokens": self.max_new_tokens,
+                    "samples": self.reward_samples, "temperature": self.temperature,
+                    "reward_funcs": self.reward_funcs, "reward_weights": self.reward_weights}
+        out = []
+        for s in given:
+            filled = {k: v for k, v in defaults.items() if getattr(s, k) is None}
+            if s.reward_funcs is not None and s.reward_weights is None:
+                filled.pop("reward_weights", None)  # its own functions, weighted 1 each
+            out.append(s.model_copy(update=filled))
+        return out
+
+    @model_validator(mode="after")
+    def _sets_are_readable(self) -> "EvalConfig":
+        """A bad set fails here, at config load, with one line naming its file and row, not after
+        a stage has trained."""
+        names = [s.name for s in self.sets or []]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"eval.sets: {', '.join(twice)} named twice; each set needs its own name")
+        given = self.sets if self.sets is not None else [None]
+        for i, (own, s) in enumerate(zip(given, self.resolved_sets())):
+            columns = EVAL_COLUMNS if s.source == DEMO_SET else eval_set_columns(s)
+            unknown = {c: fns for c, fns in required_columns(s.reward_funcs).items() if c not in columns}
+            if unknown:
+                key = f"eval.sets[{i}].reward_funcs" if own is not None and own.reward_funcs else "eval.reward_funcs"
+                where = "the demo's held-out prompts have" if s.source == DEMO_SET else f"{s.source} has"
+                raise ValueError(f"{key} (set {s.name}): {where} only the columns " + ", ".join(columns) + "; " +
+                                 "; ".join(f"{', '.join(fns)} reads {c!r}" for c, fns in unknown.items()))
+        return self
+
+
+def eval_set_columns(s: EvalSet) -> tuple[str, ...]:
+    """The columns of an evaluation set's file, after checking every row's prompt (its answer,
+    when it has one, must be text or a number). Raises one line naming the file and the row."""
+    from .data import validate
+    from .data_files import DataError, read_file
+    from .formats import PROMPTS
+
+    try:
+        ds, place = read_file(s.source, "error")
+        ds, _, _ = validate(ds, f"eval set {s.name}", PROMPTS, s.source, "error", place)
+    except DataError as e:
+        raise ValueError(f"eval.sets {s.name}: {e}") from None
+    if len(ds) == 0:
+        raise ValueError(f"eval.sets {s.name}: {s.source} has no rows")
+    return tuple(ds.column_names)
 
 
 class DemoConfig(Settings):

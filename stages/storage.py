@@ -179,6 +179,14 @@ def publish(local: Path, url: str) -> None:
         put_file(path, f"{url.rstrip('/')}/{path.relative_to(local).as_posix()}")
 
 
+def read_bytes(ref: str | Path) -> bytes | None:
+    """A file's bytes, local or at a URL; None when it is not there."""
+    if not is_url(ref):
+        return Path(ref).read_bytes() if Path(ref).is_file() else None
+    fs, path = _fs(str(ref))
+    return fs.cat_file(path) if fs.exists(path) else None
+
+
 def put_file(path: Path, url: str) -> None:
     """Write one file to a URL through a `.part` name, so a reader never sees half of it."""
     fs, target = _fs(url)

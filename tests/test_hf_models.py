@@ -210,7 +210,7 @@ def test_cli_eval_and_generate_take_a_plain_model_directory(hf_model_dir, capsys
     base = str(hf_model_dir("chatml"))
     assert cli(["eval", base, "--set", "eval.max_prompts=3", "--set", "eval.reward_samples=0"]) == 0
     out = capsys.readouterr().out
-    assert f"{base}: a Hugging Face model directory, files hashed" in out and "eval_prompts     3" in out
+    assert f"{base}: a Hugging Face model directory, files hashed" in out and "(3 prompts)" in out
     assert cli(["generate", base, "--prompt", "What is 3 plus 4?", "--max-new-tokens", "6"]) == 0
     model, tok, _ = handoff.load_stage(base)
     expected = generate_text(model, tok, [prompt_ids(tok, PROMPTS[0])], max_new_tokens=6).texts[0]

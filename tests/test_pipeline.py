@@ -28,6 +28,11 @@ def metrics(result, stage):
     return result["stages"][stage]["metrics"]
 
 
+def demo_eval(result, stage):
+    """The stage's numbers on the demo's held-out prompts (the default evaluation set)."""
+    return result["stages"][stage]["evaluation"]["sets"]["demo"]
+
+
 def test_the_report_card_holds_every_stage_of_the_directory_with_curves_and_counts(runs):
     """Runs first: later tests here run the pipeline again on this directory."""
     import re
@@ -53,8 +58,11 @@ def test_the_report_card_holds_every_stage_of_the_directory_with_curves_and_coun
         versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-report"])))
     # Both runs' report artifacts are kept; each embeds a curves image per stage it shows.
     by_run = {a.flow_run_id: a.data for a in versions}
-    assert by_run[dpo["flow_run_id"]].count("](data:image/png;base64,") == 3
-    assert by_run[grpo["flow_run_id"]].count("](data:image/png;base64,") == 4
+    # ... and the evaluation chart.
+    assert by_run[dpo["flow_run_id"]].count("](data:image/png;base64,") == 3 + 1
+    assert by_run[grpo["flow_run_id"]].count("](data:image/png;base64,") == 4 + 1
+    assert (run_dir / "eval.png").exists() and "![evaluation](eval.png)" in card
+    assert re.search(r"\n\| demo: accuracy \| \d+\.\d% \(\d+/46\) \| \d+\.\d% \(\d+/46\) ▲ \d+\.\d pts \|", card), card
 
 
 def test_runs_are_named_by_their_chain_and_a_skipped_stage_says_so(runs):
@@ -81,7 +89,7 @@ def test_every_stage_directory_is_complete_and_verifies(runs):
                 assert name in manifest["sha256"], (stage, name)
             assert manifest["stage"] == stage
     run_dir = dpo["run_dir"]
-    assert "task acc" in open(f"{run_dir}/report.md").read()
+    assert "demo: accuracy" in open(f"{run_dir}/report.md").read()
 
 
 def test_lineage_links_each_stage_to_its_parent(runs):
@@ -95,15 +103,15 @@ def test_lineage_links_each_stage_to_its_parent(runs):
 
 def test_each_stage_improves_its_own_target(runs):
     _, dpo, grpo = runs
-    pre, sft = metrics(dpo, "pretrain"), metrics(dpo, "sft")
-    d, g = metrics(dpo, "dpo"), metrics(grpo, "grpo")
-    print(json.dumps({s: {k: m.get(k) for k in ("val_loss", "task_accuracy", "format_rate", "heldout_reward",
-                                                "val_rewards/accuracies", "val_rewards/margins", "val_reward")}
-                      for s, m in (("pretrain", pre), ("sft", sft), ("dpo", d), ("grpo", g))}, indent=1))
-    assert sft["task_accuracy"] > pre["task_accuracy"] + 0.2
-    assert d["val_rewards/accuracies"] > 0.5
-    assert d["task_accuracy"] >= sft["task_accuracy"] - 0.15  # alignment does not collapse the task
-    assert g["task_accuracy"] >= sft["task_accuracy"] - 0.15
+    pre, sft = demo_eval(dpo, "pretrain"), demo_eval(dpo, "sft")
+    d, g = demo_eval(dpo, "dpo"), demo_eval(grpo, "grpo")
+    print(json.dumps({s: {**{k: metrics(r, s).get(k) for k in ("val_loss", "val_rewards/accuracies", "val_reward")},
+                          **{k: demo_eval(r, s).get(k) for k in ("accuracy", "format_rate", "sampled_reward")}}
+                      for s, r in (("pretrain", dpo), ("sft", dpo), ("dpo", dpo), ("grpo", grpo))}, indent=1))
+    assert sft["accuracy"] > pre["accuracy"] + 0.2
+    assert metrics(dpo, "dpo")["val_rewards/accuracies"] > 0.5
+    assert d["accuracy"] >= sft["accuracy"] - 0.15  # alignment does not collapse the task
+    assert g["accuracy"] >= sft["accuracy"] - 0.15
 
 
 def test_grpo_raises_heldout_reward_over_sft(runs):
@@ -111,7 +119,7 @@ def test_grpo_raises_heldout_reward_over_sft(runs):
     SFT's greedy answers are already mostly right, its samples much less so (1.47 vs 1.89)."""
     config, dpo, grpo = runs
     assert metrics(grpo, "grpo")["step"] == config.grpo.train.max_steps  # max_steps outlasts the epoch
-    sft, g = metrics(dpo, "sft")["heldout_reward"], metrics(grpo, "grpo")["heldout_reward"]
+    sft, g = demo_eval(dpo, "sft")["sampled_reward"], demo_eval(grpo, "grpo")["sampled_reward"]
     # 368 samples give a standard error of about 0.026; runs over seeds gained 0.05 to 0.11.
     assert g > sft + 0.03, (sft, g)
 
@@ -127,23 +135,31 @@ def test_rerun_skips_completed_stages_and_force_reruns_only_dpo(runs):
     assert again["stages"]["sft"]["content_hash"] == dpo["stages"]["sft"]["content_hash"]
 
 
-def test_an_eval_setting_reruns_every_stage_a_grpo_setting_only_grpo(runs):
-    """The flow's skip check under changed settings: the held-out numbers of every stage depend
-    on `eval`, so an eval setting invalidates them all; a GRPO training setting changes only
-    GRPO's cache key, so pretrain and SFT still skip."""
+def test_an_eval_setting_reevaluates_every_stage_and_retrains_none_a_grpo_setting_retrains_only_grpo(runs):
+    """The flow's skip check under changed settings: evaluation is keyed on its own, so an eval
+    setting leaves every stage's training complete and only its eval.json out of date; a GRPO
+    training setting changes only GRPO's cache key, so pretrain and SFT still skip."""
+    from alignflow.stages import eval_record
+
     config, _, grpo = runs
     stages = grpo["stages"]
 
-    def still_complete(**overrides) -> dict[str, bool]:
+    def still_complete(**overrides) -> dict[str, tuple[bool, bool]]:
+        """{stage: (its training is complete, its evaluation is current)}"""
         changed = load_config("tiny", overrides={"runs_dir": config.runs_dir, "run_id": "e2e", **overrides})
         parents = {"pretrain": None, "sft": stages["pretrain"]["content_hash"], "grpo": stages["sft"]["content_hash"]}
-        return {s: storage.why_incomplete(stages[s]["path"], changed.stage_hash(s), parents[s]) is None for s in parents}
+        return {s: (storage.why_incomplete(stages[s]["path"], changed.stage_hash(s), parents[s]) is None,
+                    eval_record.current_record(stages[s]["path"], changed, s, stages[s]["content_hash"]) is not None)
+                for s in parents}
 
-    assert still_complete() == {"pretrain": True, "sft": True, "grpo": True}
-    assert still_complete(**{"eval.temperature": 0.7}) == {"pretrain": False, "sft": False, "grpo": False}
-    assert still_complete(**{"eval.reward_funcs": ["exact_match"]}) == {"pretrain": False, "sft": False, "grpo": False}
-    assert still_complete(**{"grpo.temperature": 0.7}) == {"pretrain": True, "sft": True, "grpo": False}
-    assert still_complete(**{"grpo.reward_weights": [1.0, 0.5]}) == {"pretrain": True, "sft": True, "grpo": False}
+    every = ("pretrain", "sft", "grpo")
+    assert still_complete() == dict.fromkeys(every, (True, True))
+    assert still_complete(**{"eval.temperature": 0.7}) == dict.fromkeys(every, (True, False))
+    assert still_complete(**{"eval.reward_funcs": ["exact_match"]}) == dict.fromkeys(every, (True, False))
+    assert still_complete(**{"grpo.temperature": 0.7}) == {"pretrain": (True, True), "sft": (True, True),
+                                                           "grpo": (False, True)}
+    assert still_complete(**{"grpo.reward_weights": [1.0, 0.5]}) == {"pretrain": (True, True), "sft": (True, True),
+                                                                     "grpo": (False, True)}
 
 
 def test_run_stage_on_an_earlier_sft_directory(runs):
@@ -161,17 +177,16 @@ def test_cli_eval_reproduces_the_recorded_metrics(runs, capsys):
     _, dpo, _ = runs
     sft = dpo["stages"]["sft"]
     assert cli(["eval", sft["path"]]) == 0
-    printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and
-                   not line.strip().startswith("recorded"))
-    recorded = storage.read_manifest(sft["path"])["metrics"]
-    for key in ("task_accuracy", "heldout_reward", "greedy_reward"):
-        assert float(printed[key]) == pytest.approx(recorded[key], abs=1e-3), key
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  demo: "))
+    printed = dict(item.split() for item in line.removeprefix("  demo: ").split(" (")[0].split(", "))
+    for key in ("accuracy", "sampled_reward", "greedy_reward", "format_rate"):
+        assert float(printed[key]) == pytest.approx(demo_eval(dpo, "sft")[key], abs=1e-3), key
 
 
 def test_cli_generate_matches_the_stage_greedy_sample(runs, capsys):
     _, dpo, _ = runs
     sft = dpo["stages"]["sft"]
-    sample = storage.read_manifest(sft["path"])["metrics"]["samples"][0]
+    sample = demo_eval(dpo, "sft")["samples"][0]
     assert cli(["generate", sft["path"], "--prompt", sample["prompt"], "--max-new-tokens", "16"]) == 0
     assert sample["completion"] in capsys.readouterr().out
 

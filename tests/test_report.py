@@ -31,8 +31,7 @@ def stage(tmp_path, name, metrics, records=(), **extra):
 
 def test_lm_and_dpo_losses_get_their_own_rows_with_counts(tmp_path):
     results = {
-        "sft": stage(tmp_path, "sft", {"val_loss": 1.101, "task_accuracy": 19 / 46, "eval_prompts": 46,
-                                       "tokens": 59904.0, "step": 188}),
+        "sft": stage(tmp_path, "sft", {"val_loss": 1.101, "tokens": 59904.0, "step": 188}),
         "dpo": stage(tmp_path, "dpo", {"val_loss": 0.688, "val_rewards/accuracies": 40 / 46, "val_items": 46,
                                        "step": 30}, [{"step": 1, "loss": 0.69}, {"step": 2, "val_loss": 0.68}]),
     }
@@ -41,7 +40,6 @@ def test_lm_and_dpo_losses_get_their_own_rows_with_counts(tmp_path):
     assert rows["LM val loss"] == "| LM val loss | 1.101 |  |"
     assert rows["DPO val loss"] == "| DPO val loss |  | 0.688 |"
     assert rows["DPO val accuracy"] == "| DPO val accuracy |  | 87.0% (40/46) |"
-    assert rows["task accuracy"] == "| task accuracy | 41.3% (19/46) |  |"
     assert rows["tokens trained on"] == "| tokens trained on | 59,904 |  |"
     assert rows["throughput"] == "| throughput | 14.9k tok/s | 14.9k tok/s |"
     assert rows["checkpoint"] == f"| checkpoint | `{tmp_path / 'sft'}` | `{tmp_path / 'dpo'}` |"
@@ -61,3 +59,34 @@ def test_a_stage_from_another_chain_stays_in_the_report_and_says_if_its_parent_c
     assert list(every) == ["sft", "dpo", "grpo"]
     assert [report.status(r) for r in every.values()] == \
         ["trained", "from an earlier run", "from an earlier run, on an older parent"]
+
+
+def test_evaluation_rows_show_each_stage_and_its_change_from_the_parent(tmp_path):
+    def evaluation(sets, lm_eval=None):
+        return {"sets": sets, "lm_eval": lm_eval or {}, "seconds": 12.0}
+
+    results = {
+        "pretrain": stage(tmp_path, "pretrain", {"step": 1}, evaluation=evaluation(
+            {"demo": {"accuracy": 1 / 46, "prompts": 46, "sampled_reward": 0.125}})),
+        "sft": stage(tmp_path, "sft", {"step": 1}, evaluation=evaluation(
+            {"demo": {"accuracy": 19 / 46, "prompts": 46, "sampled_reward": 0.5}}, {"arith": {"exact_match": 0.5}})),
+        "dpo": stage(tmp_path, "dpo", {"step": 1}, evaluation=evaluation(
+            {"demo": {"accuracy": 19 / 46, "prompts": 46, "sampled_reward": 0.375},
+             "mine": {"greedy_reward": 0.3, "prompts": 10}},
+            {"arith": {"exact_match": 0.75, "exact_match_stderr": 0.1}})),
+    }
+    card = report.report_card(str(tmp_path), "r", results, list(results), inline=False)
+    rows = {line.split(" | ")[0].strip("| "): line for line in card.splitlines() if line.startswith("| ")}
+    # pretrain has no parent in the report: no change; sft is measured from pretrain, dpo from sft.
+    assert rows["demo: accuracy"] == "| demo: accuracy | 2.2% (1/46) | 41.3% (19/46) ▲ 39.1 pts | 41.3% (19/46) ±0 |"
+    assert rows["demo: reward (sampled)"] == "| demo: reward (sampled) | 0.125 | 0.5 ▲ 0.375 | 0.375 ▼ 0.125 |"
+    assert rows["mine: reward (greedy)"] == "| mine: reward (greedy) |  |  | 0.3 |"
+    assert rows["lm-eval arith: exact_match"] == "| lm-eval arith: exact_match |  | 0.5 | 0.75 ▲ 0.25 |"
+    assert "lm-eval arith: exact_match_stderr" not in rows
+    assert rows["eval time"] == "| eval time | 12.0 s | 12.0 s | 12.0 s |"
+    # The chart: one panel per set's headline and per lm-eval task, in the run directory.
+    assert report.eval_report.headlines(results) == [
+        ("demo", "accuracy", {"pretrain": 1 / 46, "sft": 19 / 46, "dpo": 19 / 46}),
+        ("mine", "greedy_reward", {"dpo": 0.3}), ("lm-eval arith", "exact_match", {"sft": 0.5, "dpo": 0.75})]
+    assert report.eval_report.plot(results, tmp_path / report.EVAL_CHART).stat().st_size > 1000
+    assert "![evaluation](eval.png)" in report.report_card(str(tmp_path), "r", results, list(results), inline=False)

@@ -39,10 +39,12 @@ def test_a_pipeline_is_one_mlflow_run_with_a_nested_run_per_stage(tmp_path, pref
         assert [(m.step, m.value) for m in history] == [(r["step"], r["loss"]) for r in records if "loss" in r]
         assert run.data.params["train.max_steps"] == str(config.stage(stage).train.max_steps)
         assert run.data.tags["alignflow.status"] == "trained"
-        assert {f.path for f in client.list_artifacts(run.info.run_id)} == {"curves.png", "manifest.json"}
+        assert {f.path for f in client.list_artifacts(run.info.run_id)} == {"curves.png", "manifest.json", "eval.json"}
         manifest = json.loads(open(client.download_artifacts(run.info.run_id, "manifest.json", str(tmp_path))).read())
         assert manifest == storage.read_manifest(path)
-    assert children["sft"].data.metrics["task_accuracy"] == out["stages"]["sft"]["metrics"]["task_accuracy"]
+    demo = out["stages"]["sft"]["evaluation"]["sets"]["demo"]
+    assert children["sft"].data.metrics["eval/demo/accuracy"] == pytest.approx(demo["accuracy"])
+    assert children["sft"].data.metrics["eval/demo/sampled_reward"] == pytest.approx(demo["sampled_reward"])
     assert "val_rewards/accuracies" in children["dpo"].data.metrics
 
 
