@@ -114,6 +114,7 @@ def plot(results: dict[str, dict], out: Path) -> Path | None:
         bars = ax.bar(list(values), [scale * v for v in values.values()], color="tab:blue")
         ax.bar_label(bars, fmt="%.1f" if scale == 100 else "%.3g", fontsize="small")
         ax.set_title(f"{title}: {LABELS.get(key, key)}" + (" (%)" if scale == 100 else ""), fontsize="medium")
+        ax.set_ylim(bottom=min(0, *(scale * v for v in values.values())))  # bars start at 0, even all-zero ones
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=80)

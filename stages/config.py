@@ -57,6 +57,14 @@ class SharedConfig(Settings):
                              f"{', '.join(roots())} trains from scratch)")
         return self
 
+    @model_validator(mode="after")
+    def _evaluated_stages_exist(self) -> "SharedConfig":
+        unknown = [s for s in self.eval.stages or [] if s not in algorithms()]
+        if unknown:
+            raise ValueError(f"eval.stages names {', '.join(unknown)}, which no algorithm is; stages: "
+                             f"{', '.join(algorithms())}")
+        return self
+
     @field_validator("run_id")
     @classmethod
     def _run_id_is_a_name(cls, value: str | None) -> str | None:

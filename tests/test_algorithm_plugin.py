@@ -79,7 +79,7 @@ def test_a_plugin_algorithm_runs_as_a_stage_on_an_sft_checkpoint_and_learns(setu
                      "--run-id", "rerun")
     assert "| | slic |" in card
     assert re.search(r"\n\| SLiC val accuracy \| \d+\.\d% \(\d+/\d+\) \|\n", card), card
-    assert re.search(r"\n\| task accuracy \| \d+\.\d% \(\d+/\d+\) \|\n", card), card  # evaluation's rows too
+    assert re.search(r"\n\| demo: accuracy \| \d+\.\d% \(\d+/\d+\) \|\n", card), card  # evaluation's rows too
     out = setup["runs"] / "rerun" / "slic"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "slic" and manifest["parent"]["stage"] == "sft"
