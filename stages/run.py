@@ -13,8 +13,9 @@ directory's lifecycle (stages/stage_dir.py), the data and loaders (stages/loader
 trains and what is handed on, every weight or a LoRA/QLoRA adapter (models/lora.py's
 `AdapterPolicy`). On a clean exit rank 0 writes the model directory (Hugging Face layout; a LoRA
 policy merged, its adapter in adapter/) and, last, the manifest, then publishes the directory
-when it lives at a URL, and evaluates the model it still holds (eval.json: stages/eval_record.py). On an exception nothing is written: a retry resumes from the trainer's
-last checkpoint in `state/`."""
+when it lives at a URL, and evaluates the model it still holds (eval.json: stages/eval_record.py).
+On an exception nothing is written: a retry resumes from the trainer's last checkpoint in
+`state/`."""
 from __future__ import annotations
 
 import logging
@@ -34,9 +35,8 @@ from alignflow.trainers.packing import check_isolation
 from alignflow.trainers.reference import AdapterDisabled
 from alignflow.trainers.sharding import original_class
 
-from . import data, loaders
+from . import data, eval_record, loaders
 from .algorithm import Algorithm, get_algorithm
-from . import eval_record
 from .parent import Parent
 from .stage_dir import StageDir
 

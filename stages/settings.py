@@ -101,7 +101,7 @@ DEMO_SET = "demo"  # the evaluation set of the demo's held-out prompts
 class EvalSet(Settings):
     """One evaluation set: prompts from a local file (or the demo's held-out prompts), and how
     they are scored. A field left unset takes the `eval` section's value of the same name."""
-    name: str = Field(description="the set's name in the report, the manifest and MLflow")
+    name: str = Field(description="the set's name in the report, eval.json and MLflow")
     source: str = Field(DEMO_SET, description="a local file (jsonl, json, parquet, csv) of `prompt` (text or "
                                               "messages), optional `answer` and any columns its reward functions "
                                               "read; or 'demo' (the demo task's held-out prompts)")

@@ -35,9 +35,10 @@ def test_stages_hand_off_through_an_fsspec_runs_dir(runs_url, tmp_path, monkeypa
     sft_url = f"{runs_url}/r1/sft"
     assert out["stages"]["sft"]["path"] == sft_url
     files = remote_files(f"{runs_url}/r1")
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "manifest.json", "curves.png"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "manifest.json", "curves.png",
+                 "eval.json"):
         assert f"sft/{name}" in files and f"pretrain/{name}" in files, name
-    assert "report.md" in files
+    assert "report.md" in files and "eval.png" in files
     assert not any(f.endswith(storage.PART_SUFFIX) for f in files)  # no partial uploads
     # Training checkpoints are mirrored (the last keep_last of them) so a retry elsewhere can resume.
     mirrored = sorted(f.split("/")[2] for f in files if f.startswith("sft/state/step-") and f.endswith("trainer_state.json"))
@@ -53,9 +54,10 @@ def test_stages_hand_off_through_an_fsspec_runs_dir(runs_url, tmp_path, monkeypa
     assert manifest["parent"] == {"path": sft_url, "content_hash": out["stages"]["sft"]["content_hash"], "stage": "sft"}
     assert handoff.verify(storage.localize(dpo["path"]))["content_hash"] == dpo["content_hash"]
 
-    # Re-running finds the remote stages complete and skips them.
+    # Re-running finds the remote stages complete and skips them, and their evaluation current.
     again = alignment_pipeline(config=config, align="none")
-    assert all(r.get("skipped") for r in again["stages"].values())
+    assert all(r.get("skipped") and not r.get("reevaluated") for r in again["stages"].values())
+    assert again["stages"]["sft"]["evaluation"] == out["stages"]["sft"]["evaluation"]
 
     capsys.readouterr()
     assert cli(["runs", "--runs-dir", runs_url]) == 0
