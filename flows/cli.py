@@ -202,6 +202,7 @@ def resume_hint(args) -> str:
 
 def cmd_eval(args) -> int:
     from alignflow.stages import eval_record, storage
+    from alignflow.stages.evaluation import METRICS
 
     config = resolve_config(args)
     manifest = storage.read_manifest(args.dir, verify=True)
@@ -210,8 +211,7 @@ def cmd_eval(args) -> int:
     print(f"{args.dir}: {what}")
     record = eval_record.evaluate_directory(args.dir, config)
     for name, got in record["sets"].items():
-        shown = ", ".join(f"{key} {got[key]:.4g}" for key in ("accuracy", "sampled_reward", "greedy_reward",
-                                                                "format_rate", "completion_tokens") if key in got)
+        shown = ", ".join(f"{key} {got[key]:.4g}" for key, _ in METRICS if key in got)
         print(f"  {name}: {shown} ({got['prompts']} prompts)")
     for task, got in record["lm_eval"].items():
         print(f"  lm-eval {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in got.items()))

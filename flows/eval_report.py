@@ -25,6 +25,13 @@ def tasks_of(result: dict) -> dict[str, dict]:
     return (result.get("evaluation") or {}).get("lm_eval") or {}
 
 
+def by_name(results: dict[str, dict], of) -> list[tuple[str, dict[str, dict]]]:
+    """Every set (of=sets_of) or lm-eval task (of=tasks_of) any stage has, in the order they first
+    appear, with each stage's numbers for it ({} where a stage lacks it)."""
+    names = dict.fromkeys(n for r in results.values() for n in of(r))
+    return [(n, {s: of(r).get(n, {}) for s, r in results.items()}) for n in names]
+
+
 def parent_of(stage: str, results: dict[str, dict]) -> str | None:
     """The stage a stage's changes are measured from: its parent, when the report has it."""
     found = algorithms().get(stage)
@@ -55,15 +62,13 @@ def rows(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
     stages = list(results)
     parents = {s: parent_of(s, results) for s in stages}
     out = []
-    for name in dict.fromkeys(n for s in stages for n in sets_of(results[s])):
-        got = {s: sets_of(results[s]).get(name, {}) for s in stages}
+    for name, got in by_name(results, sets_of):
         for key, label in METRICS:
             if any(key in got[s] for s in stages):
                 out.append((f"{name}: {label}", [
                     cell(key, got[s].get(key), got[parents[s]].get(key) if parents[s] else None, got[s].get("prompts"))
                     for s in stages]))
-    for task in dict.fromkeys(t for s in stages for t in tasks_of(results[s])):
-        got = {s: tasks_of(results[s]).get(task, {}) for s in stages}
+    for task, got in by_name(results, tasks_of):
         for metric in dict.fromkeys(m for s in stages for m in got[s] if not m.endswith("_stderr")):
             out.append((f"lm-eval {task}: {metric}", [
                 cell(metric, got[s].get(metric), got[parents[s]].get(metric) if parents[s] else None, None)
@@ -74,15 +79,12 @@ def rows(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
 def headlines(results: dict[str, dict]) -> list[tuple[str, str, dict[str, float]]]:
     """(title, metric, {stage: value}) for each set's headline (the first of METRICS it has) and
     each lm-eval task's first metric: what the chart draws."""
-    stages = list(results)
     out = []
-    for name in dict.fromkeys(n for s in stages for n in sets_of(results[s])):
-        got = {s: sets_of(results[s]).get(name, {}) for s in stages}
+    for name, got in by_name(results, sets_of):
         key = next((k for k, _ in METRICS if any(k in g for g in got.values())), None)
         if key:
             out.append((name, key, {s: g[key] for s, g in got.items() if numbers.is_number(g.get(key))}))
-    for task in dict.fromkeys(t for s in stages for t in tasks_of(results[s])):
-        got = {s: tasks_of(results[s]).get(task, {}) for s in stages}
+    for task, got in by_name(results, tasks_of):
         key = next((m for g in got.values() for m in g if not m.endswith("_stderr")), None)
         if key:
             out.append((f"lm-eval {task}", key, {s: g[key] for s, g in got.items() if numbers.is_number(g.get(key))}))
@@ -130,9 +132,6 @@ def samples(results: dict[str, dict]) -> list[str]:
             for row in (got.get("samples") or [])[:2]:
                 completion = row["completion"].replace("\n", " ⏎ ")
                 answer = f" (answer {row['answer']})" if "answer" in row else ""
-                lines.append(f"- **{stage}** · {name} — {_prompt(row['prompt'])} → `{completion}`{answer}")
+                lines.append(f"- **{stage}** · {name} — {row['prompt']} → `{completion}`{answer}")
     return ["", "## Sample completions (greedy, evaluation sets)", "", *lines] if lines else []
 
-
-def _prompt(prompt) -> str:
-    return prompt if isinstance(prompt, str) else str(prompt)

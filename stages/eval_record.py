@@ -17,6 +17,7 @@ import torch
 
 from alignflow.models import Tokenizer
 from alignflow.models.files import sha256_file, write_json_atomic
+from alignflow.trainers import distributed as dist_utils
 
 from . import handoff, storage
 from .evaluation import evaluate_sets, is_evaluated, stage_sets
@@ -92,8 +93,8 @@ def evaluate_directory(ref: str | Path, config, device: str | torch.device | Non
     a plain Hugging Face model directory is evaluated as `stage` (default sft) and nothing is
     written into it."""
     local = storage.localize(ref)
-    model, tok, manifest = handoff.load_stage(local, device or config.device or
-                                              ("cuda" if torch.cuda.is_available() else "cpu"), options=config.hf)
+    device = device or config.device or dist_utils.default_device(dist_utils.detect())
+    model, tok, manifest = handoff.load_stage(local, device, options=config.hf)
     name = manifest["stage"] or stage or "sft"
     numbers = evaluate(config, name, model, tok, local)
     if manifest.get("external"):
