@@ -12,6 +12,7 @@ from .grpo import GRPOArgs, GRPOTrainer, group_advantages, grpo_loss
 from .orpo import ORPOArgs, ORPOTrainer
 from .optim import configure_optimizer, create_scheduler, get_parameter_groups
 from .registry import create_trainer, get_trainer_class, register_trainer
+from .reward import RewardArgs, RewardTrainer, collate_ranked_pairs, reward_loss, sequence_rewards
 from .rewards import get_reward, register_reward
 from .sft import PretrainTrainer, SFTTrainer
 from .simpo import SimPOArgs, SimPOTrainer
@@ -26,4 +27,5 @@ __all__ = [
     "CheckpointError", "configure_optimizer", "create_scheduler", "get_parameter_groups",
     "create_trainer", "get_trainer_class", "register_trainer", "latest_checkpoint", "logits_of", "unwrap",
     "DPOTrainer", "dpo_loss", "SimPOArgs", "SimPOTrainer", "ORPOArgs", "ORPOTrainer", "GRPOTrainer", "group_advantages", "grpo_loss", "get_reward", "register_reward",
+    "RewardArgs", "RewardTrainer", "collate_ranked_pairs", "reward_loss", "sequence_rewards",
 ]
