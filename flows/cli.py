@@ -187,7 +187,7 @@ def resume_hint(args) -> str:
         config = resolve_config(args)
         if args.command == "run":
             run_id, again = config.resolved_run_id(), "Re-running the same command"
-            stages = chain(None if args.align == "none" else args.align, config.start)
+            stages = chain(None if args.align == "none" else args.align, config.start, config)
         else:
             run_id, stages, again = args.run_id, [args.name], f"Re-running it with --run-id {args.run_id}"
         point = resume_point(storage.join(config.runs_dir, run_id), stages)

@@ -31,7 +31,8 @@ class StageProcessError(RuntimeError):
 
 
 def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir: str, nproc: int,
-                     nnodes: int, run_id: str, preset: str, log_dir: Path) -> list[str]:
+                     nnodes: int, run_id: str, preset: str, log_dir: Path,
+                     inputs: dict[str, str] | None = None) -> list[str]:
     # --tee 3: every rank's stdout and stderr, each line prefixed "[default<rank>]:", so the
     # Prefect log shows which rank printed what; --log-dir keeps each rank's files whole.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -46,6 +47,8 @@ def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir:
     cmd += ["-m", "alignflow.stages", stage, "--preset", preset, "--config", str(config_file), "--out", str(out_dir)]
     if parent:
         cmd += ["--parent", parent]
+    for name, path in (inputs or {}).items():
+        cmd += ["--input", f"{name}={path}"]
     return cmd
 
 
@@ -93,9 +96,10 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref: str, logger,
-                 poll_seconds: float = 0.5, tail_lines: int = 20) -> None:
+                 inputs: dict[str, str] | None = None, poll_seconds: float = 0.5, tail_lines: int = 20) -> None:
     """Launch, stream, wait; raise StageProcessError with the tail of the log on failure.
-    `out_ref` is the stage directory (a path or an fsspec URL, which rank 0 publishes to)."""
+    `out_ref` is the stage directory (a path or an fsspec URL, which rank 0 publishes to);
+    `inputs` the run's stages it reads besides its parent ({stage: directory})."""
     t = config.stage(stage).train
     local = storage.local_dir(out_ref)
     local.mkdir(parents=True, exist_ok=True)
@@ -103,7 +107,7 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
     config_file = log_dir / "config.json"
     config_file.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
     cmd = torchrun_command(stage, config_file, parent, out_ref, t.nproc_per_node, t.nnodes,
-                           config.resolved_run_id(), config.preset, log_dir)
+                           config.resolved_run_id(), config.preset, log_dir, inputs)
     logger.info("launching: %s", " ".join(cmd))
     # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the group (finally
     # below); the ranks watch our PID in case we are killed outright (stages.lifeline).

@@ -22,6 +22,7 @@ from alignflow.stages.algorithm import roots
 from alignflow.stages.config import PipelineConfig, load_config
 from alignflow.stages.settings import plain_name
 from alignflow.stages.failures import is_permanent
+from alignflow.stages.inputs import input_hashes, run_inputs
 from alignflow.stages.lock import DirLock
 from alignflow.stages.run import train_stage
 from alignflow.trainers.checkpoint import latest_checkpoint, step_of
@@ -109,11 +110,15 @@ def evaluated(stage: str, config: PipelineConfig, result: dict, logger) -> dict:
 
 
 @task(task_run_name="{stage}", retry_condition_fn=retryable)
-def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir: str) -> dict:
-    """One stage into `out_dir` (a path or an fsspec URL), unless it is already complete there."""
+def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir: str,
+               inputs: dict[str, dict] | None = None) -> dict:
+    """One stage into `out_dir` (a path or an fsspec URL), unless it is already complete there.
+    `inputs`: the results of the run's stages it reads besides its parent (grpo's rm), upstream
+    of it in the task graph as the parent is."""
     logger = get_run_logger()
     parent_hash = parent["content_hash"] if parent else None
-    why = storage.why_incomplete(out_dir, config.stage_hash(stage), parent_hash)
+    every_input = run_inputs(stage, config, inputs or {})
+    why = storage.why_incomplete(out_dir, config.stage_hash(stage), parent_hash, input_hashes(every_input))
     if why is None:
         logger.info("%s is already complete for this config and parent: skipped", out_dir)
         result = {**handoff.stage_result(out_dir, storage.read_manifest(out_dir)), "skipped": True}
@@ -126,12 +131,13 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
     else:
         logger.info("running %s: %s", stage, why.reason)
     parent_path = parent["path"] if parent else None
+    run_stages = {name: got["path"] for name, got in (inputs or {}).items()}
     if config.stage(stage).train.needs_torchrun:
-        run_torchrun(stage, config, parent_path, out_dir, logger)
+        run_torchrun(stage, config, parent_path, out_dir, logger, run_stages)
         result = handoff.stage_result(out_dir, storage.read_manifest(out_dir, verify=True))
     else:
         with progress_into(logger):
-            result = train_stage(stage, config, parent_path, out_dir)
+            result = train_stage(stage, config, parent_path, out_dir, run_stages)
     result = evaluated(stage, config, result, logger)
     publish(stage, config.resolved_run_id(), result)
     logger.info("%s done: %s", stage, summary({**result["metrics"], **eval_summary(result["evaluation"])}))
@@ -141,8 +147,14 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
 def run_chain(config: PipelineConfig, run_dir: str, stages: list[str], base: dict | None,
               force: list[str], title: str) -> dict[str, dict]:
     """The stages in order, the first on `base` (a parent from elsewhere, or None), each later one
-    on its parent's result; then the report of the run directory. With `tracking`, an MLflow run
-    for the chain and a nested one per stage as it finishes."""
+    on its parent's result and reading the results of the stages its settings name (grpo's rm);
+    then the report of the run directory. With `tracking`, an MLflow run for the chain and a
+    nested one per stage as it finishes."""
+    for stage in stages:
+        unrun = [name for name in config.stage(stage).input_stages() if name not in stages]
+        if unrun:
+            raise ValueError(f"{stage}.reward_model: {unrun[0]} is not a stage of this run ({' → '.join(stages)}): "
+                             f"give an earlier {unrun[0]} directory as {stage}.reward_models: [{{path: DIR}}] instead")
     tracker = tracking.tracker(config, run_dir, title, {"alignflow.run_id": config.resolved_run_id(),
                                                         "alignflow.chain": "→".join(stages)})
     results, outcome = {}, "FAILED"
@@ -151,8 +163,10 @@ def run_chain(config: PipelineConfig, run_dir: str, stages: list[str], base: dic
             out = storage.join(run_dir, stage)
             if stage in force:
                 reset_stage(out)
-            parent = results[algorithms()[stage].parent] if results else base
-            state = stage_task.with_options(retries=config.retries)(stage, config, parent, out, return_state=True)
+            parent = results[algorithms()[stage].parent] if stage != stages[0] else base
+            reads = {name: results[name] for name in config.stage(stage).input_stages() if name in results}
+            state = stage_task.with_options(retries=config.retries)(stage, config, parent, out, reads or None,
+                                                                    return_state=True)
             results[stage] = state.result()
             tracker.stage(stage, config, results[stage])
         write_report(run_dir, config.resolved_run_id(), results, stages)
@@ -246,7 +260,8 @@ def resolve(config: PipelineConfig | None, preset: str, overrides: dict[str, Any
 
 def pipeline_title(config: PipelineConfig, align: str) -> str:
     """`tiny · pretrain→sft→dpo`: which run directory, which chain."""
-    return f"{config.resolved_run_id()} · {'→'.join(chain(None if align == 'none' else align, config.start))}"
+    names = chain(None if align == "none" else align, config.start, config)
+    return f"{config.resolved_run_id()} · {'→'.join(names)}"
 
 
 def stage_title(stage: str, parent: str) -> str:
@@ -281,7 +296,7 @@ def alignment_pipeline(config: PipelineConfig | None = None, align: AlignStage =
     unknown = set(force) - set(algorithms())
     if unknown:
         raise ValueError(f"force names unknown stages {sorted(unknown)}; stages: {', '.join(algorithms())}")
-    stages = chain(None if align == "none" else align, config.start)
+    stages = chain(None if align == "none" else align, config.start, config)
     base = None if config.builtin_model else base_model(config.model)
     run_dir = storage.join(config.runs_dir, config.resolved_run_id())
     with DirLock(storage.local_dir(run_dir), f"alignment-pipeline {config.resolved_run_id()}"):

@@ -1,5 +1,6 @@
 """Models on disk in the Hugging Face layout: the built-in model (config.json + model.safetensors,
-loadable by transformers' LlamaForCausalLM too) and any transformers causal LM."""
+loadable by transformers' LlamaForCausalLM too), any transformers causal LM, and reward models
+(transformers' `...ForSequenceClassification` with one label)."""
 
 import json
 import os
@@ -67,11 +68,17 @@ def load_pretrained(
 # ---- any causal LM: the built-in one, or one of transformers' (AutoModelForCausalLM) ----
 
 GENERATION_CONFIG_NAME = "generation_config.json"
-BUILTIN, TRANSFORMERS = "builtin", "transformers"  # how a directory's model is loaded (its manifest says)
+# How a directory's model is loaded (its manifest says): the built-in class, transformers'
+# AutoModelForCausalLM, or AutoModelForSequenceClassification (a reward model: one scalar per sequence).
+BUILTIN, TRANSFORMERS, REWARD = "builtin", "transformers", "reward"
+
+
+def is_reward_model(model: torch.nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def model_kind(model: torch.nn.Module) -> str:
-    return BUILTIN if isinstance(model, LlamaForCausalLM) else TRANSFORMERS
+    return BUILTIN if isinstance(model, LlamaForCausalLM) else REWARD if is_reward_model(model) else TRANSFORMERS
 
 
 def _bars_only_on_a_terminal() -> None:
@@ -93,22 +100,33 @@ def needs_remote_code(directory: str, file: str = CONFIG_NAME) -> bool:
         return False
 
 
+def trusted_directory(directory: str, trust_remote_code: bool) -> str:
+    """`directory`, absolute, refused when its model is code from its repository not trusted."""
+    directory = os.path.abspath(directory)
+    if needs_remote_code(directory) and not trust_remote_code:
+        raise ValueError(f"the model in {directory} needs code from its repository (auto_map in config.json); "
+                         "set hf.trust_remote_code: true if you trust it")
+    return directory
+
+
 def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.device = "cpu", dtype: str = "float32",
                attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-               quantize: str | None = None) -> torch.nn.Module:
+               quantize: str | None = None, as_reward_model: bool = False) -> torch.nn.Module:
     """The model saved in `directory`: the built-in class, or transformers' AutoModelForCausalLM with
     weights in `dtype` and the given attention kernel ('sdpa', 'eager', 'flash_attention_2').
     quantize="4bit": its linear layers in 4-bit NF4 (bitsandbytes, double quantization; they
-    compute in `dtype`), as QLoRA trains on a frozen base."""
+    compute in `dtype`), as QLoRA trains on a frozen base. A reward model (kind "reward") loads
+    with AutoModelForSequenceClassification; `as_reward_model` loads a causal LM (the built-in
+    one too: its files are Llama's) as one, its head replaced by a new scalar `score` drawn from
+    the torch RNG (seed it first)."""
+    if as_reward_model or kind == REWARD:
+        return load_reward_model(directory, device, dtype, attn_implementation, trust_remote_code, quantize)
     if kind == BUILTIN:
         if quantize:
             raise ValueError(f"{directory} holds the built-in model: 4-bit quantization (QLoRA) applies to "
                              "transformers models only")
         return load_pretrained(directory, device=device, dtype=DTYPES[dtype] if dtype != "float32" else None)
-    directory = os.path.abspath(directory)
-    if needs_remote_code(directory) and not trust_remote_code:
-        raise ValueError(f"the model in {directory} needs code from its repository (auto_map in config.json); "
-                         "set hf.trust_remote_code: true if you trust it")
+    directory = trusted_directory(directory, trust_remote_code)
     from transformers import AutoModelForCausalLM
 
     _bars_only_on_a_terminal()
@@ -120,12 +138,35 @@ def load_model(directory: str, kind: str = TRANSFORMERS, device: str | torch.dev
                                                      **placement)
     except Exception as e:  # transformers raises many types; the user needs the directory
         raise ValueError(f"cannot load a causal LM from {directory}: {e}") from e
+    return ready_to_train(model, device, quantize)
+
+
+def ready_to_train(model: torch.nn.Module, device: str | torch.device, quantize: str | None) -> torch.nn.Module:
     # Training forwards must not fill a KV cache nobody reads (fp32 under autocast, copied per
     # layer: 3-7% of a step, bench/hf_vs_builtin.py); generation asks for one explicitly.
     model.config.use_cache = False
     if quantize and torch.device(device).type == "cpu":
         keep_4bit_weights_differentiable(model)
     return model if quantize else model.to(device)  # a quantized model is placed as it loads
+
+
+def load_reward_model(directory: str, device: str | torch.device = "cpu", dtype: str = "float32",
+                      attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                      quantize: str | None = None) -> torch.nn.Module:
+    """A scalar reward model from `directory`: a reward model's own, or a causal LM's body under a
+    new one-label head (num_labels=1: one score per sequence, read at its last token)."""
+    directory = trusted_directory(directory, trust_remote_code)
+    from transformers import AutoModelForSequenceClassification
+
+    _bars_only_on_a_terminal()
+    placement = {"quantization_config": four_bit(DTYPES[dtype]), "device_map": {"": str(device)}} if quantize else {}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=1, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, use_safetensors=True, **placement)
+    except Exception as e:  # transformers raises many types; the user needs the directory
+        raise ValueError(f"cannot load a sequence-classification (reward) model from {directory}: {e}") from e
+    return ready_to_train(model, device, quantize)
 
 
 def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
@@ -156,7 +197,7 @@ def fit_vocabulary(model: torch.nn.Module, tokenizer, added: int = 0, source: st
     with more tokens of its own than the model has rows is refused: those ids (often BOS and EOS)
     would get untrained rows and train silently on them. More rows than tokens is fine (Qwen
     rounds its embedding up). `source`: the directory, for the message."""
-    rows = model.get_input_embeddings().num_embeddings if model_kind(model) == TRANSFORMERS else None
+    rows = model.get_input_embeddings().num_embeddings if model_kind(model) != BUILTIN else None
     if rows is not None and len(tokenizer) - added > rows:
         own = len(tokenizer) - added
         beyond = sorted(i for i in set(tokenizer.all_special_ids) if rows <= i < own)

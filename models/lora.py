@@ -59,13 +59,17 @@ class AdapterPolicy:
         """How the parent is loaded to train on: "4bit" for QLoRA, else as it is (None)."""
         return self.lora.quantize if self.lora is not None and self.lora.quantize != "none" else None
 
-    def attach(self, model: nn.Module, seed: int, base: str | None) -> nn.Module:
-        """The model to train: `model` itself, or `model` with a fresh adapter (see add_adapter)."""
+    def attach(self, model: nn.Module, seed: int, base: str | None, head: str | None = None) -> nn.Module:
+        """The model to train: `model` itself, or `model` with a fresh adapter (see add_adapter).
+        `head`: a new output layer (a reward model's `score`), trained in full beside the adapter
+        and never adapted itself: its random weights are what must learn."""
         if self.lora is None:
             return model
         c = self.lora
-        return add_adapter(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.target_modules,
-                           modules_to_save=c.modules_to_save, seed=seed, base=base)
+        targets = c.target_modules or [name for name in linear_targets(model) if name != head]
+        in_full = [*(c.modules_to_save or []), *([head] if head and head not in (c.modules_to_save or []) else [])]
+        return add_adapter(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=targets,
+                           modules_to_save=in_full or None, seed=seed, base=base)
 
     def hand_off(self, model: nn.Module, load_parent: Callable[[], nn.Module]
                  ) -> tuple[nn.Module, tuple[dict, object] | None]:

@@ -57,6 +57,9 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--parent", help="the parent stage's checkpoint directory (stages that have one), or a Hugging "
                                      "Face model directory to start from")
+    ap.add_argument("--input", dest="inputs", action="append", default=[], metavar="STAGE=DIR",
+                    help="the directory of a stage of the run it reads besides its parent (grpo.reward_model=rm: "
+                         "--input rm=DIR)")
     ap.add_argument("--out", required=True, help="this stage's checkpoint directory")
     ap.add_argument("--debug", action="store_true", default=bool(os.environ.get("ALIGNFLOW_DEBUG")),
                     help="show the traceback of an error that is otherwise one line (also: ALIGNFLOW_DEBUG=1)")
@@ -74,8 +77,13 @@ def _main(argv: list[str] | None) -> int:
     # `start` is the full pipeline's first stage (from --model); one stage names its own parent,
     # so a preset's start (hf-small: sft, which wants a model) does not apply here.
     overrides = [*args.overrides, f"start={roots()[0]}"]
+    bad = [item for item in args.inputs if "=" not in item]
+    if bad:
+        ap.error(f"--input {bad[0]!r} is not STAGE=DIR (e.g. --input rm=runs/tiny/rm)")
+    inputs = dict(item.split("=", 1) for item in args.inputs)
     try:
-        result = train_stage(args.stage, load_config(args.preset, args.config, overrides), args.parent, args.out)
+        result = train_stage(args.stage, load_config(args.preset, args.config, overrides), args.parent, args.out,
+                             inputs)
     except Exception as e:
         failures.mark_permanent(e, dist_utils.detect().rank)
         # What a user causes (a setting, the data, a parent, a path, a full disk) is one line, as

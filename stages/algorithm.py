@@ -13,7 +13,7 @@
 The stage graph, the configuration's sections (stages/config.py), the data a stage reads, the
 demo rows, the report card and curves (flows/report.py), the CLI's choices and the Prefect
 parameter types all derive from the registered declarations. The built-in ones are the modules
-of alignflow.stages.recipes (pretrain, sft, dpo, grpo, simpo, orpo), each found there. Another package adds
+of alignflow.stages.recipes (pretrain, sft, rm, dpo, grpo, kto, orpo, simpo), each found there. Another package adds
 its own through the entry point group `alignflow.algorithms`, which every process that imports
 alignflow reads (the CLI, torchrun's ranks, Prefect workers and deployments):
 
@@ -70,6 +70,7 @@ class Algorithm:
     parent: str | None = "sft"           # the stage whose output it trains on (None: it starts the graph)
     also_trains_on: tuple[str, ...] = ()  # other stages whose checkpoint `alignflow stage` may give it
     aligns: bool = False                 # an alignment stage, the pipeline's last: `alignflow run --align <name>`
+    scores: bool = False                 # its model scores sequences (a reward model): it is not generated from
     headline: tuple[Headline, ...] = ()  # its report rows, beside evaluation's (task accuracy, ...)
     panels: tuple[Panel, ...] = ()       # its curves, after the loss panel every stage has
 
@@ -114,7 +115,8 @@ def register_algorithm(algorithm: Algorithm) -> Algorithm:
 
 def algorithms() -> dict[str, Algorithm]:
     """Every algorithm by name, in pipeline order: each after its parent, built-ins before
-    plugins, then by name (pretrain, sft, dpo, grpo, orpo, simpo, then a plugin's)."""
+    plugins, reward models first, then by name (pretrain, sft, rm, dpo, grpo, kto, orpo, simpo,
+    then a plugin's)."""
     global _state
     if _state == "loading":  # an algorithm's module asked while the registry is being filled
         raise RuntimeError("the algorithms were asked for while they load: an algorithm's module must not use "
@@ -141,13 +143,14 @@ def _load() -> None:
 
 
 def _in_pipeline_order(builtin: list[Algorithm], plugins: list[Algorithm]) -> list[Algorithm]:
-    """Parents before children; among those ready, built-ins first, then by name."""
+    """Parents before children; among those ready, built-ins first, then reward models (which
+    other stages read), then by name."""
     every = [*builtin, *plugins]
     names = [a.name for a in every]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"two algorithms are named {', '.join(twice)}: a plugin's name must differ from the others'")
-    rank = {a.name: (i >= len(builtin), a.name) for i, a in enumerate(every)}
+    rank = {a.name: (i >= len(builtin), not a.scores, a.name) for i, a in enumerate(every)}
     waiting, ordered = {a.name: a for a in every}, []
     while waiting:
         ready = [a for a in waiting.values() if a.parent is None or a.parent in {o.name for o in ordered}]
@@ -211,21 +214,46 @@ def ancestors(name: str) -> list[str]:
     return chain
 
 
-def chain(align: str | None, start: str | None = None) -> list[str]:
-    """The pipeline's stages in order, each after its parent: `align` and its ancestors, or with
-    align None the stages every alignment stage builds on; from `start` on (a run from a Hugging
-    Face model may skip pretraining, or go straight to alignment), which trains on the run's
-    base model and is followed only by its own descendants."""
-    found = algorithms()
+def chain(align: str | None, start: str | None = None, config=None) -> list[str]:
+    """The pipeline's stages in order, each after its parent and the stages it reads: `align` and
+    its ancestors, or with align None the stages every alignment stage builds on, plus the stages
+    their settings read besides the parent (with `config`: grpo.reward_model=rm adds rm and its
+    ancestors); from `start` on (a run from a Hugging Face model may skip pretraining, or go
+    straight to alignment), which trains on the run's base model and is followed only by its
+    own descendants."""
     if align is None:
-        before = {s for a in aligners() for s in ancestors(a)}
-        names = [name for name in found if name in before]
+        wanted = {s for a in aligners() for s in ancestors(a)}
     else:
-        names = [*ancestors(align), align]
+        wanted = {*ancestors(align), align}
+    todo = list(wanted)
+    while todo:
+        for other in inputs_of(todo.pop(), config):
+            new = {*ancestors(other), other} - wanted
+            wanted |= new
+            todo += new
+    names = _upstream_first(wanted, config)
     start = start or names[0]
     if start not in names:
         raise ValueError(f"start: {start} is not a stage of the pipeline {' -> '.join(names)}")
     return [name for name in names if name == start or start in ancestors(name)]
+
+
+def inputs_of(name: str, config) -> tuple[str, ...]:
+    """The stages `name` reads besides its parent, as `config` sets it (none without a config)."""
+    return tuple(config.stage(name).input_stages()) if config is not None else ()
+
+
+def _upstream_first(names: set[str], config) -> list[str]:
+    """`names` with every stage after its parent and its inputs; otherwise in registry order."""
+    found, placed = algorithms(), []
+    while len(placed) < len(names):
+        ready = [n for n in found if n in names and n not in placed
+                 and all(d in placed for d in (found[n].parent, *inputs_of(n, config)) if d in names)]
+        if not ready:
+            cycle = ", ".join(f"{n} (reads {', '.join(inputs_of(n, config))})" for n in names if n not in placed)
+            raise ValueError(f"these stages read each other's output, so none can run first: {cycle}")
+        placed.append(ready[0])
+    return placed
 
 
 def check_parent(stage: str, parent_manifest: dict, parent_ref) -> None:

@@ -71,7 +71,8 @@ def evaluate(config, stage: str, model: torch.nn.Module, tok: Tokenizer, model_d
             record["lm_eval"] = run_lm_eval(model_dir, config.eval.lm_eval, device=str(device),
                                             dtype=config.hf.dtype, trust_remote_code=config.hf.trust_remote_code)
     else:
-        log.info(f"{stage}: not evaluated (eval.stages; a first stage without a chat template is left out)")
+        log.info(f"{stage}: not evaluated (eval.stages; a first stage without a chat template, and a reward model, "
+                 "are left out)")
     record["seconds"] = round(time.perf_counter() - started, 2)
     return record
 

@@ -38,7 +38,10 @@ RATES = ("accuracy", "format_rate")  # shown as percentages of the set's prompts
 
 def is_evaluated(config, stage: str, tok: Tokenizer) -> bool:
     """`eval.stages` names the stages evaluated; by default every one, and a first stage such as
-    pretraining only when its tokenizer has a chat template to render a conversation's prompt."""
+    pretraining only when its tokenizer has a chat template to render a conversation's prompt. A
+    stage whose model scores instead of generating (rm) never is: its numbers are its validation's."""
+    if algorithms()[stage].scores:
+        return False
     if config.eval.stages is not None:
         return stage in config.eval.stages
     return algorithms()[stage].parent is not None or bool(getattr(tok, "chat_template", None))

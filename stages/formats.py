@@ -4,6 +4,7 @@ algorithm's kind is built from (row checks, prompt/completion tokenisation).
     TEXT           `text`, cut into blocks of data.max_length tokens       pretraining
     CONVERSATIONS  `prompt` + `completion`, or `messages`                 SFT
     PAIRS          `prompt` + `chosen` + `rejected`                       DPO, SimPO, ORPO
+    RANKED_PAIRS   PAIRS + an optional `margin`                           reward model (rm)
     FEEDBACK       `prompt` + `completion` + `label` (or PAIRS, unpaired)  KTO
     PROMPTS        `prompt` + any columns the reward functions read       GRPO
     EVAL_PROMPTS   `prompt` + `answer`                                    held-out evaluation
@@ -22,6 +23,7 @@ from alignflow.models.chat import ROLES
 from alignflow.trainers.dpo import collate_pairs
 from alignflow.trainers.grpo import collate_prompts
 from alignflow.trainers.kto import collate_feedback
+from alignflow.trainers.reward import collate_ranked_pairs
 from alignflow.trainers.sft import collate_causal_lm
 
 from . import demo
@@ -70,6 +72,13 @@ def _pair_row_problem(row: dict) -> Problem | None:
     if problem is None and row["chosen"] == row["rejected"]:
         problem = ("rejected", "is identical to chosen: the pair carries no preference")
     return problem
+
+
+def _ranked_pair_row_problem(row: dict) -> Problem | None:
+    margin = row.get("margin")
+    if "margin" in row and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        return ("margin", f"must be a number (how much more chosen is preferred), got {margin!r}")
+    return _pair_row_problem(row)
 
 
 def _feedback_row_problem(row: dict) -> Problem | None:
@@ -156,6 +165,10 @@ def _pair(row: dict, tok: Tokenizer) -> dict:
     return pair
 
 
+def _ranked_pair(row: dict, tok: Tokenizer) -> dict:
+    return {**_pair(row, tok), **({"margin": float(row["margin"])} if "margin" in row else {})}
+
+
 def _unpaired(ds: datasets.Dataset) -> tuple[datasets.Dataset, list[int]]:
     """Feedback rows, each with the completion of another row as its KL partner; a pair file
     first becomes two rows per pair (chosen: desirable, rejected: undesirable), as TRL's
@@ -184,8 +197,10 @@ def _feedback(row: dict, tok: Tokenizer) -> dict:
 
 
 def _prompt(row: dict, tok: Tokenizer) -> dict:
-    """Prompt ids, every other column, and `prompt` as plain text (what reward functions read)."""
-    return {**row, "prompt_input_ids": prompt_ids(tok, row["prompt"]), "prompt": prompt_text(row["prompt"])}
+    """Prompt ids, every other column, and `prompt` as plain text (what reward functions read); a
+    conversation's messages also as `prompt_messages` (what a reward model renders)."""
+    messages = {"prompt_messages": row["prompt"]} if isinstance(row["prompt"], list) else {}
+    return {**row, **messages, "prompt_input_ids": prompt_ids(tok, row["prompt"]), "prompt": prompt_text(row["prompt"])}
 
 
 # ---- the kinds ----
@@ -196,6 +211,9 @@ CONVERSATIONS = DataKind("conversations", (("prompt", "completion"), ("messages"
                          ("input_ids",), collate_causal_lm, demo.solutions, encode=_conversation, packable=True)
 PAIRS = DataKind("pairs", (("prompt", "chosen", "rejected"),), _pair_row_problem,
                  ("chosen_input_ids", "rejected_input_ids"), collate_pairs, demo.preference_pairs, encode=_pair)
+RANKED_PAIRS = DataKind("pairs", (("prompt", "chosen", "rejected"),), _ranked_pair_row_problem,
+                        ("chosen_input_ids", "rejected_input_ids"), collate_ranked_pairs, demo.preference_pairs,
+                        encode=_ranked_pair)
 FEEDBACK = DataKind("feedback", (("prompt", "completion", "label"), ("prompt", "chosen", "rejected")),
                     _feedback_row_problem, ("completion_input_ids", "kl_input_ids"), collate_feedback, demo.feedback,
                     encode=_feedback, convert=_unpaired)

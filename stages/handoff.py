@@ -166,12 +166,16 @@ def discard_progress(out_dir: Path) -> None:
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
-def prepare_out_dir(out_dir: Path, config_hash: str, parent_hash: str | None) -> None:
+def prepare_out_dir(out_dir: Path, config_hash: str, parent_hash: str | None,
+                    inputs: dict[str, str] | None = None) -> None:
     """Make `out_dir` ready for a (re)run: drop an old manifest, and keep the resumable state
-    only when it was written for this same config and parent (then a retry resumes)."""
+    only when it was written for this same config, parent and other inputs ({role: content
+    hash}) (then a retry resumes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     fingerprint = {"config_hash": config_hash, "parent_hash": parent_hash}
+    if inputs:  # absent without: the state of a stage that reads none stays valid as it was written
+        fingerprint["inputs"] = inputs
     path = out_dir / WORK_DIR / FINGERPRINT
     if not path.exists() or json.loads(path.read_text()) != fingerprint:
         discard_progress(out_dir)
@@ -200,12 +204,13 @@ def adapter_files(directory: Path) -> list[str]:
 
 
 def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", options=None,
-               manifest: dict | None = None, quantize: str | None = None):
+               manifest: dict | None = None, quantize: str | None = None, as_reward_model: bool = False):
     """(model, tokenizer, manifest) of a verified stage directory or plain Hugging Face model
     directory. `options`: how to load a transformers model (stages.config.HFConfig); the
     tokenizer gets a padding token that is not EOS, the model an embedding row for it.
     `manifest`: what `verify` already returned for it (a multi-GB base is hashed once, not at
-    every load). `quantize`: "4bit" loads a transformers model's linear layers in NF4 (QLoRA)."""
+    every load). `quantize`: "4bit" loads a transformers model's linear layers in NF4 (QLoRA).
+    `as_reward_model`: a causal LM loaded under a new scalar head (models.load_reward_model)."""
     manifest = manifest or verify(stage_dir)
     chat_template = None
     if options is not None and options.chat_template:
@@ -219,7 +224,7 @@ def load_stage(stage_dir: str | Path, device: str | torch.device = "cpu", option
     kwargs = {} if options is None else {"dtype": options.dtype, "attn_implementation": options.attn_implementation}
     # Manifests from before transformers models were supported only ever held the built-in model.
     model = load_model(str(stage_dir), manifest.get("model_kind", BUILTIN), device=device, trust_remote_code=trust,
-                       quantize=quantize, **kwargs)
+                       quantize=quantize, as_reward_model=as_reward_model, **kwargs)
     fit_vocabulary(model, tokenizer, added, source=str(stage_dir))
     return model, tokenizer, manifest
 

@@ -1,5 +1,6 @@
 """The checkpoint a stage trains on: a stage directory (local or at a URL) or a plain Hugging Face
-model directory, fetched and verified once, then loaded as often as the stage needs it."""
+model directory, fetched and verified once, then loaded as often as the stage needs it. A
+stage's other inputs (grpo's reward models: stages/inputs.py) are held the same way."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from alignflow.trainers import distributed as dist_utils
 
 from . import handoff, storage
 from .algorithm import check_parent
+from .inputs import check_input
 from .settings import HFConfig
 
 
@@ -20,23 +22,29 @@ class Parent:
         self.dir: Path | None = None  # a verified local copy
         self.manifest: dict | None = None
 
-    def fetch(self, stage: str) -> None:
-        """A verified local copy (one download per node), which `stage` may train on. Every rank."""
+    def fetch(self, stage: str, role: str | None = None) -> None:
+        """A verified local copy (one download per node), which `stage` may train on (or read as
+        its input `role`). Every rank."""
         if dist_utils.detect().local_rank == 0 and storage.is_url(self.ref):
             storage.localize(self.ref)
         dist_utils.barrier()
         self.dir = storage.local_dir(self.ref)
         self.manifest = storage.read_manifest(self.dir, verify=True)
-        check_parent(stage, self.manifest, self.ref)
+        if role is None:
+            check_parent(stage, self.manifest, self.ref)
+        else:
+            check_input(stage, role, self.manifest, self.dir, self.ref)
 
     @property
     def content_hash(self) -> str:
         return self.manifest["content_hash"]
 
-    def load(self, device: torch.device | str, hf: HFConfig, quantize: str | None = None
-             ) -> tuple[torch.nn.Module, Tokenizer]:
-        """Its model (quantize "4bit": QLoRA's base) and tokenizer, as the manifest says to load them."""
-        model, tok, _ = handoff.load_stage(self.dir, device, hf, manifest=self.manifest, quantize=quantize)
+    def load(self, device: torch.device | str, hf: HFConfig, quantize: str | None = None,
+             as_reward_model: bool = False) -> tuple[torch.nn.Module, Tokenizer]:
+        """Its model (quantize "4bit": QLoRA's base; `as_reward_model`: under a new scalar head)
+        and tokenizer, as the manifest says to load them."""
+        model, tok, _ = handoff.load_stage(self.dir, device, hf, manifest=self.manifest, quantize=quantize,
+                                           as_reward_model=as_reward_model)
         return model, tok
 
     def weights_id(self, hf: HFConfig, quantize: str | None) -> str:

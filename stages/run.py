@@ -37,6 +37,7 @@ from alignflow.trainers.sharding import original_class
 
 from . import data, eval_record, loaders
 from .algorithm import Algorithm, get_algorithm
+from .inputs import input_refs
 from .parent import Parent
 from .stage_dir import StageDir
 
@@ -44,20 +45,25 @@ log = logging.getLogger("alignflow.stage")
 VERSIONED = ("alignflow", "torch", "transformers", "safetensors", "tokenizers", "datasets", "pydantic")
 
 
-def train_stage(name: str, config, parent_ref: str | Path | None, out_ref: str | Path) -> dict | None:
-    """Train the stage `name` on `parent_ref` into `out_ref`; the result (handoff.stage_result) on
-    rank 0, None on the others. What `python -m alignflow.stages` and the flow's task run."""
+def train_stage(name: str, config, parent_ref: str | Path | None, out_ref: str | Path,
+                inputs: dict[str, str] | None = None) -> dict | None:
+    """Train the stage `name` on `parent_ref` into `out_ref`, reading the run's stages it names as
+    inputs from `inputs` ({stage: directory}: stages/inputs.py); the result (handoff.stage_result)
+    on rank 0, None on the others. What `python -m alignflow.stages` and the flow's task run."""
     algorithm = get_algorithm(name)
-    with StageRun(algorithm, config, parent_ref, out_ref) as stage:
+    with StageRun(algorithm, config, parent_ref, out_ref, inputs) as stage:
         algorithm.recipe(stage)
     return stage.result
 
 
 class StageRun:
-    def __init__(self, algorithm: Algorithm, config, parent_ref: str | Path | None, out_ref: str | Path):
+    def __init__(self, algorithm: Algorithm, config, parent_ref: str | Path | None, out_ref: str | Path,
+                 inputs: dict[str, str] | None = None):
         self.algorithm, self.name, self.config = algorithm, algorithm.name, config
         self.settings = config.stage(self.name)  # the algorithm's section
         self.parent = Parent(parent_ref) if parent_ref else None
+        # What it reads besides its parent, by role (grpo's reward models).
+        self.inputs = {role: Parent(ref) for role, ref in input_refs(self.name, self.settings, inputs or {}).items()}
         self.out = StageDir(out_ref, f"stage {self.name}")  # rank 0 holds its lock: one run per out dir
         self.out_dir = self.out.local
         self.adapters = AdapterPolicy(self.settings.lora)
@@ -78,8 +84,11 @@ class StageRun:
         try:
             if self.parent is not None:
                 self.parent.fetch(self.name)
+            for role, other in self.inputs.items():
+                other.fetch(self.name, role)
             if self.dist.is_main:
-                self.out.open(self.config.stage_hash(self.name), self.parent.content_hash if self.parent else None)
+                self.out.open(self.config.stage_hash(self.name), self.parent.content_hash if self.parent else None,
+                              {role: other.content_hash for role, other in self.inputs.items()})
             dist_utils.barrier()
         except BaseException:
             self.out.release()
@@ -122,6 +131,7 @@ class StageRun:
             "config_hash": self.config.stage_hash(self.name),
             "model_kind": model_kind(o["model"]),  # how the next stage loads it (models.load_model)
             "parent": self.parent.lineage() if self.parent else None,
+            **({"inputs": {role: other.lineage() for role, other in self.inputs.items()}} if self.inputs else {}),
             "data": self.data.notes() if self.data else {},
             "metrics": o["metrics"],
             "restored_from_step": restored,
@@ -136,10 +146,20 @@ class StageRun:
     # ---- what recipes build with ----
 
     def load_policy(self) -> tuple[torch.nn.Module, Tokenizer]:
-        """The model this stage trains: the parent, with a fresh LoRA adapter when `lora` is set
-        (QLoRA: on the parent's linear layers quantized to 4 bits)."""
-        model, tok = self.parent.load(self.device, self.config.hf, quantize=self.adapters.quantize)
-        return self.adapters.attach(model, seed=self.settings.train.seed or 0, base=self.parent.ref), tok
+        """The model this stage trains: the parent (under a new scalar head for a stage whose model
+        scores: rm), with a fresh LoRA adapter when `lora` is set (QLoRA: on the parent's linear
+        layers quantized to 4 bits; a scalar head is trained in full beside it)."""
+        model, tok = self._load_parent(self.device, self.adapters.quantize)
+        head = "score" if self.algorithm.scores else None
+        return self.adapters.attach(model, seed=self.settings.train.seed or 0, base=self.parent.ref, head=head), tok
+
+    def _load_parent(self, device, quantize: str | None = None) -> tuple[torch.nn.Module, Tokenizer]:
+        if not self.algorithm.scores:
+            return self.parent.load(device, self.config.hf, quantize=quantize)
+        # The new head is drawn from the seed: every rank, and a resumed run, start from the same one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.settings.train.seed or 0)
+            return self.parent.load(device, self.config.hf, quantize=quantize, as_reward_model=True)
 
     def reference_weights_id(self) -> str:
         """Names the reference's weights for DPO's score cache (Parent.weights_id)."""
@@ -200,7 +220,7 @@ class StageRun:
         model = trainer.final_model()  # every rank takes part (fsdp gathers); rank 0 gets it
         adapter = None
         if self.dist.is_main:
-            model, adapter = self.adapters.hand_off(model, lambda: self.parent.load("cpu", self.config.hf)[0])
+            model, adapter = self.adapters.hand_off(model, lambda: self._load_parent("cpu")[0])
             model.to(self.device)  # fsdp gathers onto the CPU, and evaluation runs on the stage's device
         self.outcome = {"model": model, "tokenizer": tok, "adapter": adapter, "metrics": metrics,
                         "train_seconds": seconds}

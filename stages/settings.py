@@ -87,6 +87,16 @@ class StageConfig(Settings):
     def quantized(self) -> bool:
         return self.lora is not None and self.lora.quantize != "none"
 
+    def input_stages(self) -> tuple[str, ...]:
+        """The stages of the run this stage reads besides its parent (grpo.reward_model): they run
+        first, and their content hashes join its parent's in its skip check and lineage."""
+        return ()
+
+    def input_dirs(self) -> dict[str, str]:
+        """Checkpoint directories from elsewhere it reads besides its parent, by role
+        (grpo.reward_models[0]), hashed into its lineage as an external parent is."""
+        return {}
+
     @model_validator(mode="after")
     def _qlora_runs_under_ddp(self) -> "StageConfig":
         if self.quantized and self.train.strategy == "fsdp":

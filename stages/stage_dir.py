@@ -23,10 +23,10 @@ class StageDir:
         self.local = storage.local_dir(ref)  # where it is worked on
         self.lock = DirLock(self.local, holder)
 
-    def open(self, config_hash: str, parent_hash: str | None) -> None:
+    def open(self, config_hash: str, parent_hash: str | None, inputs: dict[str, str] | None = None) -> None:
         """Take the lock (a held one fails here, naming its holder) before anything is written."""
         self.lock.acquire()
-        handoff.prepare_out_dir(self.local, config_hash, parent_hash)
+        handoff.prepare_out_dir(self.local, config_hash, parent_hash, inputs)
         if storage.is_url(self.ref):
             storage.restore_checkpoint(self.ref, self.local)
 

@@ -97,8 +97,10 @@ class Incomplete:
     damaged: bool  # a manifest is there, but a file it lists is missing or fails its sha256
 
 
-def why_incomplete(ref: str | Path, config_hash: str, parent_hash: str | None) -> Incomplete | None:
-    """Why a stage must (re)run; None when it is complete for this config and parent."""
+def why_incomplete(ref: str | Path, config_hash: str, parent_hash: str | None,
+                   inputs: dict[str, str] | None = None) -> Incomplete | None:
+    """Why a stage must (re)run; None when it is complete for this config, parent and inputs
+    besides the parent ({role: content hash}: stages/inputs.py)."""
     if not exists(join(ref, handoff.MANIFEST)):
         return Incomplete(f"{ref} holds no finished stage yet", damaged=False)
     try:
@@ -114,6 +116,11 @@ def why_incomplete(ref: str | Path, config_hash: str, parent_hash: str | None) -
         return Incomplete(f"{ref} was built with other settings", damaged=False)
     if (manifest.get("parent") or {}).get("content_hash") != parent_hash:
         return Incomplete(f"{ref} was built on another parent", damaged=False)
+    built_on = {role: got.get("content_hash") for role, got in (manifest.get("inputs") or {}).items()}
+    wanted = inputs or {}
+    if built_on != wanted:
+        changed = sorted(role for role in {*built_on, *wanted} if built_on.get(role) != wanted.get(role))
+        return Incomplete(f"{ref} was built on another {', '.join(changed)}", damaged=False)
     return None
 
 

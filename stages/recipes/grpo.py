@@ -1,26 +1,63 @@
 """GRPO on prompts with verifiable answers: the policy samples through `models.generate_text`,
 and the parent checkpoint, loaded again (or a LoRA policy with its adapter switched off), is the
-frozen KL reference when beta > 0."""
+frozen KL reference when beta > 0. Completions are scored by the reward functions and by any
+reward models (`reward_model`: the run's rm stage; `reward_models`: directories), weighed
+together in one sum."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import Field, field_validator
+
 from alignflow.models import generate_text
 from alignflow.trainers.grpo import GRPOArgs, GRPOTrainer
+from alignflow.trainers.args import Settings
+from alignflow.trainers.placement import place_reference
 from alignflow.trainers.rewards import required_columns
 
 from .. import data
-from ..algorithm import Algorithm, Headline, Panel
+from ..algorithm import Algorithm, Headline, Panel, algorithms
 from ..formats import PROMPTS
+from ..reward_models import RewardModelScorer
 from ..settings import StageConfig, TrainConfig
 
 if TYPE_CHECKING:
     from ..run import StageRun
 
 
+class RewardModelDir(Settings):
+    path: str = Field(description="an rm stage's directory (an earlier run's) or a Hugging Face sequence-"
+                                  "classification model directory with one label")
+    weight: float = Field(1.0, description="its weight in the reward sum, beside reward_weights")
+
+
 class GRPOConfig(GRPOArgs, StageConfig):
-    """GRPO's settings (`trainers.grpo.GRPOArgs`) beside its data and training loop."""
+    """GRPO's settings (`trainers.grpo.GRPOArgs`) beside its data and training loop, and the reward
+    models that score completions beside the reward functions."""
     train: TrainConfig = TrainConfig(lr=1e-4, batch_size=4)
+    reward_model: str | None = Field(None, description="a stage of this run whose reward model scores completions "
+                                                       "(rm: the pipeline trains it first, on grpo's parent)")
+    reward_model_weight: float = Field(1.0, description="its weight in the reward sum, beside reward_weights")
+    reward_models: list[RewardModelDir] = Field([], description="reward models from directories, each with its weight")
+
+    @field_validator("reward_model")
+    @classmethod
+    def _a_scoring_stage(cls, value: str | None) -> str | None:
+        scoring = [name for name, a in algorithms().items() if a.scores]
+        if value is not None and value not in scoring:
+            raise ValueError(f"{value!r} is not a stage that trains a reward model ({', '.join(scoring)})")
+        return value
+
+    def input_stages(self) -> tuple[str, ...]:
+        return (self.reward_model,) if self.reward_model else ()
+
+    def input_dirs(self) -> dict[str, str]:
+        return {f"reward_models_{i}": m.path for i, m in enumerate(self.reward_models)}
+
+    def reward_model_weights(self) -> dict[str, float]:
+        """{input role: weight} of every reward model, in the order they are summed."""
+        weights = {self.reward_model: self.reward_model_weight} if self.reward_model else {}
+        return {**weights, **{f"reward_models_{i}": m.weight for i, m in enumerate(self.reward_models)}}
 
 
 def read_prompts(config, stage: str = "grpo") -> data.RawSplit:
@@ -36,11 +73,27 @@ def read_prompts(config, stage: str = "grpo") -> data.RawSplit:
     return raw
 
 
+def reward_scorers(stage: StageRun) -> tuple[list, list[float]]:
+    """The reward models the settings name, loaded frozen on the stage's device (sharded under
+    fsdp, like the reference), as reward functions, and their weights."""
+    scorers, weights = [], []
+    for role, weight in stage.settings.reward_model_weights().items():
+        model, tok = stage.inputs[role].load(stage.device, stage.config.hf)
+        model = place_reference(model, stage.settings.train, stage.device)
+        scorers.append(RewardModelScorer(role, model, tok, stage.device))
+        weights.append(weight)
+    return scorers, weights
+
+
 def train(stage: StageRun) -> None:
+    s = stage.settings
     prompts = read_prompts(stage.config, stage.name)
     model, tok = stage.load_policy()
-    reference = stage.reference_loader(model)() if stage.settings.beta > 0 else None
-    trainer = stage.trainer(model, tok, train_raw=prompts, ref_model=reference, grpo=stage.settings,
+    reference = stage.reference_loader(model)() if s.beta > 0 else None
+    scorers, weights = reward_scorers(stage)
+    function_weights = s.reward_weights if s.reward_weights is not None else [1.0] * len(s.reward_funcs)
+    trainer = stage.trainer(model, tok, train_raw=prompts, ref_model=reference, grpo=s,
+                            reward_funcs=[*s.reward_funcs, *scorers], reward_weights=[*function_weights, *weights],
                             generate_fn=generate_text, tokenizer=tok)
     stage.train(trainer, tok)
 
