@@ -27,7 +27,8 @@ from ..logprobs import token_entropy, token_logps
 from ..modules import unwrap
 from ..placement import place_reference
 from ..rewards import DEFAULT_REWARDS, Rewards, resolve_reward_weights
-from .loss import GRPOLossType, ScaleRewards, group_advantages, grpo_loss, loss_items
+from .loss import (Advantage, GRPOLossType, ImportanceSamplingLevel, ScaleRewards, group_advantages, grpo_loss,
+                   loss_items)
 from .rollout import PROMPT_KEYS, completion_logits, completion_targets, repeat_each
 
 
@@ -39,10 +40,24 @@ class GRPOArgs(Settings):
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
     beta: float = Field(0.04, ge=0, description="k3 KL penalty towards the reference (0: no reference model)")
-    epsilon: float = Field(0.2, ge=0, description="clip range below 1")
-    epsilon_high: float | None = Field(None, ge=0, description="clip range above 1 (default: epsilon)")
-    loss_type: GRPOLossType = "dapo"
+    epsilon: float = Field(0.2, ge=0, description="clip range below 1 (unused by loss_type cispo)")
+    epsilon_high: float | None = Field(
+        None, ge=0, description="clip range above 1 (default: epsilon); loss_type cispo truncates the importance "
+                                "weight at 1 + epsilon_high (MiniMax-M1's ε_high; TRL's absolute cap epsilon_high=5 "
+                                "is 4 here)")
+    loss_type: GRPOLossType = Field(
+        "dapo", description="grpo | bnpo | dr_grpo | dapo: how the clipped surrogate is normalised; cispo: the "
+                            "detached importance weight, truncated at 1 + epsilon_high, times A·logp (MiniMax-M1), "
+                            "normalised as dapo")
+    importance_sampling_level: ImportanceSamplingLevel = Field(
+        "token", description="token: one ratio per token; sequence: one length-normalised ratio per sequence, the exp "
+                             "of its mean token log-ratio, for every token of it (GSPO, which clips with a far "
+                             "smaller epsilon, e.g. 3e-4/4e-4, and normalises as loss_type grpo)")
     num_iterations: int = Field(1, ge=1, description="updates per generation round")
+    advantage: Advantage = Field(
+        "group", description="group: r − the group's mean (GRPO); rloo: r − the mean of the group's other G−1 rewards "
+                             "(RLOO's leave-one-out baseline, G/(G−1) times group's); either divided by the std "
+                             "scale_rewards names (none: the plain RLOO estimator)")
     scale_rewards: ScaleRewards = "group"
     reward_funcs: list[str] = Field(DEFAULT_REWARDS, min_length=1, description="registered reward names")
     reward_weights: list[float] | None = None
@@ -93,7 +108,8 @@ class GRPOTrainer(BaseTrainer):
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         # num_items=1: the loss summed in `loss_items` units; the trainer divides by the step's total.
         loss, stats = grpo_loss(logps, old, batch.get("ref_logps"), batch["advantages"], batch["completion_mask"],
-                                g.epsilon, self.epsilon_high, g.beta, g.loss_type, g.max_completion_length, num_items=1)
+                                g.epsilon, self.epsilon_high, g.beta, g.loss_type, g.max_completion_length, num_items=1,
+                                importance_sampling_level=g.importance_sampling_level)
         mask = batch["completion_mask"].to(logps.dtype)
         tokens = mask.sum()
         # Per-token means whatever the loss's unit: (sum, tokens) pairs, reduced over the step.
@@ -142,7 +158,7 @@ class GRPOTrainer(BaseTrainer):
             "input_ids": generation.sequences,
             "attention_mask": torch.cat([generation.prompt_mask, mask], dim=1),
             "completion_mask": mask,
-            "advantages": group_advantages(rewards, g.num_generations, g.scale_rewards).to(self.device),
+            "advantages": group_advantages(rewards, g.num_generations, g.scale_rewards, g.advantage).to(self.device),
         }
         policy = unwrap(self.model)
         with torch.no_grad(), self.autocast():
