@@ -95,6 +95,6 @@ def test_the_sections_are_the_registered_algorithms_in_pipeline_order():
     from alignflow.stages.config import PipelineConfig
 
     config = load_config("tiny")
-    assert list(config.sections()) == list(algorithms()) == ["pretrain", "sft", "dpo", "grpo", "kto", "orpo", "simpo"]
+    assert list(config.sections()) == list(algorithms()) == ["pretrain", "sft", "rm", "dpo", "grpo", "kto", "orpo", "simpo"]
     assert [n for n in PipelineConfig.model_fields if n in algorithms()] == list(algorithms())
     assert config.start == "pretrain"  # the first stage without a parent
