@@ -227,10 +227,13 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from alignflow.models import generate_text, prompt_ids
+    from alignflow.models import REWARD, generate_text, prompt_ids
     from alignflow.stages import handoff, storage
 
-    model, tok, _ = handoff.load_stage(storage.localize(args.dir), options=resolve_config(args).hf)
+    model, tok, manifest = handoff.load_stage(storage.localize(args.dir), options=resolve_config(args).hf)
+    if manifest.get("model_kind") == REWARD:
+        raise ValueError(f"{args.dir} holds a reward model: it scores a conversation, it does not generate one (GRPO "
+                         "reads it as grpo.reward_models; transformers loads it with AutoModelForSequenceClassification)")
     prompts = [prompt_ids(tok, [{"role": "user", "content": p}]) for p in args.prompt]
     out = generate_text(model, tok, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))

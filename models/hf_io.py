@@ -150,6 +150,16 @@ def ready_to_train(model: torch.nn.Module, device: str | torch.device, quantize:
     return model if quantize else model.to(device)  # a quantized model is placed as it loads
 
 
+def is_reward_directory(directory: str) -> bool:
+    """Its config.json names a sequence-classification class (a reward model's)."""
+    try:
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            classes = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(c.endswith("ForSequenceClassification") for c in classes)
+
+
 def load_reward_model(directory: str, device: str | torch.device = "cpu", dtype: str = "float32",
                       attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                       quantize: str | None = None) -> torch.nn.Module:
@@ -159,13 +169,20 @@ def load_reward_model(directory: str, device: str | torch.device = "cpu", dtype:
     from transformers import AutoModelForSequenceClassification
 
     _bars_only_on_a_terminal()
+    from transformers.utils import logging as hf_logging
+
     placement = {"quantization_config": four_bit(DTYPES[dtype]), "device_map": {"": str(device)}} if quantize else {}
+    verbosity = hf_logging.get_verbosity()
+    if not is_reward_directory(directory):  # its load report, "score.weight MISSING", is the point here
+        hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             directory, num_labels=1, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, use_safetensors=True, **placement)
     except Exception as e:  # transformers raises many types; the user needs the directory
         raise ValueError(f"cannot load a sequence-classification (reward) model from {directory}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return ready_to_train(model, device, quantize)
 
 

@@ -81,7 +81,7 @@ def test_a_rerun_skips_all_and_an_rm_setting_reruns_rm_and_grpo_only(graph_run):
     runs, first = graph_run
     again = alignment_pipeline(config=config_with(runs), align="grpo")
     assert all(r.get("skipped") for r in again["stages"].values()), again["stages"]
-    changed = alignment_pipeline(config=config_with(runs, **{"rm.train.lr": 3e-4}), align="grpo")
+    changed = alignment_pipeline(config=config_with(runs, **{"rm.train.lr": 5e-4}), align="grpo")
     assert [s for s, r in changed["stages"].items() if not r.get("skipped")] == ["rm", "grpo"]
     assert changed["stages"]["rm"]["content_hash"] != first["stages"]["rm"]["content_hash"]
     assert manifest(changed, "grpo")["inputs"]["rm"]["content_hash"] == changed["stages"]["rm"]["content_hash"]
@@ -92,13 +92,17 @@ def test_one_grpo_stage_on_an_earlier_runs_sft_and_rm(graph_run):
 
     runs, first = graph_run
     sft, rm = first["stages"]["sft"]["path"], first["stages"]["rm"]["path"]
-    config = config_with(runs, **{"grpo.reward_model": None, "grpo.reward_models": [{"path": rm, "weight": 2.0}]})
+    # Scored by the reward model alone: no reward function.
+    config = config_with(runs, **{"grpo.reward_model": None, "grpo.reward_models": [{"path": rm, "weight": 2.0}],
+                                  "grpo.reward_funcs": []})
     out = run_stage(stage="grpo", config=config, parent=sft)
     grpo = manifest(out, "grpo")
     assert grpo["inputs"]["reward_models_0"]["path"] == rm
     assert grpo["inputs"]["reward_models_0"]["content_hash"] == json.loads(
         (Path(rm) / "manifest.json").read_text())["content_hash"]
-    assert "val_rewards/reward_models_0" in out["stages"]["grpo"]["metrics"]
+    got = out["stages"]["grpo"]["metrics"]
+    assert "val_rewards/reward_models_0" in got and "val_rewards/format" not in got
+    assert got["val_reward"] == pytest.approx(2.0 * got["val_rewards/reward_models_0"], rel=1e-6)
     # grpo.reward_model names a stage of a pipeline run; one stage alone has none to read.
     with pytest.raises(ValueError, match=r"grpo.reward_model: rm is not a stage of this run \(grpo\)"):
         run_stage(stage="grpo", config=config_with(runs), parent=sft)

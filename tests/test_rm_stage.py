@@ -2,12 +2,20 @@
 preference (held-out pairwise accuracy far above chance), its directory reloads with transformers'
 AutoModelForSequenceClassification and scores a conversation rendered by the tokenizer's own
 chat template as the trained model did in memory, a LoRA reward model trains its new head in
-full, and a pair file's `margin` column reaches the loss (a bad one is refused naming the row)."""
+full, a pair file's `margin` column reaches the loss (a bad one is refused naming the row), a run
+killed with SIGKILL resumes to the same bits, two ranks (ddp, fsdp) equal one process, and a
+stage process reads the run's rm through `--input` as the flow's torchrun passes it."""
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from conftest import SMALL_PIPELINE
 from alignflow.stages.algorithm import get_algorithm
@@ -109,3 +117,87 @@ def test_a_lora_reward_model_trains_its_head_in_full_and_a_margin_reaches_the_lo
     bad = margin_pairs(tmp_path / "bad.jsonl", lambda i: "big")
     with pytest.raises(ValueError, match=r"bad.jsonl: row 0 \(line 1\): column 'margin' must be a number"):
         train_stage("rm", config_with(**{"rm.data.source": str(bad)}), sft, tmp_path / "rm-bad")
+
+
+def stage_process(config_file: Path, parent, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "alignflow.stages", "rm", "--config", str(config_file),
+                             "--parent", str(parent), "--out", str(out), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_a_sigkilled_rm_stage_resumes_to_the_same_bits(sft, tmp_path):
+    config = config_with(**{"rm.train.max_steps": 16, "rm.train.save_interval": 4, "rm.train.batch_size": 8})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    finished(stage_process(config_file, sft, tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    proc = stage_process(config_file, sft, killed)
+    deadline = time.time() + 240
+    try:  # killed once the step-8 checkpoint is complete
+        while time.time() < deadline and not (killed / "state" / "step-00000008" / "trainer_state.json").exists():
+            assert proc.poll() is None, "the stage finished before it could be killed"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and not (killed / "manifest.json").exists()
+    finished(stage_process(config_file, sft, killed))
+    assert json.loads((killed / "manifest.json").read_text())["metrics"]["resumed_from_step"] >= 8
+    straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert straight.keys() == resumed.keys() and "score.weight" in straight
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_rm_ranks_through_torchrun_equal_one_process(sft, tmp_path, strategy, prefect_harness):
+    from alignflow.flows.pipeline import run_stage
+
+    # SGD: its update is proportional to the gradient, which the ranks reduce (see test_ddp.py).
+    common = {"runs_dir": str(tmp_path), "rm.train.optimizer": "sgd", "rm.train.lr": 0.05, "rm.train.max_steps": 3,
+              "rm.train.max_grad_norm": None}
+    one = config_with(**common, **{"rm.train.batch_size": 8})
+    two = config_with(**common, **{"rm.train.batch_size": 4, "rm.train.nproc_per_node": 2,
+                                   "rm.train.strategy": strategy})
+    run_stage(stage="rm", config=one, parent=str(sft), run_id="one")
+    out = run_stage(stage="rm", config=two, parent=str(sft), run_id="two")
+    assert json.loads((tmp_path / "two" / "rm" / "manifest.json").read_text())["world_size"] == 2
+    wa = load_file(tmp_path / "one" / "rm" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "rm" / "model.safetensors")
+    assert wa.keys() == wb.keys() and "score.weight" in wa
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)
+    assert out["stages"]["rm"]["metrics"]["step"] == 3
+
+
+def test_python_m_stages_reads_an_input_stage_and_torchrun_passes_it_on(sft, tmp_path):
+    """`python -m alignflow.stages grpo --input rm=DIR` (what the flow's torchrun runs for
+    grpo.reward_model=rm); without --input it says what is missing in one line."""
+    from alignflow.flows.launch import torchrun_command
+
+    rm = tmp_path / "rm"
+    train_stage("rm", config_with(**{"rm.train.max_steps": 2}), sft, rm)
+    settings = {"grpo.reward_model": "rm", "grpo.reward_funcs": [], "grpo.train.max_steps": 1,
+                "grpo.train.batch_size": 2, "grpo.num_generations": 2, "grpo.max_completion_length": 4,
+                "eval.max_prompts": 2}
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config_with(**settings).model_dump(mode="json")))
+    base = [sys.executable, "-m", "alignflow.stages", "grpo", "--config", str(config_file), "--parent", str(sft)]
+    missing = subprocess.run([*base, "--out", str(tmp_path / "g0")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
+        "python -m alignflow.stages grpo: error: grpo reads the rm stage's output (grpo.reward_model: rm), but no "
+        "rm directory was given: run the pipeline (it runs rm first), or name a directory instead "
+        "(grpo.reward_models: [{path: DIR}])"), missing.stderr[-2000:]
+    done = subprocess.run([*base, "--out", str(tmp_path / "g1"), "--input", f"rm={rm}"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "g1" / "manifest.json").read_text())
+    assert manifest["inputs"]["rm"]["content_hash"] == json.loads((rm / "manifest.json").read_text())["content_hash"]
+    cmd = torchrun_command("grpo", config_file, str(sft), str(tmp_path / "g2"), 2, 1, "x", "tiny", tmp_path,
+                           inputs={"rm": str(rm)})
+    assert cmd[cmd.index("--input") + 1] == f"rm={rm}"

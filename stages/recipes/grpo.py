@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignflow.models import generate_text
 from alignflow.trainers.grpo import GRPOArgs, GRPOTrainer
@@ -47,6 +47,12 @@ class GRPOConfig(GRPOArgs, StageConfig):
         if value is not None and value not in scoring:
             raise ValueError(f"{value!r} is not a stage that trains a reward model ({', '.join(scoring)})")
         return value
+
+    @model_validator(mode="after")
+    def _something_scores(self) -> "GRPOConfig":
+        if not self.reward_funcs and not self.reward_model and not self.reward_models:
+            raise ValueError("no reward: give reward_funcs, a reward_model or reward_models")
+        return self
 
     def input_stages(self) -> tuple[str, ...]:
         return (self.reward_model,) if self.reward_model else ()

@@ -59,14 +59,15 @@ class GRPOArgs(Settings):
                              "(RLOO's leave-one-out baseline, G/(G−1) times group's); either divided by the std "
                              "scale_rewards names (none: the plain RLOO estimator)")
     scale_rewards: ScaleRewards = "group"
-    reward_funcs: list[str] = Field(DEFAULT_REWARDS, min_length=1, description="registered reward names")
+    reward_funcs: list[str] = Field(DEFAULT_REWARDS, description="registered reward names ([]: only the callables "
+                                                                 "given to the trainer, e.g. reward models, score)")
     reward_weights: list[float] | None = None
 
     @model_validator(mode="after")
     def _weights_match(self) -> "GRPOArgs":
-        resolve_reward_weights(self.reward_funcs, self.reward_weights)
+        if self.reward_funcs or self.reward_weights is not None:
+            resolve_reward_weights(self.reward_funcs, self.reward_weights)
         return self
-
 
 
 class GRPOTrainer(BaseTrainer):
