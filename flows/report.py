@@ -110,6 +110,11 @@ def headline(stage: str, metrics: dict) -> list[tuple[str, str]]:
              else numbers.number(metrics[row.metric])) for row in headline_rows(stage) if row.metric in metrics]
 
 
+def evaluated_seconds(record: dict | None) -> float | None:
+    """What a stage's evaluation took, None when nothing was evaluated (a reward model)."""
+    return record["seconds"] if record and (record.get("sets") or record.get("lm_eval")) else None
+
+
 def table(results: dict[str, dict]) -> list[str]:
     """The stages side by side: headline metrics, the evaluation's (each with its change from the
     parent stage), then what each cost and where it is."""
@@ -127,7 +132,7 @@ def table(results: dict[str, dict]) -> list[str]:
         row(label, [shown[s].get(label, "") for s in stages])
     for label, cells in eval_report.rows(results):
         row(label, cells)
-    row("eval time", [numbers.duration((results[s].get("evaluation") or {}).get("seconds")) for s in stages])
+    row("eval time", [numbers.duration(evaluated_seconds(results[s].get("evaluation"))) for s in stages])
     row("optimizer steps", [numbers.count(results[s]["metrics"].get("step")) for s in stages])
     row("tokens trained on", [numbers.count(results[s]["metrics"].get("tokens")) for s in stages])
     row("train time", [numbers.duration(results[s]["timings"].get("train_seconds")) for s in stages])

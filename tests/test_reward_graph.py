@@ -63,6 +63,7 @@ def test_four_stages_run_in_order_and_grpo_records_both_inputs(graph_run):
     assert "| | pretrain | sft | rm | grpo |" in card
     assert re.search(r"\n\| RM val accuracy \| +\| +\| \d+\.\d% \(\d+/6\) \| +\|\n", card), card
     assert "![rm curves](rm/curves.png)" in card
+    assert re.search(r"\n\| eval time \| [\d.]+ s \| [\d.]+ s \|  \| [\d.]+ s \|\n", card), card  # rm: not evaluated
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(result["flow_run_id"])
         tasks = {t.name: t for t in client.read_task_runs(
