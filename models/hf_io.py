@@ -167,10 +167,9 @@ def load_reward_model(directory: str, device: str | torch.device = "cpu", dtype:
     new one-label head (num_labels=1: one score per sequence, read at its last token)."""
     directory = trusted_directory(directory, trust_remote_code)
     from transformers import AutoModelForSequenceClassification
-
-    _bars_only_on_a_terminal()
     from transformers.utils import logging as hf_logging
 
+    _bars_only_on_a_terminal()
     placement = {"quantization_config": four_bit(DTYPES[dtype]), "device_map": {"": str(device)}} if quantize else {}
     verbosity = hf_logging.get_verbosity()
     if not is_reward_directory(directory):  # its load report, "score.weight MISSING", is the point here

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from alignflow.models import (BUILTIN, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model, load_tokenizer,
-                              save_model)
+from alignflow.models import (BUILTIN, REWARD, TRANSFORMERS, ensure_pad_token, fit_vocabulary, load_model,
+                              load_tokenizer, save_model)
+from alignflow.models.hf_io import is_reward_directory
 from alignflow.models.files import seal, sha256_file, verify_seal, write_json_atomic
 from alignflow.models.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, save_adapter
 from alignflow.models.tokenizer import require_tokenizer_files
@@ -113,7 +114,8 @@ def external_base(directory: str | Path) -> dict:
     weight_files(d, names)
     require_tokenizer_files(str(d))  # refused here, before a flow starts a stage on it
     digests = {name: sha256_file(d / name) for name in names}
-    return {"stage": None, "external": True, "path": str(d), "model_kind": TRANSFORMERS, "run_id": d.name,
+    kind = REWARD if is_reward_directory(str(d)) else TRANSFORMERS  # a sequence classifier loads as one
+    return {"stage": None, "external": True, "path": str(d), "model_kind": kind, "run_id": d.name,
             "content_hash": content_hash(digests), "sha256": digests, "metrics": {}, "timings": {}}
 
 

@@ -2,7 +2,7 @@
 run (`grpo.reward_model: rm`, which makes the pipeline a graph: rm and grpo both train on sft,
 and grpo reads rm) or from directories elsewhere (`grpo.reward_models: [{path, weight}]`).
 
-Each input is named by its role (the stage's name for a stage of the run, `reward_models[i]`
+Each input is named by its role (the stage's name for a stage of the run, `reward_models_<i>`
 for a directory) and verified as a parent is. Its content hash joins the parent's in the stage's
 skip check and resumable-state fingerprint, and the manifest's `inputs` record where each was
 and what it held: changing rm's settings re-runs rm and then grpo, not sft."""

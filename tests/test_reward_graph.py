@@ -111,3 +111,49 @@ def test_one_grpo_stage_on_an_earlier_runs_sft_and_rm(graph_run):
     wrong = config_with(runs, **{"grpo.reward_model": None, "grpo.reward_models": [{"path": sft}]})
     with pytest.raises(ValueError, match=r"holds a sft stage, not a reward model"):
         run_stage(stage="grpo", config=wrong, parent=sft)
+
+
+def test_grpo_batches_keep_a_conversational_prompt_for_the_reward_model_to_render(graph_run):
+    """A reward model renders prompt + completion as the rm stage's pairs were: through the chat
+    template, which needs the prompt's messages, not the plain text reward functions read."""
+    from alignflow.stages import loaders
+    from alignflow.stages.formats import PROMPTS
+    from alignflow.stages.handoff import load_stage
+    from alignflow.stages.reward_models import RewardModelScorer
+
+    runs, result = graph_run
+    config = config_with(runs)
+    rm, tok, _ = load_stage(result["stages"]["rm"]["path"])
+    data = loaders.load("grpo", PROMPTS, config.grpo.data, config.demo, tok)
+    batch = next(iter(data.loaders(tok.pad_token_id, 2, 0)[0]))
+    messages = batch["prompt_messages"]
+    assert messages[0][-1]["role"] == "user" and messages[0][-1]["content"] == batch["prompt"][0]
+    scorer = RewardModelScorer("rm", rm, tok, rm.device)
+    rendered = scorer.sequences(batch["prompt"], ["3 + 4 = 7."] * 2, prompt_messages=messages)
+    assert tok.decode(rendered[0]) == tok.apply_chat_template(
+        [*messages[0], {"role": "assistant", "content": "3 + 4 = 7."}], tokenize=False)
+
+
+def test_a_plain_hugging_face_reward_model_directory_is_read_and_a_causal_lm_is_refused(graph_run, tmp_path):
+    """A sequence-classification directory from elsewhere (no manifest) scores as an rm stage's
+    does, its files hashed into the lineage as an external parent's are."""
+    import shutil
+
+    from alignflow.flows.pipeline import run_stage
+
+    runs, first = graph_run
+    sft, rm = Path(first["stages"]["sft"]["path"]), Path(first["stages"]["rm"]["path"])
+    plain = tmp_path / "plain-rm"
+    shutil.copytree(rm, plain, ignore=shutil.ignore_patterns("manifest.json", "eval.json", "metrics.jsonl", "state",
+                                                             "work", "*.png"))
+    config = config_with(runs, **{"grpo.reward_model": None, "grpo.reward_models": [{"path": str(plain)}]})
+    out = run_stage(stage="grpo", config=config, parent=str(sft))
+    lineage = manifest(out, "grpo")["inputs"]["reward_models_0"]
+    assert lineage["external"] and lineage["path"] == str(plain) and "model.safetensors" in lineage["sha256"]
+    plain_lm = tmp_path / "plain-lm"
+    shutil.copytree(sft, plain_lm, ignore=shutil.ignore_patterns("manifest.json", "eval.json", "metrics.jsonl",
+                                                                 "state", "work", "*.png"))
+    wrong = config_with(runs, **{"grpo.reward_model": None, "grpo.reward_models": [{"path": str(plain_lm)}]})
+    with pytest.raises(ValueError, match=r"plain-lm is not a reward model \(its config.json has architectures "
+                                         r"\['LlamaForCausalLM'\]"):
+        run_stage(stage="grpo", config=wrong, parent=str(sft))

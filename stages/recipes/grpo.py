@@ -58,12 +58,18 @@ class GRPOConfig(GRPOArgs, StageConfig):
         return (self.reward_model,) if self.reward_model else ()
 
     def input_dirs(self) -> dict[str, str]:
-        return {f"reward_models_{i}": m.path for i, m in enumerate(self.reward_models)}
+        return {directory_role(i): m.path for i, m in enumerate(self.reward_models)}
 
     def reward_model_weights(self) -> dict[str, float]:
         """{input role: weight} of every reward model, in the order they are summed."""
         weights = {self.reward_model: self.reward_model_weight} if self.reward_model else {}
-        return {**weights, **{f"reward_models_{i}": m.weight for i, m in enumerate(self.reward_models)}}
+        return {**weights, **{directory_role(i): m.weight for i, m in enumerate(self.reward_models)}}
+
+
+def directory_role(i: int) -> str:
+    """What `reward_models[i]` is called as an input and in the metrics (rewards/reward_models_0:
+    a name MLflow accepts)."""
+    return f"reward_models_{i}"
 
 
 def read_prompts(config, stage: str = "grpo") -> data.RawSplit:
