@@ -201,3 +201,21 @@ def test_python_m_stages_reads_an_input_stage_and_torchrun_passes_it_on(sft, tmp
     cmd = torchrun_command("grpo", config_file, str(sft), str(tmp_path / "g2"), 2, 1, "x", "tiny", tmp_path,
                            inputs={"rm": str(rm)})
     assert cmd[cmd.index("--input") + 1] == f"rm={rm}"
+
+
+@pytest.mark.parametrize("family", ["llama3", "chatml", "neox"])
+def test_a_reward_model_from_each_hugging_face_family_reloads_as_its_sequence_classifier(family, hf_model_dir,
+                                                                                        tmp_path):
+    """The parent's own architecture under a one-label head (Llama, Qwen2, GPT-NeoX classes), trained
+    on the demo's pairs rendered by the family's chat template, reloaded by transformers."""
+    from transformers import AutoModelForSequenceClassification
+
+    parent = hf_model_dir(family)
+    config = config_with(**{"model": str(parent), "start": "rm", "rm.train.max_steps": 3, "rm.train.batch_size": 4})
+    result = train_stage("rm", config, parent, tmp_path / "rm")
+    assert result["metrics"]["step"] == 3
+    saved = json.loads((tmp_path / "rm" / "config.json").read_text())
+    kind = json.loads((parent / "config.json").read_text())["architectures"][0].replace("ForCausalLM", "")
+    assert saved["architectures"] == [f"{kind}ForSequenceClassification"] and len(saved["id2label"]) == 1
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert model.config.pad_token_id is not None and model.score.out_features == 1
