@@ -27,6 +27,17 @@ def small_config():
     return lambda **extra: load_config("tiny", overrides={**SMALL_PIPELINE, **extra})
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): intra-op
+    threads buy nothing there, and on a shared 2-core machine their spin-waiting made steps ~10x
+    slower. torchrun's workers already default to one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One embedded Prefect server for every test that runs flows (its start takes 15-25 s)."""

@@ -27,14 +27,7 @@ VOCAB = 32
 WORKER = Path(__file__).parent / "scripts" / "grpo_worker.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads buy nothing, and on a shared 2-core machine
-    their spin-waiting made steps ~10x slower. torchrun's workers already default to one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- shared builders (the DDP worker imports them too) ----

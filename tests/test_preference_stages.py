@@ -1,7 +1,7 @@
 """SimPO, ORPO and KTO as stages: aligned through the pipeline after the stages they build on,
 ORPO straight on a pretrained base (SimPO refused there), and a run killed with SIGKILL resumed
-to the same bits as an uninterrupted one (all three runs fresh `python -m alignflow.stages`
-processes)."""
+to the same bits as an uninterrupted one, for these and the reward model (rm) (all three runs
+fresh `python -m alignflow.stages` processes)."""
 import json
 import re
 import signal
@@ -21,7 +21,7 @@ from alignflow.stages.run import train_stage
 
 # 128 training pairs (KTO: 128 answers), batch 8: 16 steps an epoch; the held-out ones are 12.
 SETTINGS = {**SMALL_PIPELINE, "demo.preference_pairs": 128,
-            **{f"{stage}.train.{key}": value for stage in ("simpo", "orpo", "kto") for key, value in
+            **{f"{stage}.train.{key}": value for stage in ("simpo", "orpo", "kto", "rm") for key, value in
                {"max_steps": 32, "batch_size": 8, "lr": 1e-4, "log_interval": 1, "eval_interval": 16,
                 "save_interval": 8}.items()}}
 
@@ -93,7 +93,7 @@ def finished(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-@pytest.mark.parametrize("stage", ["simpo", "orpo", "kto"])
+@pytest.mark.parametrize("stage", ["simpo", "orpo", "kto", "rm"])
 def test_a_sigkilled_stage_resumes_to_the_same_bits(base_run, tmp_path, stage):
     config, stages = base_run
     config_file = tmp_path / "config.yaml"

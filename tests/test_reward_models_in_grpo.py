@@ -21,12 +21,7 @@ class TextLetterTokenizer(LetterTokenizer):
         return {"input_ids": [ord(c) - ord("A") + 2 for c in text]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reward_model(seed: int = 0) -> LlamaForSequenceClassification:

@@ -14,13 +14,7 @@ from alignflow.trainers.grpo import GRPOArgs, group_advantages, grpo_loss, impor
 from alignflow.trainers.rewards import register_reward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only spin on a shared 2-core machine (as in test_grpo)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- RLOO: the leave-one-out baseline ----

@@ -2,14 +2,13 @@
 preference (held-out pairwise accuracy far above chance), its directory reloads with transformers'
 AutoModelForSequenceClassification and scores a conversation rendered by the tokenizer's own
 chat template as the trained model did in memory, a LoRA reward model trains its new head in
-full, a pair file's `margin` column reaches the loss (a bad one is refused naming the row), a run
-killed with SIGKILL resumes to the same bits, two ranks (ddp, fsdp) equal one process, and a
-stage process reads the run's rm through `--input` as the flow's torchrun passes it."""
+full, a pair file's `margin` column reaches the loss (a bad one is refused naming the row), two
+ranks (ddp, fsdp) equal one process, a stage process reads the run's rm through `--input` as the
+flow's torchrun passes it, and each Hugging Face family's classifier reloads. A run killed with
+SIGKILL resumes to the same bits: test_preference_stages.py, with the other pair stages."""
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -117,41 +116,6 @@ def test_a_lora_reward_model_trains_its_head_in_full_and_a_margin_reaches_the_lo
     bad = margin_pairs(tmp_path / "bad.jsonl", lambda i: "big")
     with pytest.raises(ValueError, match=r"bad.jsonl: row 0 \(line 1\): column 'margin' must be a number"):
         train_stage("rm", config_with(**{"rm.data.source": str(bad)}), sft, tmp_path / "rm-bad")
-
-
-def stage_process(config_file: Path, parent, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "alignflow.stages", "rm", "--config", str(config_file),
-                             "--parent", str(parent), "--out", str(out), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def finished(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-
-
-def test_a_sigkilled_rm_stage_resumes_to_the_same_bits(sft, tmp_path):
-    config = config_with(**{"rm.train.max_steps": 16, "rm.train.save_interval": 4, "rm.train.batch_size": 8})
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    finished(stage_process(config_file, sft, tmp_path / "straight"))
-    killed = tmp_path / "killed"
-    proc = stage_process(config_file, sft, killed)
-    deadline = time.time() + 240
-    try:  # killed once the step-8 checkpoint is complete
-        while time.time() < deadline and not (killed / "state" / "step-00000008" / "trainer_state.json").exists():
-            assert proc.poll() is None, "the stage finished before it could be killed"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL and not (killed / "manifest.json").exists()
-    finished(stage_process(config_file, sft, killed))
-    assert json.loads((killed / "manifest.json").read_text())["metrics"]["resumed_from_step"] >= 8
-    straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(killed / "model.safetensors")
-    assert straight.keys() == resumed.keys() and "score.weight" in straight
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
