@@ -134,11 +134,11 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
             logger.info(line)
         while proc.poll() is None:
             time.sleep(poll_seconds)
-    finally:
+    finally:  # also when a task timeout, a cancellation or Ctrl-C interrupts us: nothing is left behind
         stop_process_group(proc)
-    tracebacks = rank_tracebacks(log_dir) if proc.returncode != 0 else ""
-    permanent = failures.permanent_reasons(log_dir)
-    shutil.rmtree(log_dir, ignore_errors=True)
+        tracebacks = rank_tracebacks(log_dir) if proc.returncode != 0 else ""
+        permanent = failures.permanent_reasons(log_dir)
+        shutil.rmtree(log_dir, ignore_errors=True)
     if proc.returncode != 0:
         reason = f" {permanent[0]}" if permanent else ""
         raise StageProcessError(f"stage {stage} failed: torchrun exited with code {proc.returncode}.{reason}"

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def test_no_process_outlives_a_terminated_or_killed_cli(sig, tmp_path, env):
     server and the ranks notice within seconds (stages.lifeline) and exit."""
     proc = cli_run(tmp_path / "runs", env, **{"sft.train.nproc_per_node": 2})
     wait_for_checkpoint(proc, tmp_path / "runs" / "r" / "sft")
+    launched = torchrun_logs(tmp_path)
+    assert launched, "the flow keeps torchrun's logs in a directory of its own while the ranks run"
     started = descendants(proc.pid)
     assert len(started) >= 4, "server, torchrun, two ranks"
     os.kill(proc.pid, sig)
@@ -122,6 +125,14 @@ def test_no_process_outlives_a_terminated_or_killed_cli(sig, tmp_path, env):
     while (left := [pid for pid in started if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == []
+    if sig == signal.SIGTERM:  # SIGKILL leaves it: no process of ours runs any more to remove it
+        assert [d for d in launched if d.exists()] == [], "torchrun's log directory outlived the CLI"
+
+
+def torchrun_logs(tmp_path) -> list[Path]:
+    """The log directories of torchrun launches (flows/launch.py) of runs under `tmp_path`."""
+    return [d for d in Path(tempfile.gettempdir()).glob("alignflow-torchrun-*")
+            if (d / "config.json").exists() and str(tmp_path) in (d / "config.json").read_text(errors="replace")]
 
 
 # ---- SIGINT inherited ignored, at each point of a run ----
