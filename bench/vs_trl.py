@@ -58,6 +58,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import statistics
+import subprocess
 import logging
 import os
 import sys
@@ -70,14 +73,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 # bench/, beside this script: the shared model and data, and the two sides
-from vs_trl_data import (MODEL_SIZES, Result, build_tokenizer, dpo_texts, load_model, save_model,  # noqa: E402
+from vs_trl_data import (MODEL_SIZES, build_tokenizer, dpo_texts, load_model, save_model,  # noqa: E402
                          sft_examples, tokenize_pairs)
-from vs_trl_runs import run_dpo_alignflow, run_dpo_trl, run_sft_alignflow, run_sft_trl  # noqa: E402
+from vs_trl_runs import (run_dpo_alignflow, run_dpo_trl, run_grpo_alignflow, run_grpo_trl,  # noqa: E402
+                         run_sft_alignflow, run_sft_trl)
 
 
 # ---- output ----
 
-def table(title: str, results: list[Result]) -> None:
+def table(title: str, results: list) -> None:
     print(f"\n{title}")
     print(f"  {'side':10s} {'steps':>5s} {'real tokens':>12s} {'positions':>10s} {'pad %':>6s} {'seconds':>8s} "
           f"{'real tok/s':>11s}  loss at steps 1, 2")
@@ -85,9 +89,26 @@ def table(title: str, results: list[Result]) -> None:
         pad = 100.0 * (1 - r.tokens / r.positions) if r.positions else 0.0
         print(f"  {r.side:10s} {r.steps:5d} {r.tokens:12,d} {r.positions:10,d} {pad:6.1f} {r.seconds:8.2f} "
               f"{r.rate:11,.0f}  {', '.join(f'{x:.6f}' for x in r.losses)}")
+    ratios(results, "real tok/s")
+
+
+def grpo_table(title: str, results: list) -> None:
+    print(f"\n{title}")
+    print(f"  {'side':10s} {'steps':>5s} {'completion tok':>14s} {'seconds':>8s} {'steps/s':>8s} {'gen share':>9s}"
+          f"  loss at steps 1, 2")
+    for r in results:
+        print(f"  {r.side:10s} {r.steps:5d} {r.tokens:14,d} {r.seconds:8.2f} {r.rate:8.3f} "
+              f"{r.gen_seconds / r.seconds:9.1%}  {', '.join(f'{x:.6f}' for x in r.losses)}")
+    ratios(results, "steps/s")
+
+
+def ratios(results: list, unit: str) -> None:
     ours, *theirs = results
     for other in theirs:
-        print(f"  ratio alignflow / {other.side.replace('trl', 'TRL')} (real tok/s) = {ours.rate / other.rate:.3f}")
+        print(f"  ratio alignflow / {other.side.replace('trl', 'TRL')} ({unit}) = {ours.rate / other.rate:.3f}")
+    if len(theirs) > 1:
+        best = max(theirs, key=lambda r: r.rate)
+        print(f"  ratio alignflow / TRL's best ({best.side}) = {ours.rate / best.rate:.3f}")
 
 
 @contextlib.contextmanager
@@ -110,28 +131,249 @@ def quiet():
             trl_logger.setLevel(trl_level)
 
 
+# ---- the comparisons: each is alignflow and one or more TRL settings ----
+
+def comparisons(args) -> dict[str, tuple[str, ...]]:
+    out = {"sft-packed": ("alignflow", "trl") + (("trl-acc",) if args.rows > 1 else ()),
+           "sft-padded": ("alignflow", "trl"),
+           "dpo-precomputed": ("alignflow", "trl"),
+           "dpo-live": ("alignflow", "trl")}
+    for beta in args.grpo_betas:
+        out[f"grpo-b{beta:g}"] = ("alignflow", "trl")
+    return out
+
+
+def selected(args) -> list[str]:
+    names = list(comparisons(args))
+    if not args.only:
+        return names
+    picked = []
+    for want in args.only.split(","):
+        hits = [n for n in names if n == want or n.startswith(want + "-")]
+        if not hits:
+            raise SystemExit(f"--only: unknown comparison {want!r} (one of {', '.join(names)}, or sft, dpo, grpo)")
+        picked += [h for h in hits if h not in picked]
+    return picked
+
+
+def sft_data(args, tok) -> list[dict]:
+    n = args.warmup + args.steps
+    # ~10% more tokens than packed steps need (the emptier packed rows BFD makes last stay
+    # unused), and at least the examples padded steps need.
+    examples = sft_examples(int(1.1 * n * max(args.rows * args.max_length, args.batch * args.max_length // 2)),
+                            args.max_length, args.vocab, tok.eos_token_id, args.seed)
+    assert len(examples) >= n * args.batch, "too few SFT examples for the padded steps"
+    return examples
+
+
+def run_side(args, comparison: str, side: str, model_dir: str, tok, tmp: str):
+    """One side of one comparison in this process: (result, info lines)."""
+    out = os.path.join(tmp, f"{comparison}-{side}")
+    if comparison.startswith("sft"):
+        examples = sft_data(args, tok)
+        packed = comparison == "sft-packed"
+        if side == "alignflow":
+            result, info = run_sft_alignflow(args, model_dir, examples, tok.pad_token_id, packed=packed)
+        else:
+            result, info = run_sft_trl(args, model_dir, examples, tok, out, accumulate=side == "trl-acc",
+                                       packed=packed)
+        if side == "trl-acc":
+            result.side = "trl-acc"
+        lines = [f"{info['batching']}; model got {describe(info['model_kwargs'])}; {info['optimizer']}"]
+    elif comparison.startswith("dpo"):
+        n = args.warmup + args.steps
+        texts = dpo_texts(n * args.pairs, args.dpo_max_length, args.vocab, args.seed + 1)
+        pairs = tokenize_pairs(texts, tok)
+        precompute = comparison == "dpo-precomputed"
+        if side == "alignflow":
+            result, info = run_dpo_alignflow(args, model_dir, pairs, tok.pad_token_id, precompute=precompute)
+            lines = [f"collate_pairs; model got {describe(info['model_kwargs'])}; {info['optimizer']}"]
+        else:
+            import trl
+
+            result, info = run_dpo_trl(args, model_dir, texts, pairs, tok, out, precompute=precompute)
+            lines = [f"padding_free=True asked, {info['padding_free']} used"
+                     + ("" if info["padding_free"] else
+                        f" (TRL {trl.__version__}'s DPOTrainer.__init__ sets self.padding_free = False whenever "
+                        "it is asked for: 'temporarily unavailable after a refactor')")
+                     + f"; model got {describe(info['model_kwargs'])}; {info['optimizer']}"]
+    else:
+        beta = float(comparison.removeprefix("grpo-b"))
+        if side == "alignflow":
+            result, info = run_grpo_alignflow(args, model_dir, tok, beta)
+            lines = [f"generate_text (EOS logit -inf while sampling); {info['lengths']}; {info['optimizer']}"]
+        else:
+            result, info = run_grpo_trl(args, model_dir, tok, out, beta)
+            lines = [f"transformers generate, min_new_tokens={args.new_tokens}; reference "
+                     f"{info['ref_model']}; {info['optimizer']}"]
+    return result, lines
+
+
+def setup_line(args, comparison: str) -> str:
+    if comparison == "sft-packed":
+        return (f"SFT packed: {args.rows} packed rows of <= {args.max_length} tokens a step on both sides; "
+                "trl = packing=True (bfd, padding_free: a step's rows flattened into one sequence), trl-acc = one "
+                f"packed row per forward x {args.rows} accumulated")
+    if comparison == "sft-padded":
+        return (f"SFT padded: {args.batch} examples a step, each batch padded to its longest, no packing "
+                "(TRL packing=False, padding_free=False)")
+    if comparison.startswith("dpo"):
+        ref = ("precompute_ref_log_probs=True on both sides (the scoring pass is not timed)"
+               if comparison == "dpo-precomputed" else
+               "live reference (precompute_ref_log_probs=False; the same model directory loaded as the reference)")
+        return (f"DPO: {args.pairs} pairs/step (chosen and rejected in one forward), lengths log-uniform "
+                f"16..{args.dpo_max_length}, beta {args.beta}, sigmoid, {ref}")
+    beta = float(comparison.removeprefix("grpo-b"))
+    return (f"GRPO beta={beta:g}: {args.prompts} prompts x {args.generations} generations x {args.new_tokens} new "
+            f"tokens (every completion exactly {args.new_tokens}: EOS never sampled), prompt {args.prompt_len} "
+            "tokens, temperature 1.0, no top-k/top-p, loss dapo, scale_rewards group, epsilon 0.2, one iteration "
+            "per generation round, reward = fraction of distinct words in the completion"
+            + ("" if beta == 0 else "; reference model live (same directory)"))
+
+
+def describe(kwargs: dict) -> str:
+    keys = [f"{k}{list(v) if isinstance(v, tuple) else ''}" for k, v in kwargs.items()
+            if k in ("input_ids", "attention_mask", "position_ids") and v is not None]
+    return ", ".join(keys) if keys else "(none)"
+
+
+def model_line(args, size: str, model_dir: str) -> str:
+    probe = load_model(model_dir)
+    hidden, inter, layers, heads, kv = MODEL_SIZES[size]
+    return (f"model: {type(probe).__name__} '{size}' ({probe.num_parameters() / 1e6:.1f}M parameters: hidden "
+            f"{hidden}, intermediate {inter}, {layers} layers, {heads}/{kv} heads, vocab {args.vocab}, "
+            f"tied={probe.config.tie_word_embeddings}), sdpa, use_cache=False; lr {args.lr} constant, AdamW "
+            f"(0.9, 0.95), weight decay 0.01, clip 1.0; {args.warmup} warm-up + {args.steps} timed steps per side")
+
+
+# ---- modes ----
+
+def in_process(args, tok, tmp: str) -> None:
+    """Every side of every comparison in this one process, one after the other."""
+    for size in args.sizes:
+        model_dir = os.path.join(tmp, f"model-{size}")
+        save_model(args.arch, size, args.vocab, max(args.max_length, args.dpo_max_length, 256), tok, model_dir,
+                   args.seed)
+        print(f"\n{model_line(args, size, model_dir)}")
+        for comparison in selected(args):
+            print(f"\n{setup_line(args, comparison)}")
+            results = []
+            for side in comparisons(args)[comparison]:
+                result, lines = run_side(args, comparison, side, model_dir, tok, tmp)
+                results.append(result)
+                for line in lines:
+                    print(f"  {side + ':':10s} {line}")
+            (grpo_table if comparison.startswith("grpo") else table)(f"{comparison} ({size})", results)
+    print("\n(one run, sides one after the other; --rounds N runs each side in a fresh process, interleaved)")
+
+
+def one_side(args, tok, tmp: str) -> None:
+    """--side: one side of one comparison, its result as one JSON line (for --rounds)."""
+    result, lines = run_side(args, args.only, args.side, args.model_dir, tok, tmp)
+    print("RESULT " + json.dumps({"side": result.side, "rate": result.rate, "seconds": result.seconds,
+                                  "steps": result.steps, "tokens": result.tokens,
+                                  "gen_seconds": getattr(result, "gen_seconds", None),
+                                  "losses": result.losses, "lines": lines}), flush=True)
+
+
+def rounds(args, tok, tmp: str, argv: list[str]) -> None:
+    """Each side of each (comparison, size) in a fresh process, alignflow and TRL interleaved (the
+    order flips every round); the ratio of each round is alignflow over the fastest TRL setting
+    of that round; the median of the rounds' ratios is printed."""
+    passthrough = strip(argv, {"--rounds", "--model-size", "--only", "--side", "--model-dir"})
+    rows = []
+    for size in args.sizes:
+        model_dir = os.path.join(tmp, f"model-{size}")
+        save_model(args.arch, size, args.vocab, max(args.max_length, args.dpo_max_length, 256), tok, model_dir,
+                   args.seed)
+        print(f"\n{model_line(args, size, model_dir)}", flush=True)
+        for comparison in selected(args):
+            sides = comparisons(args)[comparison]
+            print(f"\n{setup_line(args, comparison)}", flush=True)
+            per_round = []
+            for r in range(args.rounds):
+                got = {}
+                for side in (sides if r % 2 == 0 else tuple(reversed(sides))):
+                    cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--only", comparison,
+                           "--side", side, "--model-dir", model_dir, "--model-size", size]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                    if proc.returncode or not line:
+                        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                    got[side] = json.loads(line[0][len("RESULT "):])
+                    if r == 0:
+                        print(f"  {side + ':':10s} {'; '.join(got[side]['lines'])}", flush=True)
+                best = max((s for s in sides if s != "alignflow"), key=lambda s: got[s]["rate"])
+                per_round.append((got, best, got["alignflow"]["rate"] / got[best]["rate"]))
+                unit = "steps/s" if comparison.startswith("grpo") else "real tok/s"
+                print(f"  round {r + 1}: " + ", ".join(f"{s} {got[s]['rate']:,.3f}" if unit == "steps/s" else
+                                                      f"{s} {got[s]['rate']:,.0f}" for s in sides)
+                      + f" {unit}" + "".join(f", {s} gen share {got[s]['gen_seconds'] / got[s]['seconds']:.0%}"
+                                             for s in sides if got[s]["gen_seconds"])
+                      + f"; losses {' / '.join(', '.join(f'{x:.4f}' for x in got[s]['losses']) for s in sides)}"
+                      + f"; ratio vs {best} {per_round[-1][2]:.3f}", flush=True)
+            rows.append((size, comparison, per_round))
+    print(f"\nalignflow / TRL's best setting, median of {args.rounds} paired rounds (each side a fresh process, "
+          f"interleaved; threads {torch.get_num_threads()}):")
+    print(f"  {'size':6s} {'comparison':16s} {'unit':10s} {'alignflow':>10s} {'TRL best':>10s} {'best TRL setting':>16s} "
+          f"{'ratios':24s} {'median':>6s}")
+    for size, comparison, per_round in rows:
+        unit = "steps/s" if comparison.startswith("grpo") else "tok/s"
+        fmt = (lambda x: f"{x:.3f}") if unit == "steps/s" else (lambda x: f"{x:,.0f}")
+        ours = statistics.median(g["alignflow"]["rate"] for g, _, _ in per_round)
+        theirs = statistics.median(g[b]["rate"] for g, b, _ in per_round)
+        bests = sorted({b for _, b, _ in per_round})
+        print(f"  {size:6s} {comparison:16s} {unit:10s} {fmt(ours):>10s} {fmt(theirs):>10s} {'/'.join(bests):>16s} "
+              f"{' '.join(f'{x:.3f}' for _, _, x in per_round):24s} {statistics.median(x for _, _, x in per_round):6.3f}")
+
+
+def strip(argv: list[str], names: set[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.split("=")[0] in names:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("sft", "dpo"), help="run one comparison (default: both)")
+    ap.add_argument("--only", help="comma-separated comparisons: sft-packed, sft-padded, dpo-precomputed, dpo-live, "
+                                   "grpo-b<beta>, or sft, dpo, grpo for both of a kind (default: all)")
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (at least 1)")
-    ap.add_argument("--model-size", choices=tuple(MODEL_SIZES), default="small")
+    ap.add_argument("--model-size", default="small", help=f"one or more of {', '.join(MODEL_SIZES)}, comma-separated")
     ap.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--rows", type=int, default=2, help="SFT: packed rows of max_length per step (both sides)")
+    ap.add_argument("--rows", type=int, default=2, help="SFT packed: packed rows of max_length per step (both sides)")
+    ap.add_argument("--batch", type=int, default=4, help="SFT padded: examples per step (both sides)")
     ap.add_argument("--pairs", type=int, default=2, help="DPO: preference pairs per step (both sides)")
     ap.add_argument("--max-length", type=int, default=1024, help="SFT max length (packed row length)")
     ap.add_argument("--dpo-max-length", type=int, default=1024, help="DPO: longest prompt+completion")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    ap.add_argument("--grpo-betas", default="0,0.04", help="GRPO: KL coefficients, one comparison each")
+    ap.add_argument("--prompts", type=int, default=4, help="GRPO: prompts per step")
+    ap.add_argument("--generations", type=int, default=8, help="GRPO: completions per prompt")
+    ap.add_argument("--new-tokens", type=int, default=64, help="GRPO: max_completion_length (all of it generated)")
+    ap.add_argument("--prompt-len", type=int, default=16, help="GRPO: prompt tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--trl-accumulate", action="store_true",
-                    help="SFT: also time TRL with one packed row per forward and --rows of them accumulated "
-                         "per step (no flattening of rows into one sequence)")
+    ap.add_argument("--rounds", type=int, help="each side in a fresh process, interleaved, N paired rounds; "
+                                               "prints the median of the rounds' ratios")
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # --rounds' child: one side of one comparison
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be at least 1")
+    args.sizes = args.model_size.split(",")
+    if any(s not in MODEL_SIZES for s in args.sizes):
+        ap.error(f"--model-size: one or more of {', '.join(MODEL_SIZES)}")
+    args.grpo_betas = [float(b) for b in args.grpo_betas.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -145,76 +387,18 @@ def main() -> None:
     import transformers
 
     datasets.disable_progress_bars()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-          f"accelerate {accelerate.__version__}, datasets {datasets.__version__}; cpu, "
-          f"threads {torch.get_num_threads()}, fp32")
-
     tok = build_tokenizer(args.vocab)
+    if not args.side:
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+              f"accelerate {accelerate.__version__}, datasets {datasets.__version__}; cpu, "
+              f"threads {torch.get_num_threads()}, fp32")
     with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp, quiet():
-        model_dir = os.path.join(tmp, "model")
-        save_model(args.arch, args.model_size, args.vocab, max(args.max_length, args.dpo_max_length), tok,
-                   model_dir, args.seed)
-        probe = load_model(model_dir)
-        hidden, inter, layers, heads, kv = MODEL_SIZES[args.model_size]
-        print(f"model: {type(probe).__name__} '{args.model_size}' ({probe.num_parameters() / 1e6:.1f}M parameters: "
-              f"hidden {hidden}, intermediate {inter}, {layers} layers, {heads}/{kv} heads, vocab {args.vocab}, "
-              f"tied={probe.config.tie_word_embeddings}), sdpa, use_cache=False; lr {args.lr} constant, AdamW "
-              f"(0.9, 0.95), weight decay 0.01, clip 1.0; {args.warmup} warm-up + {args.steps} timed steps per side")
-        del probe
-        n = args.warmup + args.steps
-
-        if args.only in (None, "sft"):
-            # ~10% more tokens than the steps need, so the emptier packed rows BFD makes last stay unused.
-            examples = sft_examples(int(1.1 * n * args.rows * args.max_length), args.max_length, args.vocab,
-                                    tok.eos_token_id, args.seed)
-            lengths = [len(x["input_ids"]) for x in examples]
-            median = sorted(lengths)[len(lengths) // 2]
-            print(f"\nSFT data: {len(examples)} examples, {sum(lengths):,} tokens, length log-uniform "
-                  f"16..{args.max_length} (mean {sum(lengths) / len(lengths):.0f}, median {median}), "
-                  f"prompt 1/8..1/2 of each (no loss there)")
-            ours, ours_info = run_sft_alignflow(args, model_dir, examples, tok.pad_token_id)
-            theirs, theirs_info = run_sft_trl(args, model_dir, examples, tok, os.path.join(tmp, "trl-sft"))
-            extra = []
-            if args.trl_accumulate and args.rows > 1:
-                extra = [run_sft_trl(args, model_dir, examples, tok, os.path.join(tmp, "trl-sft-acc"), True)]
-            print(f"  alignflow: {ours_info['batching']}; model got {describe(ours_info['model_kwargs'])}; "
-                  f"{ours_info['optimizer']}")
-            if "position_ids" not in ours_info["model_kwargs"]:
-                print("  WARNING: SFTTrainer did not pass position_ids: packed examples attended across their "
-                      "boundaries (the timing holds, the training would be wrong)")
-            for result, info in [(theirs, theirs_info)] + extra:
-                print(f"  {result.side + ':':10s} {info['batching']}; model got {describe(info['model_kwargs'])}; "
-                      f"{info['optimizer']}")
-            print(f"  batch size: {args.rows} packed rows of <= {args.max_length} tokens a step on both sides "
-                  "(both count packed rows, so a step holds about the same real tokens)")
-            table(f"SFT: alignflow packed vs TRL "
-                  f"packing=True (bfd), padding_free={theirs_info['padding_free']}",
-                  [ours, theirs] + [result for result, _ in extra])
-
-        if args.only in (None, "dpo"):
-            texts = dpo_texts(n * args.pairs, args.dpo_max_length, args.vocab, args.seed + 1)
-            pairs = tokenize_pairs(texts, tok)
-            seqs = [len(p["prompt_ids"]) + len(p[f"{s}_ids"]) for p in pairs for s in ("chosen", "rejected")]
-            print(f"\nDPO data: {len(pairs)} pairs, sequence lengths log-uniform 16..{args.dpo_max_length} "
-                  f"(mean {sum(seqs) / len(seqs):.0f}); {args.pairs} pairs/step on both sides "
-                  f"(chosen and rejected in one forward), beta {args.beta}, sigmoid, "
-                  f"precompute_ref_log_probs=True on both sides (the scoring pass is not timed)")
-            ours, ours_info = run_dpo_alignflow(args, model_dir, pairs, tok.pad_token_id)
-            theirs, theirs_info = run_dpo_trl(args, model_dir, texts, pairs, tok, os.path.join(tmp, "trl-dpo"))
-            print(f"  alignflow: collate_pairs; model got {describe(ours_info['model_kwargs'])}; "
-                  f"{ours_info['optimizer']}")
-            print(f"  trl:       padding_free=True asked, {theirs_info['padding_free']} used"
-                  + ("" if theirs_info["padding_free"] else
-                     f" (TRL {trl.__version__}'s DPOTrainer turns it off: 'temporarily unavailable')")
-                  + f"; model got {describe(theirs_info['model_kwargs'])}; {theirs_info['optimizer']}")
-            table(f"DPO: alignflow vs TRL (padding_free={theirs_info['padding_free']})", [ours, theirs])
-    print("\n(one run, sides one after the other; on a shared machine compare several runs)")
-
-
-def describe(kwargs: dict) -> str:
-    keys = [f"{k}{list(v) if isinstance(v, tuple) else ''}" for k, v in kwargs.items()
-            if k in ("input_ids", "attention_mask", "position_ids") and v is not None]
-    return ", ".join(keys) if keys else "(none)"
+        if args.side:
+            one_side(args, tok, tmp)
+        elif args.rounds:
+            rounds(args, tok, tmp, sys.argv[1:])
+        else:
+            in_process(args, tok, tmp)
 
 
 if __name__ == "__main__":

@@ -98,17 +98,24 @@ def silence(trainer) -> None:
         trainer.remove_callback(callback)
 
 
-def run_sft_alignflow(args, model_dir: str, examples: list[dict], pad_id: int) -> tuple[Result, dict]:
+def run_sft_alignflow(args, model_dir: str, examples: list[dict], pad_id: int,
+                      packed: bool = True) -> tuple[Result, dict]:
+    """`packed`: pack_examples rows, `args.rows` a step; else `args.batch` examples a step, each
+    batch right-padded to its longest example."""
     from torch.utils.data import DataLoader
 
     n = args.warmup + args.steps
     model = load_model(model_dir)
-    rows = pack_examples(examples, args.max_length)
     collate = functools.partial(collate_causal_lm, pad_id=pad_id)
-    info = {"rows": rows, "batching": (f"pack_examples -> {len(rows)} packed rows (mean {mean_len(rows):.0f} "
-                                       f"tokens), {args.rows} rows/step, collate_causal_lm")}
+    if packed:
+        rows, per_step_rows = pack_examples(examples, args.max_length), args.rows
+        info = {"batching": (f"pack_examples -> {len(rows)} packed rows (mean {mean_len(rows):.0f} "
+                             f"tokens), {args.rows} rows/step, collate_causal_lm")}
+    else:
+        rows, per_step_rows = examples, args.batch
+        info = {"batching": f"{args.batch} examples/step, collate_causal_lm (right-padded to the batch's longest)"}
     counter = Counting(collate, args.max_length)
-    loader = DataLoader(rows, batch_size=args.rows, shuffle=False, collate_fn=counter)
+    loader = DataLoader(rows, batch_size=per_step_rows, shuffle=False, collate_fn=counter)
     trainer = SFTTrainer(model=model, optimizer=configure_optimizer(model, lr=args.lr, weight_decay=0.01),
                          train_loader=loader, **alignflow_common(args, n))
     seen = arguments_received(model)
@@ -120,9 +127,12 @@ def run_sft_alignflow(args, model_dir: str, examples: list[dict], pad_id: int) -
 
 
 def run_sft_trl(args, model_dir: str, examples: list[dict], tok, out_dir: str,
-                accumulate: bool = False) -> tuple[Result, dict]:
+                accumulate: bool = False, packed: bool = True) -> tuple[Result, dict]:
     """`accumulate`: one packed row per forward, `rows` forwards accumulated per step (the same
-    tokens per optimizer step without flattening the rows into one sequence)."""
+    tokens per optimizer step without flattening the rows into one sequence). Not `packed`:
+    `packing=False, padding_free=False`, `args.batch` examples a step, padded to the longest."""
+    if not packed:
+        return run_sft_trl_padded(args, model_dir, examples, tok, out_dir)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer as TRLSFTTrainer
 
@@ -155,13 +165,38 @@ def run_sft_trl(args, model_dir: str, examples: list[dict], tok, out_dir: str,
                   batches_per_step=accum), info
 
 
+def run_sft_trl_padded(args, model_dir: str, examples: list[dict], tok, out_dir: str) -> tuple[Result, dict]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer as TRLSFTTrainer
+
+    n = args.warmup + args.steps
+    model = load_model(model_dir)
+    data = Dataset.from_dict({"input_ids": [x["input_ids"] for x in examples],
+                              "labels": [x["labels"] for x in examples]})
+    config = SFTConfig(per_device_train_batch_size=args.batch, max_length=args.max_length, packing=False,
+                       padding_free=False, completion_only_loss=None, **trl_common(args, n, out_dir))
+    stamps = trl_stamps()
+    trainer = TRLSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[stamps])
+    silence(trainer)
+    counter = Counting(trainer.data_collator, args.max_length)
+    trainer.data_collator = counter
+    seen = arguments_received(model)
+    losses = step_losses(trainer, 1)
+    trainer.train()
+    info = {"padding_free": trainer.padding_free, "model_kwargs": dict(seen),
+            "batching": f"packing=False, padding_free={trainer.padding_free}, {args.batch} examples/step (padded)",
+            "optimizer": optimizer_name(trainer.optimizer, config.optim)}
+    return Result("trl", stamps.stamps, counter, args.warmup, args.steps, losses), info
+
+
 def optimizer_name(optimizer, name) -> str:
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     flags = [k for k in ("fused", "foreach") if inner.defaults.get(k)]
     return f"{type(inner).__name__}({', '.join(flags) or 'for-loop'}; optim={getattr(name, 'value', name)})"
 
 
-def run_dpo_alignflow(args, model_dir: str, pairs: list[dict], pad_id: int) -> tuple[Result, dict]:
+def run_dpo_alignflow(args, model_dir: str, pairs: list[dict], pad_id: int,
+                      precompute: bool = True) -> tuple[Result, dict]:
     from torch.utils.data import DataLoader
 
     n = args.warmup + args.steps
@@ -171,11 +206,12 @@ def run_dpo_alignflow(args, model_dir: str, pairs: list[dict], pad_id: int) -> t
     loader = DataLoader(items, batch_size=args.pairs, shuffle=False, collate_fn=counter)
     optimizer = configure_optimizer(model, lr=args.lr, weight_decay=0.01)
     trainer = DPOTrainer(model=model, ref_model=ref, optimizer=optimizer, train_loader=loader,
-                         precompute_ref_log_probs=True, beta=args.beta, loss_type="sigmoid",
+                         precompute_ref_log_probs=precompute, beta=args.beta, loss_type="sigmoid",
                          **alignflow_common(args, n))
     del ref
-    trainer.precompute_reference_logps()  # the one-off scoring pass, as TRL's happens in its __init__
-    counter.reset()
+    if precompute:
+        trainer.precompute_reference_logps()  # the one-off scoring pass, as TRL's happens in its __init__
+        counter.reset()
     seen = arguments_received(model)
     stamps, losses = stamp_steps(trainer)
     trainer.train()
@@ -183,7 +219,10 @@ def run_dpo_alignflow(args, model_dir: str, pairs: list[dict], pad_id: int) -> t
         "model_kwargs": dict(seen), "optimizer": optimizer_name(trainer.optimizer, "configure_optimizer")}
 
 
-def run_dpo_trl(args, model_dir: str, texts: list[dict], pairs: list[dict], tok, out_dir: str) -> tuple[Result, dict]:
+def run_dpo_trl(args, model_dir: str, texts: list[dict], pairs: list[dict], tok, out_dir: str,
+                precompute: bool = True) -> tuple[Result, dict]:
+    """`precompute`: precompute_ref_log_probs=True (no reference model kept); else a live reference,
+    the same model directory loaded the same way, run under no_grad every step."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer as TRLDPOTrainer
 
@@ -191,10 +230,11 @@ def run_dpo_trl(args, model_dir: str, texts: list[dict], pairs: list[dict], tok,
     model = load_model(model_dir)
     # padding_free=True is asked for; TRL versions that cannot do it for DPO turn it off (reported)
     config = DPOConfig(per_device_train_batch_size=args.pairs, max_length=args.dpo_max_length, beta=args.beta,
-                       loss_type=["sigmoid"], precompute_ref_log_probs=True, padding_free=True,
+                       loss_type=["sigmoid"], precompute_ref_log_probs=precompute, padding_free=True,
                        **trl_common(args, n, out_dir))
     stamps = trl_stamps()
-    trainer = TRLDPOTrainer(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(texts),
+    ref = None if precompute else load_model(model_dir)
+    trainer = TRLDPOTrainer(model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(texts),
                             processing_class=tok, callbacks=[stamps])
     silence(trainer)
     prepared = trainer.train_dataset
@@ -210,3 +250,132 @@ def run_dpo_trl(args, model_dir: str, texts: list[dict], pairs: list[dict], tok,
     return Result("trl", stamps.stamps, counter, args.warmup, args.steps, losses), {
         "padding_free": trainer.padding_free, "model_kwargs": dict(seen),
         "optimizer": optimizer_name(trainer.optimizer, config.optim)}
+
+
+# ---- GRPO ----
+
+def completion_reward(prompts, completions, **columns):
+    """Deterministic in the completion text: the fraction of distinct words (varies within every
+    group, so each step does real policy-gradient work). Same function on both sides."""
+    return [len(set(c.split())) / max(len(c.split()), 1) for c in completions]
+
+
+def grpo_prompts(args, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(args.seed + 2)
+    n = (args.warmup + args.steps) * args.prompts
+    return torch.randint(3, vocab, (n, args.prompt_len), generator=g).tolist()
+
+
+def no_eos_generate(eos_id: int):
+    """alignflow's generate_text with the EOS logit at -inf while sampling (a hook on the LM head,
+    removed after): every completion is exactly max_completion_length tokens, as TRL's
+    `min_new_tokens=max_completion_length` makes its own."""
+    from alignflow.models import generate_text
+
+    def generate_fn(model, tokenizer, prompts, **kwargs):
+        def hook(module, inputs, output):
+            output[..., eos_id] = float("-inf")
+            return output
+
+        handle = model.get_output_embeddings().register_forward_hook(hook)
+        try:
+            return generate_text(model, tokenizer, prompts, **kwargs)
+        finally:
+            handle.remove()
+
+    return generate_fn
+
+
+class StepResult:
+    """Optimizer steps per second of the timed steps, completion tokens generated, generation seconds."""
+
+    def __init__(self, side, stamps, warmup, steps, tokens, gen_seconds, losses):
+        n = warmup + steps
+        if len(stamps) < n:
+            raise RuntimeError(f"{side}: {len(stamps)} steps ran, {n} expected")
+        self.side, self.steps, self.losses = side, steps, losses[:2]
+        self.seconds = stamps[n - 1] - stamps[warmup - 1]
+        self.tokens, self.gen_seconds = tokens, gen_seconds
+
+    @property
+    def rate(self) -> float:
+        return self.steps / self.seconds
+
+
+def run_grpo_alignflow(args, model_dir: str, tok, beta: float) -> tuple[StepResult, dict]:
+    from torch.utils.data import DataLoader
+
+    from alignflow.trainers.grpo import GRPOTrainer, collate_prompts
+
+    n = args.warmup + args.steps
+    model = load_model(model_dir)
+    ref = load_model(model_dir) if beta else None
+    items = [{"prompt_input_ids": p} for p in grpo_prompts(args, model.config.vocab_size)]
+    loader = DataLoader(items, batch_size=args.prompts, shuffle=False,
+                        collate_fn=functools.partial(collate_prompts, pad_id=tok.pad_token_id))
+    trainer = GRPOTrainer(model, ref, configure_optimizer(model, lr=args.lr, weight_decay=0.01), loader,
+                          [completion_reward], generate_fn=no_eos_generate(tok.eos_token_id), tokenizer=tok,
+                          num_generations=args.generations, max_completion_length=args.new_tokens,
+                          temperature=1.0, beta=beta, num_iterations=1, loss_type="dapo",
+                          **alignflow_common(args, n))
+    del ref
+    stamps: list[float] = []
+    losses: list[float] = []
+    metrics: list[dict] = []
+    inner = trainer.training_step
+
+    def timed(micro):
+        out = inner(micro)
+        stamps.append(time.perf_counter())
+        losses.append(out["loss"])
+        metrics.append(out)
+        return out
+
+    trainer.training_step = timed
+    trainer.train()
+    timed_metrics = metrics[args.warmup:n]
+    step_s = [b - a for a, b in zip(stamps[args.warmup - 1:n - 1], stamps[args.warmup:n])]
+    gen = sum(m["time/generation_share"] * s for m, s in zip(timed_metrics, step_s))
+    tokens = sum(m["completion_length/mean"] * args.prompts * args.generations for m in timed_metrics)
+    lengths = sorted({m["completion_length/mean"] for m in timed_metrics})
+    return StepResult("alignflow", stamps, args.warmup, args.steps, int(tokens), gen, losses), {
+        "optimizer": optimizer_name(trainer.optimizer, "configure_optimizer"),
+        "lengths": f"mean completion length per step {lengths}"}
+
+
+def run_grpo_trl(args, model_dir: str, tok, out_dir: str, beta: float) -> tuple[StepResult, dict]:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer as TRLGRPOTrainer
+
+    n = args.warmup + args.steps
+    model = load_model(model_dir)
+    prompts = [" ".join(f"w{i}" for i in p) for p in grpo_prompts(args, model.config.vocab_size)]
+    common = trl_common(args, n, out_dir)
+    config = GRPOConfig(per_device_train_batch_size=args.prompts * args.generations,
+                        num_generations=args.generations, max_completion_length=args.new_tokens,
+                        temperature=1.0, top_p=1.0, top_k=0, beta=beta, num_iterations=1, loss_type="dapo",
+                        scale_rewards="group", epsilon=0.2, use_vllm=False, shuffle_dataset=False,
+                        generation_kwargs={"min_new_tokens": args.new_tokens}, **common)
+    stamps = trl_stamps()
+    trainer = TRLGRPOTrainer(model=model, reward_funcs=[completion_reward], args=config,
+                             train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
+                             callbacks=[stamps])
+    silence(trainer)
+    gen_times: list[float] = []
+    tokens: list[int] = []
+    inner = trainer._generate_single_turn
+
+    def timed_generate(*a, **k):
+        t0 = time.perf_counter()
+        out = inner(*a, **k)
+        gen_times.append(time.perf_counter() - t0)
+        tokens.append(sum(len(c) for c in out[0]))
+        return out
+
+    trainer._generate_single_turn = timed_generate
+    losses = step_losses(trainer, 1)
+    trainer.train()
+    return StepResult("trl", stamps.stamps, args.warmup, args.steps, sum(tokens[args.warmup:n]),
+                      sum(gen_times[args.warmup:n]), losses), {
+        "optimizer": optimizer_name(trainer.optimizer, config.optim),
+        "ref_model": type(trainer.ref_model).__name__ if trainer.ref_model is not None else None}
