@@ -1,30 +1,53 @@
-"""Training tokens/s of alignflow's SFT and DPO trainers against TRL's: same model, data and settings, CPU.
+"""Training speed of alignflow's SFT, DPO and GRPO trainers against TRL's best setting for each:
+same model, data and settings, CPU.
 
 Both sides train the same random-weight Hugging Face model (Llama by default, `--arch qwen2`;
-`--model-size`, default `small`: ~22M parameters, 16M of them the untied 32k-vocabulary
-embeddings), loaded the same way (`from_pretrained`, fp32, `attn_implementation="sdpa"`,
-`config.use_cache=False`), with the same word-level tokenizer, data, batch size, max length,
-learning rate (constant), AdamW betas (0.9, 0.95), weight decay 0.01, clipping at 1.0, seed and
-number of optimizer steps, fp32 throughout. Each keeps its own AdamW kernel (alignflow's
-`configure_optimizer`: foreach; TRL: transformers' default `adamw_torch_fused`), printed.
+`--model-size`, one or more of vs_trl_data.MODEL_SIZES, default `small`: ~22M parameters, 16M of
+them the untied 32k-vocabulary embeddings; `large`: ~58M), loaded the same way (`from_pretrained`,
+fp32, `attn_implementation="sdpa"`, `config.use_cache=False`), with the same word-level tokenizer,
+data, batch size, max length, learning rate (constant), AdamW betas (0.9, 0.95), weight decay 0.01,
+clipping at 1.0, seed and number of optimizer steps, fp32 throughout. Each keeps its own AdamW
+kernel (alignflow's `configure_optimizer`: foreach; TRL: transformers' default `adamw_torch_fused`),
+printed. The comparisons (`--only`, comma-separated; default all):
 
-  sft  chat-like data: prompt+completion lengths log-uniform in 16..max_length (seeded), the
-       prompt 1/8..1/2 of it (labels -100 there), the completion ending in EOS. The data
-       reaches TRL already tokenized (input_ids and labels columns), so both pack the same ids.
-       alignflow: `trainers.packing.pack_examples` (best-fit decreasing) + `trainers.sft.collate_causal_lm`,
-       `--rows` packed rows per step, the model given position_ids (restarting per example).
-       TRL: `SFTTrainer(packing=True)` (strategy "bfd", best-fit decreasing, which turns
-       `padding_free` on whatever it is set to): `--rows` packed rows per step, flattened into
-       one sequence with position_ids. Both count packed rows of max_length, so a step holds
-       about the same real tokens on both sides. `--trl-accumulate` adds a TRL row that takes
-       one packed row per forward and accumulates `--rows` of them per step.
-  dpo  pairs sharing a prompt, chosen and rejected lengths log-uniform in 16..dpo_max_length,
-       given to TRL as text ("w17 w3 ...": one word is one token) and tokenised by TRL itself;
-       alignflow gets the same ids (checked against TRL's). Both `DPOTrainer`s with
-       `precompute_ref_log_probs=True` (the one-off scoring pass is not timed), sigmoid loss,
-       `--pairs` pairs per step, chosen and rejected padded to one width and run as one forward.
-       TRL is asked for `padding_free=True`; the output says whether it used it (TRL 1.16
-       turns it off for DPO: "temporarily unavailable after a refactor").
+  sft-packed       chat-like data: prompt+completion lengths log-uniform in 16..max_length (seeded), the
+                   prompt 1/8..1/2 of it (labels -100 there), the completion ending in EOS. The data
+                   reaches TRL already tokenized (input_ids and labels columns), so both pack the same ids.
+                   alignflow: `trainers.packing.pack_examples` (best-fit decreasing) + `collate_causal_lm`,
+                   `--rows` packed rows per step, the model given position_ids (restarting per example).
+                   TRL, two settings, the ratio taken against the faster: `trl` = `packing=True` (strategy
+                   "bfd", which turns `padding_free` on): `--rows` packed rows per step flattened into one
+                   sequence with position_ids; `trl-acc` = one packed row per forward, `--rows` of them
+                   accumulated per step. Both count packed rows of max_length, so a step holds about the
+                   same real tokens on both sides.
+  sft-padded       the same examples, `--batch` of them a step, each batch right-padded to its longest:
+                   alignflow's `collate_causal_lm` vs TRL `packing=False, padding_free=False`.
+  dpo-precomputed  pairs sharing a prompt, chosen and rejected lengths log-uniform in 16..dpo_max_length,
+                   given to TRL as text ("w17 w3 ...": one word is one token) and tokenised by TRL itself;
+                   alignflow gets the same ids (checked against TRL's). Both `DPOTrainer`s with
+                   `precompute_ref_log_probs=True` (the one-off scoring pass is not timed), sigmoid loss,
+                   `--pairs` pairs per step, chosen and rejected padded to one width and run as one forward.
+  dpo-live         the same with a live reference (`precompute_ref_log_probs=False`; both given the same
+                   model directory loaded the same way as their reference model).
+                   DPO padding-free: TRL is asked for `padding_free=True` in both; TRL 1.16's
+                   `DPOTrainer.__init__` sets `self.padding_free = False` whenever it is asked for, with
+                   the warning "`padding_free=True` is temporarily unavailable after a refactor and is
+                   currently disabled" (trl/trainer/dpo_trainer.py), so padded is TRL's best for DPO; the
+                   output says what TRL used.
+  grpo-b<beta>     (`--grpo-betas`, default 0 and 0.04) alignflow's `trainers.grpo.GRPOTrainer`, generating
+                   through `alignflow.models.generate_text` on the HF model, vs TRL's `GRPOTrainer` with
+                   transformers' `generate` (no vLLM): `--prompts` (4) prompts of `--prompt-len` (16)
+                   tokens x `--generations` (8) completions x `--new-tokens` (64), temperature 1.0, no
+                   top-k/top-p, loss "dapo", scale_rewards "group", epsilon 0.2, one iteration per
+                   generation round (TRL: per_device_train_batch_size = prompts x generations, one step per
+                   generation), the same reward (the fraction of distinct words of the completion text);
+                   beta > 0: each side's live reference from the same directory. Completions are made
+                   exactly `--new-tokens` long on both sides, so the work is equal: TRL gets
+                   `generation_kwargs={"min_new_tokens": new_tokens}` (transformers sets the EOS logit to
+                   -inf until then), alignflow a forward hook on the LM head that sets the EOS logit to
+                   -inf while it samples (removed after); both print the completion lengths they made.
+                   Reported: optimizer steps/s and each side's generation share (alignflow: the trainer's
+                   time/generation_share; TRL: a timer around its `_generate_single_turn`).
 
 Timing: each side runs `--warmup` + `--steps` optimizer steps through its own `train()`; the
 clock runs from the end of the last warm-up step to the end of the last step (alignflow: its
@@ -32,8 +55,13 @@ clock runs from the end of the last warm-up step to the end of the last step (al
 library's per-step bookkeeping are all inside. Real tokens are counted from the rows each side's
 collator was given for the timed steps (packed rows' lengths; prompt+chosen plus prompt+rejected),
 by one function for both sides, not from either library's logging; "positions" is what the
-model ran over, padding included. The sides run one after the other, not interleaved: on a
-shared machine run it more than once (and try --threads 1).
+model ran over, padding included. GRPO reports optimizer steps/s instead (each step generates
+prompts x generations x new_tokens tokens on both sides).
+
+Without `--rounds` the sides run one after the other in one process. `--rounds N` runs each side
+of each (comparison, size) in a fresh process, alignflow and TRL interleaved (the order flips every
+round), takes per round alignflow's rate over the fastest TRL setting of that round, and prints
+the median of the N paired ratios.
 
 Not equal by design (what each library does, measured as it is): TRL's padding-free SFT
 flattens a step's rows into one sequence, so with sdpa its attention (and the block-diagonal
@@ -47,12 +75,13 @@ logits, then chunked label log-probs. So CPU ratios say nothing about GPU ones.
 Environment (TRL lives only here, never in the project's .venv or pyproject.toml):
 
     python3 -m venv /tmp/trl-bench && /tmp/trl-bench/bin/pip install torch==2.13.0 -e /work/main trl
-    /tmp/trl-bench/bin/python bench/vs_trl.py [--only sft|dpo] [--steps 8] [--warmup 2]
-        [--model-size tiny|small|medium|large] [--arch llama|qwen2] [--rows 2] [--pairs 2]
-        [--max-length 1024] [--dpo-max-length 1024] [--vocab 32000] [--lr 1e-5] [--threads N]
-        [--trl-accumulate]
+    PYTHONPATH=.:bench /tmp/trl-bench/bin/python bench/vs_trl.py [--only sft,dpo,grpo,...] [--steps 8]
+        [--warmup 2] [--model-size small,large] [--arch llama|qwen2] [--rows 2] [--batch 4] [--pairs 2]
+        [--max-length 1024] [--dpo-max-length 1024] [--grpo-betas 0,0.04] [--prompts 4]
+        [--generations 8] [--new-tokens 64] [--vocab 32000] [--lr 1e-5] [--threads N] [--rounds N]
 
-(`torch==2.13.0` makes pip take the CPU build.) Default size: ~3 minutes on 2 idle cores.
+(`torch==2.13.0` makes pip take the CPU build.) `--rounds 3` over the six comparisons on the small
+model, 1 warm-up + 4 timed steps: ~16 minutes on 2 idle cores.
 """
 from __future__ import annotations
 
@@ -313,6 +342,8 @@ def rounds(args, tok, tmp: str, argv: list[str]) -> None:
                       + f"; losses {' / '.join(', '.join(f'{x:.4f}' for x in got[s]['losses']) for s in sides)}"
                       + f"; ratio vs {best} {per_round[-1][2]:.3f}", flush=True)
             rows.append((size, comparison, per_round))
+            print(f"  {size} {comparison}: median ratio alignflow / TRL's best over {len(per_round)} rounds = "
+                  f"{statistics.median(x for _, _, x in per_round):.3f}", flush=True)
     print(f"\nalignflow / TRL's best setting, median of {args.rounds} paired rounds (each side a fresh process, "
           f"interleaved; threads {torch.get_num_threads()}):")
     print(f"  {'size':6s} {'comparison':16s} {'unit':10s} {'alignflow':>10s} {'TRL best':>10s} {'best TRL setting':>16s} "
