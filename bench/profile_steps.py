@@ -47,8 +47,9 @@ optimizer are small (AdamW foreach: 2-8%). torch.profiler (one more step, self C
 forward+backward 15% and 9%. GRPO (beta 0.04): generation is the biggest region (37%), then
 backward (21%) and log-prob + loss (19%: the temperature-scaled log-probs over 32 x 64 positions
 and the entropy metric over the full vocabulary); the reference forward is 9%. Its operator table:
-aten::mm 48%, aten::exponential_ 21% (942 ms over 64 calls: the sampler's exponential draws over
-the 32k vocabulary, one per generated token, i.e. about half of generation).
+aten::mm 48%, aten::exponential_ 21% (942 ms over 64 calls: `torch.multinomial` in
+models/generate.py's sampler draws exponentials over 32 rows x the 32k vocabulary, one call per
+generated token, 15 ms each: about half of generation).
 """
 from __future__ import annotations
 
