@@ -72,6 +72,33 @@ a torch-op fallback over every position that recomputes the projection in backwa
 computes entropy, top-1 and (DPO) mean-logit metrics each step. alignflow computes the full
 logits, then chunked label log-probs. So CPU ratios say nothing about GPU ones.
 
+Measured (2-core CPU, nothing else running, torch 2.13 CPU, transformers 5.25, TRL 1.16, accelerate
+1.16; each side a fresh process, interleaved; 1 warm-up + 4 timed steps; both sides' step-1 and
+step-2 losses agree to 4 decimals in every row, and every GRPO completion was 64 tokens on both):
+
+    PYTHONPATH=.:bench /tmp/trl-bench/bin/python bench/vs_trl.py --rounds 3 --model-size small \
+        --steps 4 --warmup 1 --threads 2      # 13.5 minutes
+    PYTHONPATH=.:bench /tmp/trl-bench/bin/python bench/vs_trl.py --rounds 3 --model-size large \
+        --steps 4 --warmup 1 --threads 2
+
+    alignflow / TRL's best setting, median of 3 paired rounds (each side a fresh process, interleaved; threads 2):
+      size   comparison       unit        alignflow   TRL best best TRL setting ratios                   median
+      small  sft-packed       tok/s           1,225        794          trl-acc 1.405 1.828 1.551         1.551
+      small  sft-padded       tok/s             586        392              trl 1.520 1.507 1.461         1.507
+      small  dpo-precomputed  tok/s             610        283              trl 2.204 2.156 2.213         2.204
+      small  dpo-live         tok/s             477        232              trl 2.067 2.111 1.982         2.067
+      small  grpo-b0          steps/s         0.255      0.186              trl 1.371 1.382 1.362         1.371
+      small  grpo-b0.04       steps/s         0.222      0.161              trl 1.306 1.320 1.391         1.320
+LARGE_ROWS
+SFT packed, small: TRL's one-row-per-forward + accumulation (trl-acc, 670-817 tok/s) beat its
+flattened packing=True (519-553) in every round, so it is the reference there. GRPO generation
+share of the step, small: alignflow 45% (beta 0) / 39% (0.04), TRL 34% / 30%: both spend about
+the same seconds generating (alignflow 1.76 s, TRL 1.83 s a step at beta 0); the gap is in the
+scoring and optimisation part (alignflow 2.2 s, TRL 3.6 s). These ratios are larger than the
+issue's earlier figures (1.01-1.26x, also medians of 3 paired fresh-process rounds), whose exact
+commands, step counts and code are not recorded here; this run times 4 steps after 1 warm-up. The
+difference is not explained yet. bench/profile_steps.py says where alignflow's steps go.
+
 Environment (TRL lives only here, never in the project's .venv or pyproject.toml):
 
     python3 -m venv /tmp/trl-bench && /tmp/trl-bench/bin/pip install torch==2.13.0 -e /work/main trl
