@@ -79,7 +79,7 @@ step-2 losses agree to 4 decimals in every row, and every GRPO completion was 64
     PYTHONPATH=.:bench /tmp/trl-bench/bin/python bench/vs_trl.py --rounds 3 --model-size small \
         --steps 4 --warmup 1 --threads 2      # 13.5 minutes
     PYTHONPATH=.:bench /tmp/trl-bench/bin/python bench/vs_trl.py --rounds 3 --model-size large \
-        --steps 4 --warmup 1 --threads 2
+        --steps 4 --warmup 1 --threads 2      # 24 minutes
 
     alignflow / TRL's best setting, median of 3 paired rounds (each side a fresh process, interleaved; threads 2):
       size   comparison       unit        alignflow   TRL best best TRL setting ratios                   median
@@ -89,15 +89,26 @@ step-2 losses agree to 4 decimals in every row, and every GRPO completion was 64
       small  dpo-live         tok/s             477        232              trl 2.067 2.111 1.982         2.067
       small  grpo-b0          steps/s         0.255      0.186              trl 1.371 1.382 1.362         1.371
       small  grpo-b0.04       steps/s         0.222      0.161              trl 1.306 1.320 1.391         1.320
-LARGE_ROWS
-SFT packed, small: TRL's one-row-per-forward + accumulation (trl-acc, 670-817 tok/s) beat its
-flattened packing=True (519-553) in every round, so it is the reference there. GRPO generation
-share of the step, small: alignflow 45% (beta 0) / 39% (0.04), TRL 34% / 30%: both spend about
-the same seconds generating (alignflow 1.76 s, TRL 1.83 s a step at beta 0); the gap is in the
-scoring and optimisation part (alignflow 2.2 s, TRL 3.6 s). These ratios are larger than the
-issue's earlier figures (1.01-1.26x, also medians of 3 paired fresh-process rounds), whose exact
-commands, step counts and code are not recorded here; this run times 4 steps after 1 warm-up. The
-difference is not explained yet. bench/profile_steps.py says where alignflow's steps go.
+      large  sft-packed       tok/s             542        404          trl-acc 1.211 1.377 1.254         1.254
+      large  sft-padded       tok/s             267        220              trl 1.209 1.210 1.214         1.210
+      large  dpo-precomputed  tok/s             237        150              trl 1.594 1.580 1.535         1.580
+      large  dpo-live         tok/s             187        118              trl 1.677 1.634 1.508         1.634
+      large  grpo-b0          steps/s         0.137      0.103              trl 1.295 1.285 1.346         1.295
+      large  grpo-b0.04       steps/s         0.115      0.090              trl 1.312 1.258 1.275         1.275
+      (the large rows: the second command's summary table)
+
+Against the 1.5x target: met on the small model everywhere but GRPO (1.37x at beta 0, 1.32x at
+0.04); on the large model met by DPO (1.58x, 1.63x), not by SFT packed (1.25x), SFT padded
+(1.21x) or GRPO (1.30x, 1.28x). SFT packed: TRL's one-row-per-forward + accumulation (trl-acc)
+beat its flattened packing=True in every round on both sizes (small 670-817 vs 519-553 tok/s;
+large 381-432 vs 265-295), so it is the reference there. GRPO generation share of the step:
+alignflow 45% / 39% (small, beta 0 / 0.04) and 41% / 36% (large), TRL 34% / 30% and 32% / 27%:
+both spend about the same seconds generating (beta 0: small 1.76 s vs 1.83 s, large 3.0 s vs
+3.1 s a step); the gap is in scoring and optimisation (small 2.2 s vs 3.6 s, large 4.3 s vs 6.6 s). Small SFT
+padded is at the line (1.51; one round 1.46). These ratios are larger than the issue's earlier
+figures (1.01-1.26x, also medians of 3 paired fresh-process rounds), whose exact commands, step
+counts and code are not recorded here; these runs time 4 steps after 1 warm-up. The difference
+is not explained yet. bench/profile_steps.py says where alignflow's steps go.
 
 Environment (TRL lives only here, never in the project's .venv or pyproject.toml):
 
