@@ -107,8 +107,10 @@ both spend about the same seconds generating (beta 0: small 1.76 s vs 1.83 s, la
 3.1 s a step); the gap is in scoring and optimisation (small 2.2 s vs 3.6 s, large 4.3 s vs 6.6 s). Small SFT
 padded is at the line (1.51; one round 1.46). These ratios are larger than the issue's earlier
 figures (1.01-1.26x, also medians of 3 paired fresh-process rounds), whose exact commands, step
-counts and code are not recorded here; these runs time 4 steps after 1 warm-up. The difference
-is not explained yet. bench/profile_steps.py says where alignflow's steps go.
+counts and code are not recorded here; these runs time 4 steps after 1 warm-up, but the step
+count does not explain it: the script's defaults (one process, 2 warm-up + 8 timed steps,
+`--only dpo-precomputed --model-size small --threads 2`) gave 577 vs 287 tok/s, 2.01x. The
+difference is not explained yet. bench/profile_steps.py says where alignflow's steps go.
 
 Environment (TRL lives only here, never in the project's .venv or pyproject.toml):
 
