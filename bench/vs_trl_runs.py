@@ -19,8 +19,9 @@ def alignflow_common(args, steps: int) -> dict:
                 max_grad_norm=1.0, precision="fp32")
 
 
-def stamp_steps(trainer) -> tuple[list[float], list[float]]:
-    """Time at the end of every `training_step` of an alignflow trainer, and its losses."""
+def stamp_steps(trainer, metrics: list[dict] | None = None) -> tuple[list[float], list[float]]:
+    """Time at the end of every `training_step` of an alignflow trainer, and its losses (and,
+    given a list, each step's metrics appended to it)."""
     stamps: list[float] = []
     losses: list[float] = []
     inner = trainer.training_step
@@ -29,6 +30,8 @@ def stamp_steps(trainer) -> tuple[list[float], list[float]]:
         out = inner(micro)
         stamps.append(time.perf_counter())
         losses.append(out["loss"])
+        if metrics is not None:
+            metrics.append(out)
         return out
 
     trainer.training_step = timed
@@ -319,19 +322,8 @@ def run_grpo_alignflow(args, model_dir: str, tok, beta: float) -> tuple[StepResu
                           temperature=1.0, beta=beta, num_iterations=1, loss_type="dapo",
                           **alignflow_common(args, n))
     del ref
-    stamps: list[float] = []
-    losses: list[float] = []
     metrics: list[dict] = []
-    inner = trainer.training_step
-
-    def timed(micro):
-        out = inner(micro)
-        stamps.append(time.perf_counter())
-        losses.append(out["loss"])
-        metrics.append(out)
-        return out
-
-    trainer.training_step = timed
+    stamps, losses = stamp_steps(trainer, metrics)
     trainer.train()
     timed_metrics = metrics[args.warmup:n]
     step_s = [b - a for a, b in zip(stamps[args.warmup - 1:n - 1], stamps[args.warmup:n])]
