@@ -136,24 +136,15 @@ def run_sft_trl(args, model_dir: str, examples: list[dict], tok, out_dir: str,
     `packing=False, padding_free=False`, `args.batch` examples a step, padded to the longest."""
     if not packed:
         return run_sft_trl_padded(args, model_dir, examples, tok, out_dir)
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer as TRLSFTTrainer
+    from trl import SFTConfig
 
     n = args.warmup + args.steps
-    model = load_model(model_dir)
-    data = Dataset.from_dict({"input_ids": [x["input_ids"] for x in examples],
-                              "labels": [x["labels"] for x in examples]})
     per_forward, accum = (1, args.rows) if accumulate else (args.rows, 1)
     common = trl_common(args, n, out_dir)
     common["gradient_accumulation_steps"] = accum
     config = SFTConfig(per_device_train_batch_size=per_forward, max_length=args.max_length, packing=True,
                        packing_strategy="bfd", padding_free=True, completion_only_loss=None, **common)
-    stamps = trl_stamps()
-    trainer = TRLSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[stamps])
-    silence(trainer)
-    counter = Counting(trainer.data_collator, args.max_length)
-    trainer.data_collator = counter
-    seen = arguments_received(model)
+    trainer, stamps, counter, seen = trl_sft_trainer(args, model_dir, examples, tok, config)
     rows = trainer.train_dataset
     losses = step_losses(trainer, accum)
     trainer.train()
@@ -169,27 +160,35 @@ def run_sft_trl(args, model_dir: str, examples: list[dict], tok, out_dir: str,
 
 
 def run_sft_trl_padded(args, model_dir: str, examples: list[dict], tok, out_dir: str) -> tuple[Result, dict]:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer as TRLSFTTrainer
+    from trl import SFTConfig
 
     n = args.warmup + args.steps
-    model = load_model(model_dir)
-    data = Dataset.from_dict({"input_ids": [x["input_ids"] for x in examples],
-                              "labels": [x["labels"] for x in examples]})
     config = SFTConfig(per_device_train_batch_size=args.batch, max_length=args.max_length, packing=False,
                        padding_free=False, completion_only_loss=None, **trl_common(args, n, out_dir))
-    stamps = trl_stamps()
-    trainer = TRLSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[stamps])
-    silence(trainer)
-    counter = Counting(trainer.data_collator, args.max_length)
-    trainer.data_collator = counter
-    seen = arguments_received(model)
+    trainer, stamps, counter, seen = trl_sft_trainer(args, model_dir, examples, tok, config)
     losses = step_losses(trainer, 1)
     trainer.train()
     info = {"padding_free": trainer.padding_free, "model_kwargs": dict(seen),
             "batching": f"packing=False, padding_free={trainer.padding_free}, {args.batch} examples/step (padded)",
             "optimizer": optimizer_name(trainer.optimizer, config.optim)}
     return Result("trl", stamps.stamps, counter, args.warmup, args.steps, losses), info
+
+
+def trl_sft_trainer(args, model_dir: str, examples: list[dict], tok, config):
+    """TRL's SFTTrainer on the pre-tokenised examples, instrumented as every TRL side is: (trainer,
+    step stamps, the collator's token counter, the keyword arguments the model received)."""
+    from datasets import Dataset
+    from trl import SFTTrainer as TRLSFTTrainer
+
+    model = load_model(model_dir)
+    data = Dataset.from_dict({"input_ids": [x["input_ids"] for x in examples],
+                              "labels": [x["labels"] for x in examples]})
+    stamps = trl_stamps()
+    trainer = TRLSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[stamps])
+    silence(trainer)
+    counter = Counting(trainer.data_collator, args.max_length)
+    trainer.data_collator = counter
+    return trainer, stamps, counter, arguments_received(model)
 
 
 def optimizer_name(optimizer, name) -> str:
