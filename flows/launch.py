@@ -1,6 +1,8 @@
-"""Run a stage under torchrun from a Prefect task: a child process group whose output
-streams into the task's logger, polled so task timeouts and cancellation still work, and
-killed whole when the task ends for any reason."""
+"""Run a stage's processes from a Prefect task, under torchrun or as a Ray Train run
+(stages/ray_job.py, the Ray driver): a child process group whose output streams into the
+task's logger, polled so task timeouts and cancellation still work, and killed whole when the
+task ends for any reason. Killing the Ray driver ends its Ray job, and Ray then stops the job's
+workers on every node."""
 from __future__ import annotations
 
 import collections
@@ -44,12 +46,26 @@ def torchrun_command(stage: str, config_file: Path, parent: str | None, out_dir:
         if not endpoint:
             raise ValueError(f"nnodes={nnodes} needs ALIGNFLOW_RDZV_ENDPOINT=host:port (the rendezvous of all nodes)")
         cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
-    cmd += ["-m", "alignflow.stages", stage, "--preset", preset, "--config", str(config_file), "--out", str(out_dir)]
+    return cmd + ["-m", "alignflow.stages", *stage_arguments(stage, config_file, parent, out_dir, preset, inputs)]
+
+
+def ray_command(stage: str, config_file: Path, parent: str | None, out_dir: str, preset: str,
+                inputs: dict[str, str] | None = None) -> list[str]:
+    """The Ray driver of one stage (stages/ray_job.py): it submits the stage's Ray Train run to
+    the cluster at `ray.address` and waits for it."""
+    return [sys.executable, "-m", "alignflow.stages.ray_job",
+            *stage_arguments(stage, config_file, parent, out_dir, preset, inputs)]
+
+
+def stage_arguments(stage: str, config_file: Path, parent: str | None, out_dir: str, preset: str,
+                    inputs: dict[str, str] | None) -> list[str]:
+    """What `python -m alignflow.stages` (and the Ray driver) take after the module's name."""
+    args = [stage, "--preset", preset, "--config", str(config_file), "--out", str(out_dir)]
     if parent:
-        cmd += ["--parent", parent]
+        args += ["--parent", parent]
     for name, path in (inputs or {}).items():
-        cmd += ["--input", f"{name}={path}"]
-    return cmd
+        args += ["--input", f"{name}={path}"]
+    return args
 
 
 TORCH_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")  # what torch prepends to an exception's lines
@@ -95,27 +111,39 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
-def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref: str, logger,
-                 inputs: dict[str, str] | None = None, poll_seconds: float = 0.5, tail_lines: int = 20) -> None:
-    """Launch, stream, wait; raise StageProcessError with the tail of the log on failure.
-    `out_ref` is the stage directory (a path or an fsspec URL, which rank 0 publishes to);
-    `inputs` the run's stages it reads besides its parent ({stage: directory})."""
+# The Ray driver prints its workers' lines as they come: each one, uncoloured.
+RAY_DRIVER_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "0"}
+
+
+def run_stage_processes(stage: str, config: PipelineConfig, parent: str | None, out_ref: str, logger,
+                        inputs: dict[str, str] | None = None, poll_seconds: float = 0.5, tail_lines: int = 20) -> None:
+    """Launch (torchrun or the Ray driver, by `train.launcher`), stream, wait; raise
+    StageProcessError with the tail of the log on failure. `out_ref` is the stage directory (a
+    path or an fsspec URL, which rank 0 publishes to); `inputs` the run's stages it reads besides
+    its parent ({stage: directory})."""
     t = config.stage(stage).train
     local = storage.local_dir(out_ref)
     local.mkdir(parents=True, exist_ok=True)
-    log_dir = Path(tempfile.mkdtemp(prefix="alignflow-torchrun-"))  # ours: removed when torchrun ends
+    log_dir = Path(tempfile.mkdtemp(prefix="alignflow-launch-"))  # ours: removed when the launcher ends
     config_file = log_dir / "config.json"
     config_file.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-    cmd = torchrun_command(stage, config_file, parent, out_ref, t.nproc_per_node, t.nnodes,
-                           config.resolved_run_id(), config.preset, log_dir, inputs)
+    on_ray = t.resolved_launcher == "ray"
+    if on_ray:
+        what = "the Ray driver"
+        cmd = ray_command(stage, config_file, parent, out_ref, config.preset, inputs)
+    else:
+        what = "torchrun"
+        cmd = torchrun_command(stage, config_file, parent, out_ref, t.nproc_per_node, t.nnodes,
+                               config.resolved_run_id(), config.preset, log_dir, inputs)
     logger.info("launching: %s", " ".join(cmd))
     # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the group (finally
-    # below); the ranks watch our PID in case we are killed outright (stages.lifeline).
-    # Bytes, split on newlines only: text mode would turn every carriage return into a line.
+    # below); the ranks (or the Ray driver) watch our PID in case we are killed outright
+    # (stages.lifeline). Bytes, split on newlines only: text mode would turn every carriage
+    # return into a line.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", lifeline.ENV: str(os.getpid()),
-                                 failures.FAILURE_DIR_ENV: str(log_dir)})
+                                 failures.FAILURE_DIR_ENV: str(log_dir), **(RAY_DRIVER_ENV if on_ray else {})})
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()
@@ -141,5 +169,5 @@ def run_torchrun(stage: str, config: PipelineConfig, parent: str | None, out_ref
         shutil.rmtree(log_dir, ignore_errors=True)
     if proc.returncode != 0:
         reason = f" {permanent[0]}" if permanent else ""
-        raise StageProcessError(f"stage {stage} failed: torchrun exited with code {proc.returncode}.{reason}"
+        raise StageProcessError(f"stage {stage} failed: {what} exited with code {proc.returncode}.{reason}"
                                 + tracebacks + "\nLast lines:\n" + "\n".join(tail), permanent=bool(permanent))

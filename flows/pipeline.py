@@ -3,7 +3,7 @@
 Flows stay thin: each stage is a task around `stages.run.train_stage`, skipped when its checkpoint
 directory is already complete for the same config and parent content hash (the manifest
 check), retried on failure (the retry resumes from the stage's last training checkpoint), and
-launched through torchrun when it asks for more than one process."""
+launched through torchrun (or on a Ray cluster) when it asks for more than one process."""
 from __future__ import annotations
 
 import logging
@@ -30,7 +30,7 @@ from alignflow.trainers.checkpoint import latest_checkpoint, step_of
 from alignflow.trainers import numbers
 
 from . import eval_report, report, tracking
-from .launch import run_torchrun
+from .launch import run_stage_processes
 
 
 # Choices drawn from the registered algorithms (a type each, so Prefect's form offers them).
@@ -132,8 +132,8 @@ def stage_task(stage: str, config: PipelineConfig, parent: dict | None, out_dir:
         logger.info("running %s: %s", stage, why.reason)
     parent_path = parent["path"] if parent else None
     run_stages = {name: got["path"] for name, got in (inputs or {}).items()}
-    if config.stage(stage).train.needs_torchrun:
-        run_torchrun(stage, config, parent_path, out_dir, logger, run_stages)
+    if config.stage(stage).train.resolved_launcher != "local":
+        run_stage_processes(stage, config, parent_path, out_dir, logger, run_stages)
         result = handoff.stage_result(out_dir, storage.read_manifest(out_dir, verify=True))
     else:
         with progress_into(logger):

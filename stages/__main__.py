@@ -48,10 +48,10 @@ def _interrupted(argv: list[str]) -> str:
     return f"python -m alignflow.stages {args.stage}: interrupted. Re-running the same command resumes it {where}."
 
 
-def _main(argv: list[str] | None) -> int:
-    found = algorithms()
-    ap = argparse.ArgumentParser(prog="python -m alignflow.stages", description=__doc__)
-    ap.add_argument("stage", choices=list(found))
+def stage_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The arguments of one stage's run: here, and the Ray driver's (stages/ray_job.py)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("stage", choices=list(algorithms()))
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--config", help="YAML/JSON file laid over the preset")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -63,7 +63,32 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--out", required=True, help="this stage's checkpoint directory")
     ap.add_argument("--debug", action="store_true", default=bool(os.environ.get("ALIGNFLOW_DEBUG")),
                     help="show the traceback of an error that is otherwise one line (also: ALIGNFLOW_DEBUG=1)")
+    return ap
+
+
+def parsed(ap: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
+    """The arguments and the stage's inputs ({stage: directory}); `ap.error` on a missing parent
+    or a malformed --input."""
     args = ap.parse_args(argv)
+    parent = algorithms()[args.stage].parent
+    if parent and not args.parent:
+        ap.error(f"stage {args.stage} needs --parent (a {parent} checkpoint directory)")
+    bad = [item for item in args.inputs if "=" not in item]
+    if bad:
+        ap.error(f"--input {bad[0]!r} is not STAGE=DIR (e.g. --input rm=runs/tiny/rm)")
+    return args, dict(item.split("=", 1) for item in args.inputs)
+
+
+def stage_config(args: argparse.Namespace):
+    """The preset, with --config and --set laid over it."""
+    # `start` is the full pipeline's first stage (from --model); one stage names its own parent,
+    # so a preset's start (hf-small: sft, which wants a model) does not apply here.
+    return load_config(args.preset, args.config, [*args.overrides, f"start={roots()[0]}"])
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = stage_parser("python -m alignflow.stages", __doc__)
+    args, inputs = parsed(ap, argv)
     lifeline.watch()  # under the flow's torchrun: end with the process that launched us
     # Progress lines on stdout: a terminal shows them, and under torchrun the flow streams them
     # into the task's Prefect log.
@@ -71,19 +96,8 @@ def _main(argv: list[str] | None) -> int:
     progress.setLevel(logging.INFO)
     if not progress.handlers:
         progress.addHandler(logging.StreamHandler(sys.stdout))
-    parent = found[args.stage].parent
-    if parent and not args.parent:
-        ap.error(f"stage {args.stage} needs --parent (a {parent} checkpoint directory)")
-    # `start` is the full pipeline's first stage (from --model); one stage names its own parent,
-    # so a preset's start (hf-small: sft, which wants a model) does not apply here.
-    overrides = [*args.overrides, f"start={roots()[0]}"]
-    bad = [item for item in args.inputs if "=" not in item]
-    if bad:
-        ap.error(f"--input {bad[0]!r} is not STAGE=DIR (e.g. --input rm=runs/tiny/rm)")
-    inputs = dict(item.split("=", 1) for item in args.inputs)
     try:
-        result = train_stage(args.stage, load_config(args.preset, args.config, overrides), args.parent, args.out,
-                             inputs)
+        result = train_stage(args.stage, stage_config(args), args.parent, args.out, inputs)
     except Exception as e:
         failures.mark_permanent(e, dist_utils.detect().rank)
         # What a user causes (a setting, the data, a parent, a path, a full disk) is one line, as

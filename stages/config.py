@@ -20,7 +20,7 @@ from alignflow.models import PRESETS
 from alignflow.trainers.args import Settings
 
 from .algorithm import algorithms, freeze, roots
-from .settings import SHARED_KEYS, DemoConfig, EvalConfig, HFConfig, StageConfig, config_hash, plain_name
+from .settings import SHARED_KEYS, DemoConfig, EvalConfig, HFConfig, RayConfig, StageConfig, config_hash, plain_name
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -48,6 +48,7 @@ class SharedConfig(Settings):
     tracking_experiment: str = Field("alignflow", description="the MLflow experiment the runs go to")
     demo: DemoConfig = DemoConfig()
     eval: EvalConfig = EvalConfig()
+    ray: RayConfig = Field(RayConfig(), description="the Ray cluster of stages with train.launcher: ray")
 
     @model_validator(mode="after")
     def _a_start_needs_a_model_to_start_from(self) -> "SharedConfig":
@@ -98,6 +99,9 @@ class SharedConfig(Settings):
     def stage_key(self, stage: str) -> dict:
         """What a stage's output depends on: its own section and the shared ones (its cache key)."""
         dumped = self.model_dump(mode="json")
+        # How its processes are started does not change what a stage computes (nnodes and
+        # nproc_per_node, which set the global batch, do).
+        dumped[stage]["train"].pop("launcher", None)
         return {"stage": stage, stage: dumped[stage], **{k: dumped[k] for k in SHARED_KEYS}}
 
     def stage_hash(self, stage: str) -> str:

@@ -52,14 +52,58 @@ class TrainConfig(TrainingArgs):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     batch_size: int = Field(16, gt=0, description="per process, per micro-step")
-    nproc_per_node: int = Field(1, ge=1, description=">1 launches the stage with torchrun")
+    nproc_per_node: int = Field(1, ge=1, description=">1 launches the stage with torchrun (or on Ray)")
     nnodes: int = Field(1, ge=1)
+    launcher: Literal["local", "torchrun", "ray"] | None = Field(
+        None, description="how the flow starts the stage's processes: local (in the flow's own process), torchrun, "
+                          "or ray (nnodes x nproc_per_node Ray Train workers on the cluster at ray.address; "
+                          "pip install 'alignflow[ray]'). Default: torchrun when it needs several processes or "
+                          "a process group (fsdp), else local")
 
     @property
     def needs_torchrun(self) -> bool:
         """Several processes, or a process group for one (`needs_process_group`): the flow
         launches the stage with torchrun instead of running it in its own process."""
         return self.nproc_per_node > 1 or self.nnodes > 1 or self.needs_process_group
+
+    @property
+    def resolved_launcher(self) -> str:
+        return self.launcher or ("torchrun" if self.needs_torchrun else "local")
+
+    @model_validator(mode="after")
+    def _the_launcher_can_start_it(self) -> "TrainConfig":
+        if self.launcher == "local" and self.needs_torchrun:
+            raise ValueError(f"launcher: local runs one process without a process group; nnodes {self.nnodes} x "
+                             f"nproc_per_node {self.nproc_per_node} with strategy {self.strategy} needs torchrun "
+                             "or ray")
+        if self.launcher == "ray" and not ray_installed():
+            raise ValueError("launcher: ray needs Ray Train, which is not installed here: "
+                             "pip install 'alignflow[ray]' (or choose launcher: torchrun)")
+        return self
+
+
+def ray_installed() -> bool:
+    """Whether `ray.train` can be imported, without importing it (a second or more)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.train") is not None
+    except (ImportError, ValueError):  # sys.modules["ray"] is None: blocked
+        return False
+
+
+class RayConfig(Settings):
+    """The Ray cluster that stages with `train.launcher: ray` train on (flows/launch.py,
+    stages/ray_job.py). Not part of any stage's cache key: where a stage trains does not change
+    what it computes."""
+    address: str | None = Field(None, description="the cluster's GCS address host:port, or 'auto' on a node of it "
+                                                  "(default: $RAY_ADDRESS)")
+    connect_timeout_s: float = Field(30.0, gt=0, description="how long to wait for the cluster's address to answer")
+    use_gpu: bool | None = Field(None, description="one GPU per worker (NCCL); default: when the cluster has GPUs")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=0, description="Ray Train restarts of a failed worker group (each resumes from "
+                                                   "the stage's last checkpoint) before the stage fails; the flow's "
+                                                   "retries come after these")
 
 
 class StageConfig(Settings):

@@ -131,7 +131,7 @@ def test_no_process_outlives_a_terminated_or_killed_cli(sig, tmp_path, env):
 
 def torchrun_logs(tmp_path) -> list[Path]:
     """The log directories of torchrun launches (flows/launch.py) of runs under `tmp_path`."""
-    return [d for d in Path(tempfile.gettempdir()).glob("alignflow-torchrun-*")
+    return [d for d in Path(tempfile.gettempdir()).glob("alignflow-launch-*")
             if (d / "config.json").exists() and str(tmp_path) in (d / "config.json").read_text(errors="replace")]
 
 

@@ -1,0 +1,191 @@
+"""`train.launcher: ray`: stages trained by Ray Train workers on a real two-node Ray cluster
+(tests/ray_cluster.py: a head and a second `ray start` node on loopback), from the flow.
+Two workers on two nodes equal one process (SFT under DDP and FSDP, DPO); a SIGKILLed worker
+fails the stage and the retry resumes it to the uninterrupted run's weights; a Ctrl-C of the
+CLI leaves no worker on the cluster; no Ray, or nobody at the address, is one line at once."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignflow.flows.launch import StageProcessError
+from alignflow.flows.pipeline import run_stage
+from alignflow.stages import handoff, storage
+from alignflow.stages.run import train_stage
+from conftest import SMALL_PIPELINE, task_logs
+
+ray = pytest.importorskip("ray", reason="the Ray launcher's tests need alignflow[ray]")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the cluster's processes in /proc")]
+
+WORKER = "ray::RayTrainWorker"  # the process title of a Ray Train worker
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray_cluster import DRIVER_ENV, start_cluster
+
+    saved = {k: os.environ.get(k) for k in DRIVER_ENV}
+    os.environ.update(DRIVER_ENV)  # the flow's Ray driver inherits it
+    running = start_cluster()
+    try:
+        yield running
+    finally:
+        running.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def sft_parent(tmp_path_factory, small_config):
+    """pretrain, then SFT on it: the parents of the SFT and DPO stages here."""
+    root = tmp_path_factory.mktemp("parents")
+    train_stage("pretrain", small_config(), None, root / "pretrain")
+    train_stage("sft", small_config(**{"sft.train.max_steps": 4}), root / "pretrain", root / "sft")
+    return root
+
+
+def on_ray(cluster, stage: str, **extra) -> dict:
+    return {f"{stage}.train.launcher": "ray", f"{stage}.train.nnodes": 2, "ray.address": cluster.address,
+            f"{stage}.train.batch_size": 4, **extra}
+
+
+def weights(stage_dir):
+    return load_file(stage_dir / "model.safetensors")
+
+
+def assert_weights_close(a, b, atol=1e-5):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("stage, strategy", [("sft", "ddp"), ("sft", "fsdp"), ("dpo", "ddp")])
+def test_two_workers_on_two_ray_nodes_equal_one_process(stage, strategy, cluster, sft_parent, tmp_path,
+                                                        small_config, prefect_harness):
+    parent = sft_parent / ("pretrain" if stage == "sft" else "sft")
+    # SGD, no clipping: its update is proportional to the gradient, which DDP reduces (test_ddp.py).
+    common = {"runs_dir": str(tmp_path), f"{stage}.train.optimizer": "sgd", f"{stage}.train.lr": 0.05,
+              f"{stage}.train.max_steps": 3, f"{stage}.train.max_grad_norm": None}
+    one = small_config(**common, **{f"{stage}.train.batch_size": 8})
+    two = small_config(**common, **on_ray(cluster, stage, **{f"{stage}.train.strategy": strategy}))
+    run_stage(stage=stage, config=one, parent=str(parent), run_id="one")
+    state = run_stage(stage=stage, config=two, parent=str(parent), run_id="two", return_state=True)
+    result = state.result()["stages"][stage]
+
+    assert_weights_close(tmp_path / "one" / stage, tmp_path / "two" / stage)
+    manifest = storage.read_manifest(result["path"])
+    assert manifest["world_size"] == 2 and result["metrics"]["step"] == 3
+    logs = task_logs(state.state_details.flow_run_id, stage)
+    placed = [re.search(r"\[rank(\d)\]:rank \d of 2 on Ray node (\w+) \(([\d.]+)\)", m) for m in logs]
+    placed = {int(m[1]): (m[2], m[3]) for m in placed if m}
+    assert sorted(placed) == [0, 1], "\n".join(logs)
+    assert placed[0][0] != placed[1][0], f"both workers on one Ray node: {placed}"
+    assert {ip for _, ip in placed.values()} == {"127.0.0.1", "127.0.0.2"}, placed  # loopback only
+    assert any(re.match(rf".*\[rank0\]:{stage}: .*world size 2 \({strategy}\)", m) for m in logs), logs
+    assert any(re.match(r".*\[rank0\]:step 3/3 · ", m) for m in logs), logs
+    assert cluster.processes(WORKER) == [], "a Ray Train worker outlived its stage"
+
+
+def test_a_sigkilled_worker_fails_the_stage_and_the_retry_resumes_it(cluster, sft_parent, tmp_path,
+                                                                      small_config, prefect_harness):
+    common = {"runs_dir": str(tmp_path), "sft.train.max_steps": 12, "sft.train.save_interval": 2}
+    straight = small_config(**common, **{"sft.train.batch_size": 8})
+    run_stage(stage="sft", config=straight, parent=str(sft_parent / "pretrain"), run_id="straight")
+
+    config = small_config(**common, **on_ray(cluster, "sft"), retries=1)
+    out = tmp_path / "killed" / "sft"
+    finished = {}
+    flow = threading.Thread(target=lambda: finished.update(
+        state=run_stage(stage="sft", config=config, parent=str(sft_parent / "pretrain"), run_id="killed",
+                        return_state=True)))
+    flow.start()
+    deadline = time.monotonic() + 240
+    while not list(out.glob("state/step-0000000[2-9]/trainer_state.json")):
+        assert flow.is_alive() and time.monotonic() < deadline, "the stage ended before a worker could be killed"
+        time.sleep(0.05)
+    workers = cluster.processes(WORKER)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    flow.join(timeout=300)
+    assert not flow.is_alive()
+    state = finished["state"]
+    result = state.result()["stages"]["sft"]  # the retry's
+    logs = task_logs(state.state_details.flow_run_id, "sft")
+    failed = [m for m in logs if "failed on Ray: rank" in m]
+    assert failed, "\n".join(logs[-40:])
+    assert result["metrics"]["resumed_from_step"] >= 2
+    # Resumed on two workers vs one process uninterrupted: equal within DDP's reduction order.
+    assert_weights_close(tmp_path / "straight" / "sft", out)
+    assert (out / handoff.MANIFEST).exists()
+    assert cluster.processes(WORKER) == []
+
+
+def test_ctrl_c_of_the_cli_leaves_no_worker_on_the_cluster(cluster, sft_parent, tmp_path):
+    from test_interrupt import as_a_foreground_job
+
+    sets = [arg for k, v in {**SMALL_PIPELINE, **on_ray(cluster, "sft"), "sft.train.max_steps": 400}.items()
+            for arg in ("--set", f"{k}={v}")]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    proc = subprocess.Popen([sys.executable, "-m", "alignflow.flows.cli", "stage", "sft", "--parent",
+                             str(sft_parent / "pretrain"), "--runs-dir", str(tmp_path / "runs"), "--run-id", "r", *sets],
+                            env=env, start_new_session=True, preexec_fn=as_a_foreground_job,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not list((tmp_path / "runs" / "r" / "sft").glob("state/step-*/trainer_state.json")):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.1)
+        assert len(cluster.processes(WORKER)) == 2
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    gone = time.monotonic() + 15
+    while cluster.processes(WORKER) and time.monotonic() < gone:
+        time.sleep(0.2)
+    assert cluster.processes(WORKER) == [], "Ray Train workers outlived the interrupted CLI"
+
+
+def test_nobody_at_the_address_is_one_line_without_a_hang(tmp_path, sft_parent, small_config, prefect_harness):
+    from ray_cluster import free_port
+
+    config = small_config(**{"runs_dir": str(tmp_path), "sft.train.launcher": "ray", "sft.train.nnodes": 2,
+                             "ray.address": f"127.0.0.1:{free_port()}", "ray.connect_timeout_s": 2, "retries": 0})
+    t0 = time.monotonic()
+    state = run_stage(stage="sft", config=config, parent=str(sft_parent / "pretrain"), run_id="nobody",
+                      return_state=True)
+    assert time.monotonic() - t0 < 60
+    with pytest.raises(StageProcessError) as failure:
+        state.result()
+    message = str(failure.value)
+    assert message.startswith("stage sft failed: the Ray driver exited with code 1."), message
+    assert f"no Ray cluster answers at {config.ray.address} (ray.address) after 2 s" in message, message
+
+
+def test_without_ray_installed_the_config_says_what_to_install(small_config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"launcher: ray needs Ray Train, which is not installed here: "
+                                         r"pip install 'alignflow\[ray\]'"):
+        small_config(**{"sft.train.launcher": "ray"})
+    small_config(**{"sft.train.launcher": "torchrun"})  # the others need nothing more
+
+
+def test_the_launcher_is_not_part_of_the_stage_s_hash(small_config):
+    plain = small_config(**{"sft.train.nproc_per_node": 2})
+    assert plain.stage_hash("sft") == small_config(**{"sft.train.nproc_per_node": 2,
+                                                      "sft.train.launcher": "ray"}).stage_hash("sft")
+    assert plain.stage_hash("sft") != small_config().stage_hash("sft")  # nproc_per_node is: the global batch
+    with pytest.raises(ValueError, match="launcher: local runs one process"):
+        small_config(**{"sft.train.nproc_per_node": 2, "sft.train.launcher": "local"})
