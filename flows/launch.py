@@ -166,8 +166,9 @@ def run_stage_processes(stage: str, config: PipelineConfig, parent: str | None, 
         stop_process_group(proc)
         tracebacks = rank_tracebacks(log_dir) if proc.returncode != 0 else ""
         permanent = failures.permanent_reasons(log_dir)
+        said = failures.summary(log_dir)
         shutil.rmtree(log_dir, ignore_errors=True)
     if proc.returncode != 0:
-        reason = f" {permanent[0]}" if permanent else ""
+        reason = f" {said}" if said else f" {permanent[0]}" if permanent else ""
         raise StageProcessError(f"stage {stage} failed: {what} exited with code {proc.returncode}.{reason}"
                                 + tracebacks + "\nLast lines:\n" + "\n".join(tail), permanent=bool(permanent))

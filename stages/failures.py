@@ -14,6 +14,7 @@ from pathlib import Path
 
 FAILURE_DIR_ENV = "ALIGNFLOW_FAILURE_DIR"
 MARKER = "permanent-failure-rank{rank}.txt"
+SUMMARY = "failure-summary.txt"  # a launcher's one line on which rank failed how (the Ray driver's)
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -55,3 +56,15 @@ def mark_permanent(exc: BaseException, rank: int) -> None:
 
 def permanent_reasons(directory: Path) -> list[str]:
     return [p.read_text().strip() for p in sorted(directory.glob(MARKER.format(rank="*")))]
+
+
+def leave_summary(text: str) -> None:
+    """The launcher's own one line on the failure, for the flow's error (nothing when not launched by it)."""
+    directory = os.environ.get(FAILURE_DIR_ENV)
+    if directory:
+        Path(directory, SUMMARY).write_text(text.strip() + "\n")
+
+
+def summary(directory: Path) -> str | None:
+    path = directory / SUMMARY
+    return path.read_text().strip() if path.exists() else None

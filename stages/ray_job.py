@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -99,9 +100,31 @@ def failed_ranks(error: BaseException) -> dict[int, BaseException]:
     return {rank: getattr(err, "cause", None) or err for rank, err in found.items()}
 
 
-def first_line(error: BaseException) -> str:
+def first_line(error: BaseException, limit: int = 300) -> str:
     text = failures.one_line(error).strip()
-    return f"{type(error).__name__}: " + (text.splitlines()[0] if text else "(no message)")
+    line = f"{type(error).__name__}: " + (text.splitlines()[0] if text else "(no message)")
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def what_happened(rank: int, error: BaseException) -> str:
+    """`rank 1 died on node 10.0.0.7 (pid 4242) ...` when its process (or node) is gone, which Ray
+    reports as a failed health check whose cause names the actor's address; else the rank's error."""
+    died = getattr(error, "health_check_failure", None)
+    if died is None:
+        return f"rank {rank}: {first_line(error)}"
+    text = str(died)
+    ip, pid = re.search(r"\bip: (\S+)", text), re.search(r"\bpid: (\d+)", text)
+    where = (f" on node {ip[1]}" if ip else "") + (f" (pid {pid[1]})" if pid else "")
+    return f"rank {rank} died{where}: its process was killed or crashed, or its node was lost"
+
+
+def failure_line(stage: str, error: BaseException) -> str:
+    """One line over every failed rank, the dead ones first: the others' errors (a broken
+    collective) usually follow from them."""
+    ranks = failed_ranks(error)
+    order = sorted(ranks, key=lambda r: (getattr(ranks[r], "health_check_failure", None) is None, r))
+    said = [what_happened(rank, ranks[rank]) for rank in order] or [first_line(error)]
+    return f"{stage} failed on Ray: " + "; ".join(said)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -141,10 +164,11 @@ def run(argv: list[str] | None = None) -> int:
             ranks = failed_ranks(e)
             for rank, error in ranks.items():
                 failures.mark_permanent(error, rank)
-            lines = [f"rank {rank}: {first_line(error)}" for rank, error in sorted(ranks.items())] or [first_line(e)]
-            print(f"{args.stage} failed on Ray: " + "; ".join(lines), file=sys.stderr, flush=True)
-            for rank, error in sorted(ranks.items()):
+            for rank, error in sorted(ranks.items()):  # each rank's whole error (a traceback) in the log
                 print(f"\nrank {rank}: {error}", file=sys.stderr)
+            line = failure_line(args.stage, e)
+            failures.leave_summary(line)
+            print(line, file=sys.stderr, flush=True)
             return 1
     print(f"{args.stage}: the Ray Train run finished", flush=True)
     return 0

@@ -114,14 +114,18 @@ def test_a_sigkilled_worker_fails_the_stage_and_the_retry_resumes_it(cluster, sf
         time.sleep(0.05)
     workers = cluster.processes(WORKER)
     assert len(workers) == 2, workers
-    os.kill(workers[-1], signal.SIGKILL)
+    killed = workers[-1]
+    os.kill(killed, signal.SIGKILL)
     flow.join(timeout=300)
     assert not flow.is_alive()
     state = finished["state"]
     result = state.result()["stages"]["sft"]  # the retry's
     logs = task_logs(state.state_details.flow_run_id, "sft")
-    failed = [m for m in logs if "failed on Ray: rank" in m]
-    assert failed, "\n".join(logs[-40:])
+    # The first try's error names the killed rank's node and process, then what the other one saw.
+    died = [m for m in logs if "stage sft failed: the Ray driver exited with code 1. sft failed on Ray: rank " in m]
+    assert len(died) == 1, "\n".join(logs[-40:])
+    assert re.search(rf"rank [01] died on node 127\.0\.0\.[12] \(pid {killed}\): its process was killed", died[0]), \
+        died[0]
     assert result["metrics"]["resumed_from_step"] >= 2
     # Resumed on two workers vs one process uninterrupted: equal within DDP's reduction order.
     assert_weights_close(tmp_path / "straight" / "sft", out)
@@ -189,3 +193,21 @@ def test_the_launcher_is_not_part_of_the_stage_s_hash(small_config):
     assert plain.stage_hash("sft") != small_config().stage_hash("sft")  # nproc_per_node is: the global batch
     with pytest.raises(ValueError, match="launcher: local runs one process"):
         small_config(**{"sft.train.nproc_per_node": 2, "sft.train.launcher": "local"})
+
+
+def test_a_worker_s_bad_data_fails_once_with_its_row(cluster, sft_parent, tmp_path, small_config, prefect_harness):
+    """A DataError on a worker is permanent (not retried, though retries=2), and the flow's error
+    names the rank, the file and the row, as under torchrun."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "What is 1 plus 1?", "completion": "2"}\n{"prompt": "What is 2 plus 2?"}\n')
+    config = small_config(**{"runs_dir": str(tmp_path), "retries": 2, "sft.data.source": str(data),
+                             **on_ray(cluster, "sft")})
+    state = run_stage(stage="sft", config=config, parent=str(sft_parent / "pretrain"), run_id="bad",
+                      return_state=True)
+    with pytest.raises(StageProcessError) as failure:
+        state.result()
+    assert failure.value.permanent
+    first = str(failure.value).splitlines()[0]
+    assert re.match(rf"stage sft failed: the Ray driver exited with code 1\. sft failed on Ray: rank 0: DataError: "
+                    rf"{re.escape(str(data))}: row 1 \(line 2\): column 'completion'", first), first
+    assert cluster.processes(WORKER) == []
