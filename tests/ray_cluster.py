@@ -94,7 +94,7 @@ class LocalCluster:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5  # `ray start --block` drains for up to 30 s: not needed here
         while any(p.poll() is None for p in self.nodes) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in self.processes():
