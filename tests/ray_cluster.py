@@ -9,7 +9,9 @@ things keep every address on loopback here, neither of them in alignflow's code:
   head's 127.0.0.1 and the GCS address the worker node joins stay what they are;
 - the driver that connects (the flow's `python -m alignflow.stages.ray_job`) runs with
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes Ray take 127.0.0.1 as its own address.
-Each node has its own --temp-dir: with one shared, both nodes' log monitors forward every
+No dashboard (it needs ray[default]'s packages): without its State API, Ray Train's
+PlacementGroupCleaner logs "Failed to query Ray Train Controller actor state" every few seconds,
+which a cluster with a dashboard does not. Each node has its own --temp-dir: with one shared, both nodes' log monitors forward every
 worker's lines, and the driver prints each twice."""
 from __future__ import annotations
 
@@ -60,9 +62,13 @@ class LocalCluster:
         return proc
 
     def start(self) -> "LocalCluster":
-        self._start("head", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-                    "--ray-client-server-port", str(free_port()), "--include-dashboard", "false")
-        self._start("node2", "--address", self.address, "--node-ip-address", "127.0.0.2")
+        try:
+            self._start("head", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                        "--ray-client-server-port", str(free_port()), "--include-dashboard", "false")
+            self._start("node2", "--address", self.address, "--node-ip-address", "127.0.0.2")
+        except BaseException:
+            self.stop()  # a head whose second node failed to start
+            raise
         return self
 
     def sessions(self) -> set[int]:

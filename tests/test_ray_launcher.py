@@ -1,6 +1,7 @@
 """`train.launcher: ray`: stages trained by Ray Train workers on a real two-node Ray cluster
 (tests/ray_cluster.py: a head and a second `ray start` node on loopback), from the flow.
-Two workers on two nodes equal one process (SFT under DDP and FSDP, DPO); a SIGKILLed worker
+Two workers on two nodes equal one process (SFT under DDP and FSDP, DPO into a runs_dir at a
+file:// URL); a SIGKILLed worker
 fails the stage and the retry resumes it to the uninterrupted run's weights; a Ctrl-C of the
 CLI leaves no worker on the cluster; no Ray, or nobody at the address, is one line at once."""
 import os
@@ -77,6 +78,8 @@ def test_two_workers_on_two_ray_nodes_equal_one_process(stage, strategy, cluster
               f"{stage}.train.max_steps": 3, f"{stage}.train.max_grad_norm": None}
     one = small_config(**common, **{f"{stage}.train.batch_size": 8})
     two = small_config(**common, **on_ray(cluster, stage, **{f"{stage}.train.strategy": strategy}))
+    if stage == "dpo":  # runs at a URL: each rank's state/ published there, the stage's directory by rank 0
+        two = two.model_copy(update={"runs_dir": f"file://{tmp_path}"})
     run_stage(stage=stage, config=one, parent=str(parent), run_id="one")
     state = run_stage(stage=stage, config=two, parent=str(parent), run_id="two", return_state=True)
     result = state.result()["stages"][stage]
