@@ -1,9 +1,9 @@
 """`train.launcher: ray`: stages trained by Ray Train workers on a real two-node Ray cluster
 (tests/ray_cluster.py: a head and a second `ray start` node on loopback), from the flow.
 Two workers on two nodes equal one process (SFT under DDP and FSDP, DPO into a runs_dir at a
-file:// URL); a SIGKILLed worker
-fails the stage and the retry resumes it to the uninterrupted run's weights; a Ctrl-C of the
-CLI leaves no worker on the cluster; no Ray, or nobody at the address, is one line at once."""
+file:// URL); a SIGKILLed worker is resumed, by Prefect's retry or by Ray Train's restart, to
+the uninterrupted run's weights; a Ctrl-C of the CLI leaves no worker on the cluster; no Ray,
+or nobody at the address, is one line at once."""
 import os
 import re
 import signal
@@ -98,13 +98,27 @@ def test_two_workers_on_two_ray_nodes_equal_one_process(stage, strategy, cluster
     assert cluster.processes(WORKER) == [], "a Ray Train worker outlived its stage"
 
 
-def test_a_sigkilled_worker_fails_the_stage_and_the_retry_resumes_it(cluster, sft_parent, tmp_path,
-                                                                      small_config, prefect_harness):
-    common = {"runs_dir": str(tmp_path), "sft.train.max_steps": 12, "sft.train.save_interval": 2}
-    straight = small_config(**common, **{"sft.train.batch_size": 8})
-    run_stage(stage="sft", config=straight, parent=str(sft_parent / "pretrain"), run_id="straight")
+KILLED_RUN = {"sft.train.max_steps": 12, "sft.train.save_interval": 2}
 
-    config = small_config(**common, **on_ray(cluster, "sft"), retries=1)
+
+@pytest.fixture(scope="module")
+def straight_on_ray(cluster, sft_parent, tmp_path_factory, small_config, prefect_harness):
+    """The run the killed ones must end at: the same stage on Ray, uninterrupted."""
+    runs = tmp_path_factory.mktemp("straight")
+    config = small_config(**KILLED_RUN, **on_ray(cluster, "sft"), runs_dir=str(runs))
+    run_stage(stage="sft", config=config, parent=str(sft_parent / "pretrain"), run_id="straight")
+    return runs / "straight" / "sft"
+
+
+@pytest.mark.parametrize("recovery", ["prefect-retry", "ray-restart"])
+def test_a_sigkilled_worker_is_resumed_to_the_uninterrupted_weights(recovery, cluster, sft_parent, straight_on_ray,
+                                                                     tmp_path, small_config, prefect_harness):
+    """prefect-retry: the stage fails, naming the dead rank's node and process, and Prefect's retry
+    resumes it. ray-restart (ray.max_failures: 1): Ray Train restarts the worker group within the
+    same try, and the new workers resume. Either way the final weights are the uninterrupted
+    run's, bit for bit."""
+    recover = {"retries": 1} if recovery == "prefect-retry" else {"retries": 0, "ray.max_failures": 1}
+    config = small_config(**KILLED_RUN, **on_ray(cluster, "sft"), **recover, runs_dir=str(tmp_path))
     out = tmp_path / "killed" / "sft"
     finished = {}
     flow = threading.Thread(target=lambda: finished.update(
@@ -122,16 +136,21 @@ def test_a_sigkilled_worker_fails_the_stage_and_the_retry_resumes_it(cluster, sf
     flow.join(timeout=300)
     assert not flow.is_alive()
     state = finished["state"]
-    result = state.result()["stages"]["sft"]  # the retry's
+    result = state.result()["stages"]["sft"]
     logs = task_logs(state.state_details.flow_run_id, "sft")
-    # The first try's error names the killed rank's node and process, then what the other one saw.
     died = [m for m in logs if "stage sft failed: the Ray driver exited with code 1. sft failed on Ray: rank " in m]
-    assert len(died) == 1, "\n".join(logs[-40:])
-    assert re.search(rf"rank [01] died on node 127\.0\.0\.[12] \(pid {killed}\): its process was killed", died[0]), \
-        died[0]
+    if recovery == "prefect-retry":
+        # The first try's error names the killed rank's node and process, then what the other one saw.
+        assert len(died) == 1, "\n".join(logs[-40:])
+        assert re.search(rf"rank [01] died on node 127\.0\.0\.[12] \(pid {killed}\): its process was killed",
+                         died[0]), died[0]
+    else:
+        assert died == [], died
+        assert sum("[rank0]:rank 0 of 2 on Ray node" in m for m in logs) == 2, "no second worker group"
     assert result["metrics"]["resumed_from_step"] >= 2
-    # Resumed on two workers vs one process uninterrupted: equal within DDP's reduction order.
-    assert_weights_close(tmp_path / "straight" / "sft", out)
+    assert weights(out).keys() == weights(straight_on_ray).keys()
+    for name, tensor in weights(straight_on_ray).items():
+        assert torch.equal(weights(out)[name], tensor), name
     assert (out / handoff.MANIFEST).exists()
     assert cluster.processes(WORKER) == []
 
