@@ -1,22 +1,33 @@
 """Deployments on a real `prefect server` (127.0.0.1, its own PREFECT_HOME) with a real process
 worker: deploy/prefect.yaml through `alignflow deploy`, a triggered pipeline run, a single-stage
 run on its SFT checkpoint, schedules, and the Kubernetes pool's rendered job. Every wait is
-bounded; the server and workers are stopped by the PIDs we started."""
+bounded; the server and workers are stopped by the PIDs we started.
+
+Offline, with no cluster: deploy/raycluster.yaml (KubeRay) checked against the Kubernetes
+client's pod models and KubeRay's own rules, and the Ray deployment that trains on it."""
+import asyncio
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.base import BaseWorker
 
 from conftest import SMALL_PIPELINE
@@ -25,6 +36,7 @@ from alignflow.stages import handoff, storage
 from alignflow.stages.config import load_config
 
 BIN = Path(sys.executable).parent
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def free_port() -> int:
@@ -185,3 +197,173 @@ def test_deploy_without_a_server_says_so_and_creates_nothing(capsys):
     with temporary_settings(updates={PREFECT_API_URL: None}):
         assert cli(["deploy"]) == 1
     assert "PREFECT_API_URL" in capsys.readouterr().err
+
+
+# deploy/raycluster.yaml, the KubeRay cluster of `train.launcher: ray`: offline, no cluster.
+
+@pytest.fixture(scope="module")
+def raycluster() -> dict:
+    return yaml.safe_load((DEPLOY / "raycluster.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def job_template() -> dict:
+    return json.loads((DEPLOY / "k8s-job-template.json").read_text())
+
+
+def ray_groups(cluster: dict) -> list[tuple[str, dict]]:
+    """(container name KubeRay's conventions give it, group spec): the head, then each worker group."""
+    spec = cluster["spec"]
+    return [("ray-head", spec["headGroupSpec"])] + [("ray-worker", group) for group in spec["workerGroupSpecs"]]
+
+
+def kubernetes_model(data: dict, klass: str):
+    """`data` deserialized by the Kubernetes Python client into its model `klass` (which checks
+    required fields and types), and that model serialized back."""
+    def both(api):
+        model = api.deserialize(types.SimpleNamespace(data=json.dumps(data)), klass)
+        return model, api.sanitize_for_serialization(model)
+
+    try:
+        from kubernetes.client import ApiClient
+    except ImportError:  # prefect-kubernetes brings the asyncio client, whose ApiClient wants a loop
+        k8s = pytest.importorskip("kubernetes_asyncio.client")
+
+        async def in_loop():
+            async with k8s.ApiClient() as api:
+                return both(api)
+
+        return asyncio.run(in_loop())
+    return both(ApiClient())
+
+
+def dropped_keys(given, kept, where: str = "") -> list[str]:
+    """Keys of `given` that the model round trip lost: no field of that name (a misspelling,
+    which the client's deserializer, like the API server, drops without a word)."""
+    if isinstance(given, dict):
+        if not isinstance(kept, dict):
+            return [where or "."]
+        return [k for key, value in given.items()
+                for k in ([f"{where}.{key}"] if key not in kept else dropped_keys(value, kept[key], f"{where}.{key}"))]
+    if isinstance(given, list):
+        if not isinstance(kept, list) or len(kept) != len(given):
+            return [where]
+        return [k for i, (g, h) in enumerate(zip(given, kept)) for k in dropped_keys(g, h, f"{where}[{i}]")]
+    return []
+
+
+def to_bytes(quantity) -> int:
+    """A Kubernetes memory quantity in bytes (the suffixes used here)."""
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i?)?", str(quantity)).groups()
+    scale = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[unit]
+    return int(number) * scale
+
+
+def test_raycluster_is_a_kuberay_cluster_of_the_alignflow_image(raycluster, job_template):
+    assert raycluster["apiVersion"] == "ray.io/v1" and raycluster["kind"] == "RayCluster"
+    name = raycluster["metadata"]["name"]
+    # KubeRay names the head Service <name>-head-svc, a DNS label: at most 63 characters.
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(f"{name}-head-svc") <= 63
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.M)[1] == raycluster["spec"]["rayVersion"]
+    install = next(line for line in dockerfile.splitlines() if line.startswith("RUN pip install"))
+    assert ".[kubernetes,ray]" in install and "ray[default" in install  # the dashboard KubeRay's probes ask
+    image = job_template["variables"]["properties"]["image"]["default"]
+    for _, group in ray_groups(raycluster):
+        assert [c["image"] for c in group["template"]["spec"]["containers"]] == [image]
+
+
+def test_raycluster_pod_templates_are_kubernetes_pod_templates(raycluster):
+    for container_name, group in ray_groups(raycluster):
+        model, kept = kubernetes_model(group["template"], "V1PodTemplateSpec")
+        assert dropped_keys(group["template"], kept) == [], container_name
+        # KubeRay runs Ray in the first container; ray-head / ray-worker by its conventions.
+        assert model.spec.containers[0].name == container_name
+
+
+def test_raycluster_follows_kuberays_rules_and_alignflows_needs(raycluster, job_template):
+    job_pod = job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    job_runs = next(v for v in job_pod["volumes"] if v.get("persistentVolumeClaim"))
+    job_runs_mount = next(m for m in job_pod["containers"][0]["volumeMounts"] if m["name"] == job_runs["name"])
+    runs_claim = job_template["variables"]["properties"]["runs_pvc"]["default"]
+    head = raycluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no training worker on the head
+    assert head["rayStartParams"].get("include-dashboard", "true") == "true"
+    groups = raycluster["spec"]["workerGroupSpecs"]
+    assert groups and len({g["groupName"] for g in groups}) == len(groups) and all(g["groupName"] for g in groups)
+    for container_name, group in ray_groups(raycluster):
+        params = group["rayStartParams"]
+        assert all(isinstance(v, str) for v in params.values()), params  # the CRD takes strings only
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        # the runs volume of the pool's jobs, by the same name and claim, at the same path
+        assert mounts[job_runs_mount["mountPath"]] == job_runs["name"] and job_runs_mount["mountPath"] == "/runs"
+        assert volumes[job_runs["name"]]["persistentVolumeClaim"]["claimName"] == runs_claim
+        shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+        assert shm["medium"] == "Memory"
+        if "object-store-memory" in params:  # Ray falls back to a slow /tmp when /dev/shm cannot hold it
+            assert int(params["object-store-memory"]) < to_bytes(shm["sizeLimit"])
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1"
+        limits = container["resources"]["limits"]
+        gpus = int(limits.get("nvidia.com/gpu", 0))
+        assert gpus == int(params.get("num-gpus", 0)), container_name
+        if "nvidia.com/gpu" in container["resources"].get("requests", {}):
+            assert int(container["resources"]["requests"]["nvidia.com/gpu"]) == gpus
+        if container_name == "ray-head":
+            assert gpus == 0
+            assert {p["name"]: p["containerPort"] for p in container["ports"]}["gcs-server"] == 6379
+        else:
+            assert gpus > 0
+            assert isinstance(group["replicas"], int)
+            assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_ray_deployment_trains_on_the_rayclusters_gpu_workers(deployed, raycluster):
+    """grpo-ray as `prefect deploy` stored it: a valid alignflow config whose stages train on
+    the cluster's workers, from a driver pod without GPUs that joins the cluster first."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("alignment-pipeline/grpo-ray")
+        pool = client.read_work_pool("alignflow-k8s")
+    assert deployment.work_pool_name == "alignflow-k8s"
+    config = load_config(deployment.parameters["preset"], overrides=deployment.parameters["overrides"])
+    assert config.runs_dir == "/runs"
+    on_ray = [s for s in ("pretrain", "sft", "grpo") if config.stage(s).train.resolved_launcher == "ray"]
+    assert on_ray == ["pretrain", "sft", "grpo"]
+    workers = [g for g in raycluster["spec"]["workerGroupSpecs"] if int(g["rayStartParams"].get("num-gpus", 0))]
+    nodes = sum(g["replicas"] for g in workers)
+    for stage in on_ray:
+        train = config.stage(stage).train
+        assert train.nnodes == 2 == nodes
+        # PACK placement fills each node with nproc_per_node workers, one GPU each
+        assert all(int(g["rayStartParams"]["num-gpus"]) == train.nproc_per_node for g in workers)
+    # the head's Service, as KubeRay names it, in the namespace the pool's jobs run in
+    host, port = config.ray.address.rsplit(":", 1)
+    namespace = pool.base_job_template["variables"]["properties"]["namespace"]["default"]
+    assert host == f"{raycluster['metadata']['name']}-head-svc.{namespace}.svc.cluster.local" and port == "6379"
+
+    # The flow's job as the Kubernetes worker would submit it.
+    assert deployment.job_variables["gpu_count"] == 0
+    worker = BaseWorker.get_worker_class_from_type("kubernetes")
+    job = run_coro_as_sync(worker.job_configuration.from_template_and_values(pool.base_job_template,
+                                                                              deployment.job_variables))
+    job.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="grpo-ray-preview"))
+    container = job.job_manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 0
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RAY_ADDRESS"] == config.ray.address and env["PREFECT__FLOW_RUN_ID"]
+    # A Ray driver needs a raylet on its own node: the pod joins as a node nothing is scheduled
+    # on, then becomes the flow run.
+    assert container["args"][:2] == ["bash", "-c"] and len(container["args"]) == 3
+    script = container["args"][2]
+    subprocess.run(["bash", "-n", "-c", script], check=True)
+    words = shlex.split(script)
+    assert words[:4] == ["timeout", "300", "ray", "start"]  # bounded: it waits for an absent cluster forever
+    assert {"--address=$RAY_ADDRESS", "--num-cpus=0", "--num-gpus=0"} <= set(words)
+    assert words[words.index("&&"):] == ["&&", "exec", "prefect", "flow-run", "execute"]
+    shm = next(v for v in job.job_manifest["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    store = next(w for w in words if w.startswith("--object-store-memory="))
+    assert int(store.split("=")[1]) < to_bytes(shm["emptyDir"]["sizeLimit"])
