@@ -41,7 +41,7 @@ ENTRY_POINTS = "alignflow.algorithms"
 # The configuration's shared keys (stages/config.py: SharedConfig's fields; tests/test_config.py
 # keeps the two in step) and `--align none`: no algorithm may take them as its name.
 RESERVED = ("preset", "model", "start", "hf", "vocab_size", "runs_dir", "run_id", "device", "retries", "tracking",
-            "tracking_uri", "tracking_experiment", "demo", "eval", "none")
+            "tracking_uri", "tracking_experiment", "demo", "eval", "ray", "none")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ import re
 import socket
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import failures, lifeline, storage
@@ -30,6 +32,11 @@ PASSED_ENV_PREFIXES = ("ALIGNFLOW_", "HF_", "TRANSFORMERS_")
 
 class ClusterUnreachable(RuntimeError):
     """Nothing answers at the cluster's address (retried: the cluster may be starting)."""
+
+
+class NotANode(RuntimeError):
+    """A Ray driver runs on a node of its cluster; this machine is not one (a retry here cannot help)."""
+    permanent = True
 
 
 def cluster_address(configured: str | None) -> str:
@@ -58,6 +65,26 @@ def wait_until_answering(address: str, timeout_s: float) -> None:
                 raise ClusterUnreachable(f"no Ray cluster answers at {address} (ray.address) after {timeout_s:g} s: "
                                          f"{e.strerror or e}; start one (ray start --head) or fix the address") from None
             time.sleep(0.5)
+
+
+@contextmanager
+def watchdog(seconds: float, line: str):
+    """Ends this process with `line` (its failure, permanent) when the block has not finished
+    within `seconds`: for calls that block in Ray's C++ code, where no Python signal lands."""
+    done = threading.Event()
+
+    def expire() -> None:
+        if not done.wait(seconds):
+            failures.mark_permanent(NotANode(line), 0)
+            failures.leave_summary(line)
+            print(f"python -m alignflow.stages.ray_job: error: {line}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    threading.Thread(target=expire, name="alignflow-ray-connect", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def placement(nnodes: int, nproc_per_node: int) -> str:
@@ -141,8 +168,21 @@ def run(argv: list[str] | None = None) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     passed = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
-             runtime_env={"env_vars": {**passed, "PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    not_a_node = (f"the Ray cluster at {address} answers, but this machine could not join it as a driver, which must "
+                  f"run on a node of the cluster: run the flow on a node, or make this machine one without resources "
+                  f"(ray start --address {address} --num-cpus 0 --num-gpus 0; the Kubernetes deployment does: "
+                  f"deploy/README.md)")
+    # ray.init retries for minutes where it cannot join; a bounded wait is ours.
+    with watchdog(settings.connect_timeout_s, f"{not_a_node}; ray.init did not return within "
+                                              f"{settings.connect_timeout_s:g} s (ray.connect_timeout_s)"):
+        try:
+            # Ray Train's print patch would reroute every print() of the workers, even a library's
+            # print(..., file=buffer): a `dis` listing came out in the log.
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                     runtime_env={"env_vars": {**passed, "PYTHONUNBUFFERED": "1",
+                                               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+        except ConnectionError as e:  # Ray's own, after its address answered
+            raise NotANode(f"{not_a_node}. Ray said: {str(e).splitlines()[0]}") from None
     use_gpu = settings.use_gpu if settings.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     workers = t.nnodes * t.nproc_per_node
     job = {"stage": args.stage, "config": config.model_dump(mode="json"), "parent": absolute(args.parent),
@@ -179,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, ClusterUnreachable) as e:
+    except (ValueError, ClusterUnreachable, NotANode) as e:
         failures.mark_permanent(e, 0)
         print(f"python -m alignflow.stages.ray_job: error: {failures.one_line(e)}", file=sys.stderr)
         return 1

@@ -233,3 +233,18 @@ def test_a_worker_s_bad_data_fails_once_with_its_row(cluster, sft_parent, tmp_pa
     assert re.match(rf"stage sft failed: the Ray driver exited with code 1\. sft failed on Ray: rank 0: DataError: "
                     rf"{re.escape(str(data))}: row 1 \(line 2\): column 'completion'", first), first
     assert cluster.processes(WORKER) == []
+
+
+def test_a_connection_that_never_returns_ends_the_driver_with_its_line(tmp_path):
+    """ray.init retries for minutes, inside Ray's C++ code, where a machine cannot join as a driver;
+    the driver's watchdog ends it after ray.connect_timeout_s with one line, marked permanent."""
+    code = ("import time\nfrom alignflow.stages.ray_job import watchdog\n"
+            "with watchdog(0.5, 'cannot join the cluster'):\n    time.sleep(60)\n")
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "ALIGNFLOW_FAILURE_DIR": str(tmp_path)})
+    assert time.monotonic() - t0 < 30
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "python -m alignflow.stages.ray_job: error: cannot join the cluster"
+    assert (tmp_path / "failure-summary.txt").read_text() == "cannot join the cluster\n"
+    assert "NotANode: cannot join the cluster" in (tmp_path / "permanent-failure-rank0.txt").read_text()
