@@ -40,7 +40,8 @@ from alignflow.stages.run import train_stage  # noqa: E402
 
 LOG_EVERY = 5  # metrics.jsonl has a record every this many steps
 SETTINGS = {"vocab_size": 300, "demo.pretrain_docs": 300, "demo.sft_examples": 2000, "pretrain.train.max_steps": 10,
-            "eval.stages": [], "sft.train.batch_size": 8, "sft.train.log_interval": LOG_EVERY, "sft.train.save_interval": 10_000}
+            "eval.stages": [], "sft.train.batch_size": 8, "sft.train.log_interval": LOG_EVERY,
+            "sft.train.save_interval": 10_000}
 
 
 def launch(launcher: str, parent: Path, out: Path, steps: int, address: str) -> dict:

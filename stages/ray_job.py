@@ -62,8 +62,9 @@ def wait_until_answering(address: str, timeout_s: float) -> None:
                 return
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise ClusterUnreachable(f"no Ray cluster answers at {address} (ray.address) after {timeout_s:g} s: "
-                                         f"{e.strerror or e}; start one (ray start --head) or fix the address") from None
+                raise ClusterUnreachable(
+                    f"no Ray cluster answers at {address} (ray.address) after {timeout_s:g} s: {e.strerror or e}; "
+                    "start one (ray start --head) or fix the address") from None
             time.sleep(0.5)
 
 
@@ -197,7 +198,8 @@ def run(argv: list[str] | None = None) -> int:
                                          placement_strategy=placement(t.nnodes, t.nproc_per_node)),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(name=f"alignflow-{config.resolved_run_id()}-{args.stage}-{os.getpid()}",
-                                 storage_path=records, failure_config=FailureConfig(max_failures=settings.max_failures)))
+                                 storage_path=records,
+                                 failure_config=FailureConfig(max_failures=settings.max_failures)))
         try:
             trainer.fit()
         except Exception as e:

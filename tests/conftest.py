@@ -38,6 +38,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A two-node Ray cluster on loopback addresses (tests/ray_cluster.py), for the module; the
+    Ray drivers this process starts (the flow's, and a worker's flow runs') inherit the setting
+    that keeps them on loopback too."""
+    from ray_cluster import DRIVER_ENV, start_cluster
+
+    saved = {k: os.environ.get(k) for k in DRIVER_ENV}
+    running = start_cluster()
+    os.environ.update(DRIVER_ENV)
+    try:
+        yield running
+    finally:
+        running.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One embedded Prefect server for every test that runs flows (its start takes 15-25 s)."""

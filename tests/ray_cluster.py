@@ -11,8 +11,8 @@ things keep every address on loopback here, neither of them in alignflow's code:
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes Ray take 127.0.0.1 as its own address.
 No dashboard (it needs ray[default]'s packages): without its State API, Ray Train's
 PlacementGroupCleaner logs "Failed to query Ray Train Controller actor state" every few seconds,
-which a cluster with a dashboard does not. Each node has its own --temp-dir: with one shared, both nodes' log monitors forward every
-worker's lines, and the driver prints each twice."""
+which a cluster with a dashboard does not. Each node has its own --temp-dir: with one shared,
+both nodes' log monitors forward every worker's lines, and the driver prints each twice."""
 from __future__ import annotations
 
 import os

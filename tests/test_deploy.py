@@ -193,6 +193,53 @@ def test_kubernetes_pool_renders_a_gpu_job_with_its_volumes(deployed, capsys):
                for s in ("pretrain", "sft", "grpo"))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the Ray cluster's processes in /proc")
+def test_cancelling_a_flow_run_stops_its_ray_stage_s_workers_on_the_cluster(deployed, pipeline_run, ray_cluster):
+    """A stage with launcher: ray, run by a real process worker; the flow run cancelled through the
+    API while it trains. The worker ends the flow's process, the flow's task ends the Ray driver,
+    and Ray then stops the Ray Train workers on both nodes: within seconds none is left."""
+    pytest.importorskip("ray", reason="needs alignflow[ray]")
+    from prefect.states import Cancelling
+
+    worker_title = "ray::RayTrainWorker"
+    out = Path(deployed["runs"]) / "ray-cancelled" / "sft"
+    from ray_cluster import DRIVER_ENV
+
+    parent = Path(deployed["runs"]) / "nightly-1" / "pretrain"
+    params = {"stage": "sft", "parent": str(parent), "run_id": "ray-cancelled",
+              "overrides": small(runs_dir=deployed["runs"], **{
+                  "sft.train.launcher": "ray", "sft.train.nnodes": 2, "sft.train.batch_size": 4,
+                  "sft.train.max_steps": 2000, "ray.address": ray_cluster.address})}
+    flow_run = run_deployment("run-stage/stage", parameters=params, timeout=0)
+    with open(deployed["home"] / f"worker-{flow_run.id}.log", "w") as log:
+        # Not --run-once: a worker that stays watches its runs for cancellation.
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-process"],
+                                  env={**deployed["env"], **DRIVER_ENV},
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not (list(out.glob("state/step-*/trainer_state.json"))
+                       and len(ray_cluster.processes(worker_title)) == 2):
+                assert worker.poll() is None and time.monotonic() < deadline, \
+                    (deployed["home"] / f"worker-{flow_run.id}.log").read_text()[-3000:]
+                time.sleep(0.2)
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+                cancelled = time.monotonic()
+                while ray_cluster.processes(worker_title) and time.monotonic() < cancelled + 60:
+                    time.sleep(0.2)
+                seconds = time.monotonic() - cancelled
+                assert ray_cluster.processes(worker_title) == [], "Ray Train workers outlived the cancelled flow run"
+                while not client.read_flow_run(flow_run.id).state.is_final() and time.monotonic() < cancelled + 60:
+                    time.sleep(0.5)
+                state = client.read_flow_run(flow_run.id).state
+        finally:
+            stop(worker)
+    assert state.is_cancelled(), state
+    assert seconds < 30, f"the workers were stopped {seconds:.1f} s after the cancellation"
+    assert not (out / handoff.MANIFEST).exists()
+
+
 def test_deploy_without_a_server_says_so_and_creates_nothing(capsys):
     with temporary_settings(updates={PREFECT_API_URL: None}):
         assert cli(["deploy"]) == 1

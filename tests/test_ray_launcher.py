@@ -1,9 +1,9 @@
 """`train.launcher: ray`: stages trained by Ray Train workers on a real two-node Ray cluster
 (tests/ray_cluster.py: a head and a second `ray start` node on loopback), from the flow.
-Two workers on two nodes equal one process (SFT under DDP and FSDP, DPO into a runs_dir at a
-file:// URL); a SIGKILLed worker is resumed, by Prefect's retry or by Ray Train's restart, to
-the uninterrupted run's weights; a Ctrl-C of the CLI leaves no worker on the cluster; no Ray,
-or nobody at the address, is one line at once."""
+Two workers on two nodes equal one process (SFT under DDP, LoRA under FSDP on a Hugging Face
+model, DPO into a runs_dir at a file:// URL); a SIGKILLed worker is resumed, by Prefect's retry
+or by Ray Train's restart, to the uninterrupted run's weights; a Ctrl-C of the CLI leaves no
+worker on the cluster; no Ray, or nobody at the address, is one line at once."""
 import os
 import re
 import signal
@@ -30,18 +30,8 @@ WORKER = "ray::RayTrainWorker"  # the process title of a Ray Train worker
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from ray_cluster import DRIVER_ENV, start_cluster
-
-    saved = {k: os.environ.get(k) for k in DRIVER_ENV}
-    os.environ.update(DRIVER_ENV)  # the flow's Ray driver inherits it
-    running = start_cluster()
-    try:
-        yield running
-    finally:
-        running.stop()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +59,17 @@ def assert_weights_close(a, b, atol=1e-5):
         torch.testing.assert_close(wb[name], wa[name], atol=atol, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("stage, strategy", [("sft", "ddp"), ("sft", "fsdp"), ("dpo", "ddp")])
-def test_two_workers_on_two_ray_nodes_equal_one_process(stage, strategy, cluster, sft_parent, tmp_path,
-                                                        small_config, prefect_harness):
-    parent = sft_parent / ("pretrain" if stage == "sft" else "sft")
+@pytest.mark.parametrize("stage, strategy, lora",
+                         [("sft", "ddp", None), ("sft", "fsdp", {"r": 4}), ("dpo", "ddp", None)],
+                         ids=["sft-ddp", "sft-fsdp-lora-hf", "dpo-ddp-url"])
+def test_two_workers_on_two_ray_nodes_equal_one_process(stage, strategy, lora, cluster, sft_parent, hf_model_dir,
+                                                        tmp_path, small_config, prefect_harness):
+    """sft-fsdp-lora-hf: a LoRA adapter on a Hugging Face Llama, sharded by FSDP2 over the two
+    nodes; dpo-ddp-url: the run directory at a file:// URL."""
+    parent = sft_parent / "sft" if stage == "dpo" else hf_model_dir("llama3") if lora else sft_parent / "pretrain"
     # SGD, no clipping: its update is proportional to the gradient, which DDP reduces (test_ddp.py).
     common = {"runs_dir": str(tmp_path), f"{stage}.train.optimizer": "sgd", f"{stage}.train.lr": 0.05,
-              f"{stage}.train.max_steps": 3, f"{stage}.train.max_grad_norm": None}
+              f"{stage}.train.max_steps": 3, f"{stage}.train.max_grad_norm": None, f"{stage}.lora": lora}
     one = small_config(**common, **{f"{stage}.train.batch_size": 8})
     two = small_config(**common, **on_ray(cluster, stage, **{f"{stage}.train.strategy": strategy}))
     if stage == "dpo":  # runs at a URL: each rank's state/ published there, the stage's directory by rank 0
@@ -162,7 +156,8 @@ def test_ctrl_c_of_the_cli_leaves_no_worker_on_the_cluster(cluster, sft_parent, 
             for arg in ("--set", f"{k}={v}")]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     proc = subprocess.Popen([sys.executable, "-m", "alignflow.flows.cli", "stage", "sft", "--parent",
-                             str(sft_parent / "pretrain"), "--runs-dir", str(tmp_path / "runs"), "--run-id", "r", *sets],
+                             str(sft_parent / "pretrain"), "--runs-dir", str(tmp_path / "runs"), "--run-id", "r",
+                             *sets],
                             env=env, start_new_session=True, preexec_fn=as_a_foreground_job,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
