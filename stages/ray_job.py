@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, ClusterUnreachable, NotANode) as e:
         failures.mark_permanent(e, 0)
+        failures.leave_summary(failures.one_line(e))  # the flow's error leads with it, retried or not
         print(f"python -m alignflow.stages.ray_job: error: {failures.one_line(e)}", file=sys.stderr)
         return 1
 

@@ -191,8 +191,9 @@ def test_nobody_at_the_address_is_one_line_without_a_hang(tmp_path, sft_parent, 
     with pytest.raises(StageProcessError) as failure:
         state.result()
     message = str(failure.value)
-    assert message.startswith("stage sft failed: the Ray driver exited with code 1."), message
-    assert f"no Ray cluster answers at {config.ray.address} (ray.address) after 2 s" in message, message
+    assert message.startswith(f"stage sft failed: the Ray driver exited with code 1. no Ray cluster answers at "
+                              f"{config.ray.address} (ray.address) after 2 s: Connection refused"), message
+    assert not failure.value.permanent  # the cluster may be starting: retried
 
 
 def test_without_ray_installed_the_config_says_what_to_install(small_config, monkeypatch):
