@@ -114,6 +114,33 @@ def test_sampling_reproducible_with_generator():
     assert not torch.equal(a, c)
 
 
+def test_inverse_cdf_draws_each_token_with_its_probability_and_never_a_zero_one():
+    from alignflow.models.generate import inverse_cdf_sample
+
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    rows = 200_000
+    drawn = inverse_cdf_sample(p.expand(rows, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=p.numel()).double()
+    assert counts[p == 0].sum() == 0
+    sigma = (rows * p * (1 - p)).sqrt()
+    assert ((counts - rows * p).abs() <= 5 * sigma + 1e-9).all(), (counts / rows, p)
+
+
+def test_inverse_cdf_is_the_first_index_whose_cumulative_sum_passes_the_draw():
+    from alignflow.models.generate import inverse_cdf_sample
+
+    probs = torch.rand(16, 50, generator=torch.Generator().manual_seed(1)) ** 4  # unnormalised: scaled by the total
+    probs[:, ::3] = 0
+    g = torch.Generator().manual_seed(2)
+    u = torch.rand(16, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))  # the same draws
+    drawn = inverse_cdf_sample(probs, g)
+    for row, index in enumerate(drawn.tolist()):
+        cdf = probs[row].double().cumsum(0)
+        threshold = u[row, 0] * cdf[-1]
+        assert index == next(i for i, c in enumerate(cdf.tolist()) if c > threshold)
+        assert probs[row, index] > 0
+
+
 def test_restores_training_mode():
     model = make_model().train()
     ids, mask = left_padded_prompts([3])

@@ -75,8 +75,10 @@ def row_seeded_generate(model, input_ids, attention_mask=None, max_new_tokens=8,
         out = generate(model, prompt[None], max_new_tokens=length - 1, eos_token_id=eos_token_id,
                        pad_token_id=pad_token_id, generator=torch.Generator().manual_seed(seed), **kwargs)
         completion = torch.full((max_new_tokens,), pad_token_id, dtype=torch.long)
-        completion[:length - 1] = out[0, len(prompt):]
-        completion[length - 1] = eos_token_id[0]  # generate_text passes the stop tokens as a list
+        sampled = out[0, len(prompt):]  # shorter when the model itself sampled a stop token
+        completion[:len(sampled)] = sampled
+        if len(sampled) == length - 1:
+            completion[length - 1] = eos_token_id[0]  # generate_text passes the stop tokens as a list
         rows.append(torch.cat([ids, completion]))
     return torch.stack(rows)
 
