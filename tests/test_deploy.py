@@ -91,13 +91,18 @@ def deployed(server):
     return server
 
 
+def start_worker(server, log, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """A process worker of the pool, in a session of its own, logging to `log`."""
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-process", *args],
+                            env={**server["env"], **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
 def run_with_worker(server, name: str, parameters: dict, timeout: float = 480):
     """Create a flow run of a deployment, let one `--run-once` worker execute it, return the run."""
     flow_run = run_deployment(name, parameters=parameters, timeout=0)
     with open(server["home"] / f"worker-{flow_run.id}.log", "w") as log:
-        worker = subprocess.Popen(
-            [str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-process", "--run-once"],
-            env=server["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = start_worker(server, log, "--run-once")
         try:
             worker.wait(timeout=timeout)
         finally:
@@ -213,9 +218,7 @@ def test_cancelling_a_flow_run_stops_its_ray_stage_s_workers_on_the_cluster(depl
     flow_run = run_deployment("run-stage/stage", parameters=params, timeout=0)
     with open(deployed["home"] / f"worker-{flow_run.id}.log", "w") as log:
         # Not --run-once: a worker that stays watches its runs for cancellation.
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-process"],
-                                  env={**deployed["env"], **DRIVER_ENV},
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = start_worker(deployed, log, env=DRIVER_ENV)
         try:
             deadline = time.monotonic() + 240
             while not (list(out.glob("state/step-*/trainer_state.json"))
