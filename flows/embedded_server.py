@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from alignflow.stages import lifeline
 
-from .launch import stop_process_group
+from alignflow.stages.lifeline import stop_process_group
 
 STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind

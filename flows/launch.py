@@ -11,7 +11,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from alignflow.stages import failures, lifeline, storage
+from alignflow.stages.lifeline import stop_process_group
 from alignflow.stages.config import PipelineConfig
 
 
@@ -93,22 +93,6 @@ def _pump(stream, lines: queue.Queue) -> None:
         line = raw.decode(errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1]
         lines.put(line)
     lines.put(None)
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the whole process group (torchrun and its ranks), SIGKILL what is left."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # The Ray driver prints its workers' lines as they come: each one, uncoloured.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -48,3 +49,19 @@ def watch(pid: int | None = None, poll_seconds: float = 1.0, grace_seconds: floa
     thread = threading.Thread(target=run, name="alignflow-lifeline", daemon=True)
     thread.start()
     return thread
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the whole process group (torchrun and its ranks), SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
