@@ -168,3 +168,62 @@ def merge(model: nn.Module) -> nn.Module:
 def base_of(model: nn.Module) -> nn.Module:
     """The model peft wrapped (its layers carry the adapter), or `model` itself."""
     return model.get_base_model() if is_adapted(model) else model
+
+
+def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `merge(model)` would have (W + (alpha/r)·B·A in every adapted layer, the
+    trained copy of each of `modules_to_save`, peft's names gone) without changing `model`: the
+    weights an inference engine serves while the adapter trains. For a model without an adapter,
+    its own tensors. Read through the modules, not `state_dict()`, so inside
+    `trainers.sharding.gathered` it holds the full weights of a sharded model. Tied tensors (the
+    embedding and the head) appear under each name, as in `state_dict()`."""
+    model = base_of(model)
+    deltas = {f"{_plain_name(prefix)}.weight": delta for prefix, module in model.named_modules()
+              if (delta := _lora_delta(module)) is not None}
+    out = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if _peft_internal(prefix):
+            continue
+        tensors = [*module.named_parameters(recurse=False, remove_duplicate=False),
+                   *((n, b) for n, b in module.named_buffers(recurse=False, remove_duplicate=False)
+                     if n not in module._non_persistent_buffers_set)]
+        for name, tensor in tensors:
+            key = _plain_name(f"{prefix}.{name}" if prefix else name)
+            value = tensor.detach()
+            out[key] = value + deltas[key].to(value.dtype) if key in deltas else value
+    return out
+
+
+def _peft_internal(prefix: str) -> bool:
+    """Modules whose tensors are not the merged model's: the adapter's own and the frozen originals
+    that `modules_to_save` copies replace."""
+    parts = prefix.split(".")
+    return any(p.startswith("lora_") or p == "original_module" for p in parts)
+
+
+def _plain_name(name: str) -> str:
+    """peft's name of a tensor -> the merged model's: `x.base_layer.weight` and
+    `x.modules_to_save.default.weight` are `x.weight`."""
+    parts = name.split(".")
+    plain, i = [], 0
+    while i < len(parts):
+        if parts[i] == "base_layer":
+            i += 1
+        elif parts[i] == "modules_to_save":
+            i += 2  # and the adapter's name
+        else:
+            plain.append(parts[i])
+            i += 1
+    return ".".join(plain)
+
+
+def _lora_delta(module: nn.Module) -> torch.Tensor | None:
+    """(alpha/r)·B·A of a LoRA layer's active adapters (peft's own formula); None for any other
+    module."""
+    from peft.tuners.lora import LoraLayer
+
+    base = getattr(module, "base_layer", None)
+    if not isinstance(module, LoraLayer) or base is None or isinstance(base, LoraLayer):
+        return None
+    deltas = [module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A]
+    return sum(deltas) if deltas else None

@@ -256,3 +256,28 @@ def test_qlora_gradients_equal_lora_on_the_dequantized_weights(tmp_path):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family, modules_to_save", [("llama3", None), ("chatml", None), ("llama3", ["lm_head"])])
+def test_merged_state_is_the_merged_model_s_state_dict_and_leaves_the_adapter_in_place(family, modules_to_save,
+                                                                                       hf_model_dir):
+    """What an inference engine is given while an adapter trains (models.lora.merged_state): the
+    state dict merge_and_unload would give, tied embeddings (chatml) and a trained copy of the
+    head included, with the adapter still attached and its base weights untouched."""
+    from alignflow.models.lora import merged_state
+
+    model = AutoModelForCausalLM.from_pretrained(hf_model_dir(family), dtype=torch.float32)
+    adapted = add_adapter(model, r=4, alpha=8, modules_to_save=modules_to_save, seed=3)
+    with torch.no_grad():  # B starts at zero: move every trained tensor so the merge is not the base
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    before = {k: v.clone() for k, v in adapted.state_dict().items()}
+    got = merged_state(adapted)
+    want = copy.deepcopy(adapted).merge_and_unload().state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert all(torch.equal(v, adapted.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                           model.model.layers[0].self_attn.q_proj.base_layer.weight)
