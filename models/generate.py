@@ -169,6 +169,7 @@ class Generation:
     completion_mask: torch.Tensor  # [N, T]: 1 up to and including the first EOS
     texts: list[str]               # each completion up to its EOS, special tokens dropped
     ended: torch.Tensor            # [N] bool: the completion emitted EOS (else max_new_tokens cut it)
+    logps: torch.Tensor | None = None  # [N, T]: an inference engine's log-probs of the tokens it sampled
 
 
 def context_length(model) -> int | None:

@@ -409,3 +409,89 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     for key in ("loss", "reward", "reward_std", "kl", "entropy", "completion_length/mean",
                 "completion_length/min", "completion_length/max", "frac_reward_zero_std"):
         assert m_ddp[key] == pytest.approx(m_single[key], abs=1e-5), key
+
+
+# ---- an inference engine behind generate_fn ----
+
+class FakeEngine:
+    """An engine's contract without a server: `sync` copies the policy's weights (what a server
+    would load), and each call generates with `generate_text` from those copies, failing if the
+    policy has moved on since (a stale rollout). Its log-probs are the trainer's own plus
+    `offset` per token, as if the engine's numerics differed from the trainer's."""
+
+    def __init__(self, offset: float = 0.0):
+        self.offset, self.served, self.syncs, self.calls = offset, None, [], 0
+
+    def sync(self, model, version):
+        if self.served is not None and version == self.syncs[-1]:
+            return
+        self.served = [p.detach().clone() for p in model.parameters()]
+        self.syncs.append(version)
+
+    def __call__(self, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                 generator=None):
+        assert self.served is not None, "generated before the first sync"
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), self.served)), "a stale rollout"
+        self.calls += 1
+        g = generate_text(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, generator)
+        batch = {"input_ids": g.sequences, "attention_mask": torch.cat([g.prompt_mask, g.completion_mask], 1),
+                 "completion_mask": g.completion_mask}
+        with torch.no_grad():
+            trainer = token_logps(completion_logits(model, batch), completion_targets(batch),
+                                  temperature if temperature > 0 else 1.0)
+        g.logps = (trainer + self.offset) * g.completion_mask
+        return g
+
+
+def test_an_engine_is_synced_before_every_rollout_and_never_serves_stale_weights():
+    """Each step's rollouts and each evaluation come from the weights of that moment: the trainer
+    syncs version 0 (the starting weights) before the first rollout, version 2 (two updates a
+    step) before the second, and version 4 before the evaluation that ends training."""
+    engine = FakeEngine()
+    items = prompt_items(4)
+    trainer = make_trainer(items, generate_fn=engine, max_steps=2, num_iterations=2, beta=0.0)
+    trainer.val_loader = prompt_loader(prompt_items(2, seed=1), 2)
+    trainer.train()
+    assert engine.syncs == [0, 2, 4]
+    assert engine.calls == 2 + 1  # one prompt batch a step, and the evaluation
+
+
+def test_engine_rollouts_with_the_trainer_s_own_log_probs_train_exactly_as_hf():
+    """With the engine's log-probs equal to the trainer's, every TIS weight is exp(0) = 1: the
+    weights after two steps equal those of the same run with the policy generating itself,
+    bit for bit. The gap and the weight are logged."""
+    items = prompt_items(4)
+    hf = make_trainer(items, beta=0.0)
+    engine = make_trainer(items, beta=0.0, generate_fn=FakeEngine(), rollout={"engine": "vllm"})
+    for trainer in (hf, engine):
+        torch.manual_seed(0)  # each draws its rollouts' seeds from the torch RNG
+        for batch in trainer.train_loader:
+            metrics = trainer.training_step([batch])
+    for p, q in zip(hf.model.parameters(), engine.model.parameters()):
+        assert torch.equal(p, q)
+    assert metrics["engine/logp_gap"] < 1e-6 and metrics["engine/tis_weight"] == pytest.approx(1.0)
+
+
+def test_an_engine_s_log_prob_gap_is_corrected_up_to_the_cap():
+    """Engine log-probs 0.5 below the trainer's on every token: ρ = e^0.5 ≈ 1.65 per token, under a
+    cap of 3 it is the weight (and the logged gap 0.5); under a cap of 1.2 every token is capped.
+    With tis_cap off the run is the plain one."""
+    items = prompt_items(4)
+    runs = {}
+    batch = next(iter(prompt_loader(items, 2)))
+    for cap in (3.0, 1.2, "off"):
+        trainer = make_trainer(items, beta=0.0, generate_fn=FakeEngine(offset=-0.5),
+                               rollout={"engine": "vllm", "tis_cap": cap})
+        torch.manual_seed(0)
+        runs[cap] = (trainer.training_step([batch]), [p.detach().clone() for p in trainer.model.parameters()])
+    assert runs[3.0][0]["engine/logp_gap"] == pytest.approx(0.5, abs=1e-5)
+    assert runs[3.0][0]["engine/tis_weight"] == pytest.approx(math.exp(0.5), rel=1e-5)
+    assert runs[3.0][0]["engine/tis_capped"] == 0.0
+    assert runs[1.2][0]["engine/tis_weight"] == pytest.approx(1.2, rel=1e-6)
+    assert runs[1.2][0]["engine/tis_capped"] == 1.0
+    assert "engine/tis_weight" not in runs["off"][0]
+    plain = make_trainer(items, beta=0.0)
+    torch.manual_seed(0)
+    plain.training_step([batch])
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), runs["off"][1]))
+    assert not all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), runs[3.0][1]))

@@ -250,3 +250,44 @@ def test_each_variant_runs_through_the_pipeline(prefect_harness, small_config, t
             assert r["frac_reward_zero_std"] < 1, (name, r)  # some advantages are not 0: the variant's maths ran
         seen[name] = manifest["content_hash"]
     assert len({seen[name] for name in VARIANTS}) == len(VARIANTS)  # three different models
+
+
+# ---- truncated importance sampling (an inference engine's rollouts) ----
+
+def test_truncated_importance_sampling_by_hand():
+    """w = min(exp(old − engine), cap) multiplies each token's surrogate, not its KL term.
+
+    old [−1, −2, −0.5], engine [−1.5, −2, 0]: ρ_engine = e^0.5, 1, e^−0.5; cap 1.5 truncates the
+    first. With one update (logp = old, ρ = 1) and A = 2, the surrogate per token is −A·w; with
+    ref = logp + log 2 each token's k3 is 1 − log 2, and d(β·k3)/d logp = β·(1 − 2)."""
+    from alignflow.trainers.grpo import truncated_is_weights
+
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    weights, capped = truncated_is_weights(old, torch.tensor([[-1.5, -2.0, 0.0]]), cap=1.5)
+    w = [1.5, 1.0, math.exp(-0.5)]
+    torch.testing.assert_close(weights, torch.tensor([w]))
+    assert capped.tolist() == [[1.0, 0.0, 0.0]]
+
+    logps = old.clone().requires_grad_()
+    loss, metrics = grpo_loss(logps, old, logps.detach() + math.log(2), torch.tensor([2.0]),
+                              torch.ones(1, 3), beta=0.1, loss_type="dapo", tis_weights=weights)
+    assert loss.item() == pytest.approx((-2 * sum(w) + 3 * 0.1 * (1 - math.log(2))) / 3, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logps.grad, (-2 * torch.tensor([w]) - 0.1) / 3)
+    assert metrics["kl"].item() == pytest.approx(1 - math.log(2))
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"engine": "hf", "tis_cap": 2.0}, "tis_cap corrects an inference engine's sampling"),
+    ({"engine": "vllm", "tis_cap": 0.0}, "tis_cap must be > 0"),
+])
+def test_a_tis_cap_without_an_engine_or_below_zero_is_refused(settings, says):
+    with pytest.raises(ValueError, match=says):
+        GRPOArgs(rollout=settings)
+
+
+def test_tis_is_on_by_default_with_an_engine_only():
+    assert GRPOArgs().rollout.resolved_tis_cap is None
+    assert GRPOArgs(rollout={"engine": "vllm"}).rollout.resolved_tis_cap == 3.0
+    assert GRPOArgs(rollout={"engine": "vllm", "tis_cap": "off"}).rollout.resolved_tis_cap is None
+    assert GRPOArgs(rollout={"engine": "vllm", "tis_cap": 1.5}).rollout.resolved_tis_cap == 1.5

@@ -29,8 +29,17 @@ class Settings(BaseModel):
     @classmethod
     def build(cls, given: BaseModel | None = None, **overrides: Any):
         """`given` (this model, or a config that embeds it) with keyword overrides on top."""
-        base = given.model_dump(include=set(cls.model_fields)) if given is not None else {}
+        base = given.model_dump(include=cls.field_tree()) if given is not None else {}
         return cls.model_validate({**base, **overrides})
+
+    @classmethod
+    def field_tree(cls) -> dict:
+        """This model's fields, and a nested settings model's own fields only: a config that
+        extends a nested section (GRPO's `rollout` with the stage's `vllm` server) still builds
+        the trainer's narrower one."""
+        return {name: field.annotation.field_tree()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, Settings) else True
+                for name, field in cls.model_fields.items()}
 
 
 class TrainingArgs(Settings):

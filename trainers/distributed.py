@@ -78,6 +78,16 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (a string, a number: what pickles safely between our own
+    processes); `value` itself in a single process."""
+    if not initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if initialized():
         dist.barrier()

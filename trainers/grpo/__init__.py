@@ -6,11 +6,11 @@
     trainer.py  `GRPOArgs` and `GRPOTrainer`: generate, score (trainers.rewards), optimise
 """
 from .loss import (ADVANTAGES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss,
-                   grpo_token_losses, importance_ratio, kl_k3, loss_items, loss_sum)
+                   grpo_token_losses, importance_ratio, kl_k3, loss_items, loss_sum, truncated_is_weights)
 from .rollout import collate_prompts, completion_logits, completion_targets, repeat_each
-from .trainer import GRPOArgs, GRPOTrainer
+from .trainer import GRPOArgs, GRPOTrainer, RolloutArgs
 
 __all__ = ["ADVANTAGES", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_TYPES", "SCALE_REWARDS", "group_advantages", "grpo_loss",
-           "grpo_token_losses", "importance_ratio", "kl_k3", "loss_items",
-           "loss_sum", "collate_prompts", "completion_logits", "completion_targets", "repeat_each", "GRPOArgs",
+           "grpo_token_losses", "importance_ratio", "kl_k3", "loss_items", "loss_sum", "truncated_is_weights",
+           "collate_prompts", "completion_logits", "completion_targets", "repeat_each", "GRPOArgs", "RolloutArgs",
            "GRPOTrainer"]

@@ -68,12 +68,27 @@ def importance_ratio(logps, old_logps, completion_mask=None, level: str = "token
     return torch.exp(per_sequence).expand_as(log_ratio)
 
 
+def truncated_is_weights(old_logps: torch.Tensor, engine_logps: torch.Tensor,
+                         cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (TIS): w = min(π_old / π_engine, cap) per token, detached,
+    and where the cap bound (as 0/1). The rollouts were sampled by an inference engine whose
+    probabilities differ from the trainer's own for the same weights (other kernels, another
+    precision); weighting each token's surrogate by w corrects the gradient towards the trainer's
+    sampling policy π_old, and the cap bounds the variance a token the engine found unlikely
+    would add."""
+    ratio = torch.exp(old_logps.detach() - engine_logps)
+    return ratio.clamp(max=cap), (ratio > cap).to(ratio.dtype)
+
+
 def grpo_token_losses(logps, old_logps, ref_logps, advantages, epsilon_low: float, epsilon_high: float,
                       beta: float, loss_type: str = "dapo", completion_mask=None,
-                      importance_sampling_level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      importance_sampling_level: str = "token",
+                      tis_weights=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss [B, T] and per-token statistics (clip indicators, KL) for the metrics.
 
-    `completion_mask` is read only by importance_sampling_level "sequence"."""
+    `completion_mask` is read only by importance_sampling_level "sequence". `tis_weights` [B, T]
+    (`truncated_is_weights`) multiply the surrogate, not the KL term: the KL estimate is of the
+    trainer's own policy against the reference."""
     ratio = importance_ratio(logps, old_logps, completion_mask, importance_sampling_level)
     adv = advantages[:, None]
     if loss_type == "cispo":
@@ -90,6 +105,8 @@ def grpo_token_losses(logps, old_logps, ref_logps, advantages, epsilon_low: floa
         # advantages, above 1+ε for positive ones.
         low = (ratio < 1 - epsilon_low) & (adv < 0)
         high = (ratio > 1 + epsilon_high) & (adv > 0)
+    if tis_weights is not None:
+        losses = losses * tis_weights
     stats = {"clip_ratio/low": low.float(), "clip_ratio/high": high.float(),
              "clip_ratio/region": (low | high).float()}
     if beta != 0 and ref_logps is not None:
@@ -129,7 +146,7 @@ def loss_items(mask: torch.Tensor, loss_type: str, max_completion_length: int | 
 def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, epsilon_low: float = 0.2,
               epsilon_high: float = 0.2, beta: float = 0.04, loss_type: str = "dapo",
               max_completion_length: int | None = None, num_items: float | None = None,
-              importance_sampling_level: str = "token"):
+              importance_sampling_level: str = "token", tis_weights=None):
     """Clipped surrogate (CISPO's truncated weight for loss_type "cispo") + β·KL (k3),
     normalised per `loss_type` (docs/algorithms.md), with the importance ratio per token or per
     sequence (GSPO) as `importance_sampling_level` says.
@@ -137,12 +154,13 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, epsilon_
     Per-token tensors are [B, T] over completion tokens, `advantages` [B]. `num_items`
     overrides the normaliser, in the unit of `loss_items`; for dapo and cispo it is the active
     tokens of the whole generation batch (all accumulation steps and ranks) divided by the world size.
-    The KL term is skipped when beta == 0 or ref_logps is None.
+    The KL term is skipped when beta == 0 or ref_logps is None. `tis_weights`: the truncated
+    importance-sampling correction of an engine's rollouts (`truncated_is_weights`).
     Returns (loss, metrics): kl (when computed) and the clip ratios, as means over active tokens.
     """
     mask = completion_mask.to(logps.dtype)
     losses, stats = grpo_token_losses(logps, old_logps, ref_logps, advantages, epsilon_low, epsilon_high, beta,
-                                      loss_type, completion_mask, importance_sampling_level)
+                                      loss_type, completion_mask, importance_sampling_level, tis_weights)
     denom = num_items if num_items is not None else loss_items(mask, loss_type, max_completion_length)
     loss = loss_sum(losses, mask, loss_type) / denom
     n_tokens = mask.sum().clamp(min=1)

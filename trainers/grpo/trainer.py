@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from .. import distributed as dist_utils
@@ -28,8 +29,43 @@ from ..modules import unwrap
 from ..placement import place_reference
 from ..rewards import DEFAULT_REWARDS, Rewards, resolve_reward_weights
 from .loss import (Advantage, GRPOLossType, ImportanceSamplingLevel, ScaleRewards, group_advantages, grpo_loss,
-                   loss_items)
+                   loss_items, truncated_is_weights)
 from .rollout import PROMPT_KEYS, completion_logits, completion_targets, repeat_each
+
+
+DEFAULT_TIS_CAP = 3.0  # TRL's vllm_importance_sampling_cap
+
+
+class RolloutArgs(Settings):
+    """Who samples the rollouts, and how the loss corrects for a sampler that is not the trainer."""
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: the policy itself generates (models.generate); vllm: a vLLM server whose weights follow "
+                          "the policy every step (stages/vllm_rollouts.py, the stage's rollout.vllm section)")
+    tis_cap: float | Literal["off"] | None = Field(
+        None, description="truncated importance sampling: each token's loss times min(π_train/π_engine, tis_cap), "
+                          "π_engine the engine's own sampling probability, for the gap between the engine's "
+                          f"numerics and the trainer's; default {DEFAULT_TIS_CAP:g} with an engine, none with hf; "
+                          "off: no correction")
+
+    @field_validator("tis_cap")
+    @classmethod
+    def _positive(cls, value):
+        if isinstance(value, float) and value <= 0:
+            raise ValueError(f"tis_cap must be > 0 (or off), got {value:g}")
+        return value
+
+    @model_validator(mode="after")
+    def _an_engine_to_correct(self) -> "RolloutArgs":
+        if self.engine == "hf" and isinstance(self.tis_cap, float):
+            raise ValueError("tis_cap corrects an inference engine's sampling; engine hf samples with the trained "
+                             "policy itself (set engine: vllm, or drop tis_cap)")
+        return self
+
+    @property
+    def resolved_tis_cap(self) -> float | None:
+        if self.tis_cap == "off" or self.engine == "hf":
+            return None
+        return DEFAULT_TIS_CAP if self.tis_cap is None else self.tis_cap
 
 
 class GRPOArgs(Settings):
@@ -62,6 +98,8 @@ class GRPOArgs(Settings):
     reward_funcs: list[str] = Field(DEFAULT_REWARDS, description="registered reward names ([]: only the callables "
                                                                  "given to the trainer, e.g. reward models, score)")
     reward_weights: list[float] | None = None
+    rollout: RolloutArgs = Field(RolloutArgs(), description="who samples the rollouts (hf or a vLLM server) and "
+                                                            "the importance-sampling correction")
 
     @model_validator(mode="after")
     def _weights_match(self) -> "GRPOArgs":
@@ -95,6 +133,8 @@ class GRPOTrainer(BaseTrainer):
         self.generate_fn, self.tokenizer = generate_fn, tokenizer
         self.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
         self.updates_per_step = args.num_iterations
+        # Counts this process's optimizer updates: an engine holding another version's weights is synced.
+        self.policy_version = 0
 
     # ---- BaseTrainer hooks, on rollout batches ----
 
@@ -107,14 +147,22 @@ class GRPOTrainer(BaseTrainer):
         logps = token_logps(logits, completion_targets(batch), g.temperature)
         # With a single update the rollouts were sampled by these very weights: ρ is exactly 1.
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        mask = batch["completion_mask"].to(logps.dtype)
+        tokens = mask.sum()
+        tis, engine_metrics = None, {}
+        if "engine_logps" in batch:  # sampled by an inference engine: how far its π is from the trainer's
+            engine_metrics["engine/logp_gap"] = (((old - batch["engine_logps"]).abs() * mask).sum(), tokens)
+            cap = g.rollout.resolved_tis_cap
+            if cap is not None:
+                tis, capped = truncated_is_weights(old, batch["engine_logps"], cap)
+                engine_metrics["engine/tis_weight"] = ((tis * mask).sum(), tokens)
+                engine_metrics["engine/tis_capped"] = ((capped * mask).sum(), tokens)
         # num_items=1: the loss summed in `loss_items` units; the trainer divides by the step's total.
         loss, stats = grpo_loss(logps, old, batch.get("ref_logps"), batch["advantages"], batch["completion_mask"],
                                 g.epsilon, self.epsilon_high, g.beta, g.loss_type, g.max_completion_length, num_items=1,
-                                importance_sampling_level=g.importance_sampling_level)
-        mask = batch["completion_mask"].to(logps.dtype)
-        tokens = mask.sum()
+                                importance_sampling_level=g.importance_sampling_level, tis_weights=tis)
         # Per-token means whatever the loss's unit: (sum, tokens) pairs, reduced over the step.
-        metrics = {k: (v * tokens, tokens) for k, v in stats.items()}
+        metrics = {k: (v * tokens, tokens) for k, v in stats.items()} | engine_metrics
         with torch.no_grad():
             metrics["entropy"] = ((token_entropy(logits, g.temperature) * mask).sum(), tokens)
         return loss, metrics
@@ -131,6 +179,7 @@ class GRPOTrainer(BaseTrainer):
         # Seeded from the torch RNG, which checkpoints save: a resumed run samples the same
         # completions. Ranks add their rank so they do not sample in lockstep.
         generator.manual_seed(int(torch.randint(0, 2**62, ())) + self.dist.rank)
+        self._sync_engine()
         rollouts, records, gen_seconds = [], [], 0.0
         for batch in micro:
             rollout, record, seconds = self._rollout(batch, generator)
@@ -140,6 +189,7 @@ class GRPOTrainer(BaseTrainer):
         scored = self._clock()
         for _ in range(self.grpo.num_iterations):
             metrics = super().training_step(rollouts)
+            self.policy_version += 1
         end = self._clock()
         metrics.update(self._rollout_metrics(records, {
             "generation": gen_seconds, "scoring": scored - start - gen_seconds, "optimization": end - scored}))
@@ -161,6 +211,8 @@ class GRPOTrainer(BaseTrainer):
             "completion_mask": mask,
             "advantages": group_advantages(rewards, g.num_generations, g.scale_rewards, g.advantage).to(self.device),
         }
+        if generation.logps is not None:
+            rollout["engine_logps"] = generation.logps
         policy = unwrap(self.model)
         with torch.no_grad(), self.autocast():
             if g.num_iterations > 1:  # later updates need the sampling policy's log-probs
@@ -172,6 +224,14 @@ class GRPOTrainer(BaseTrainer):
         record = {"rewards": rewards, "per_function": per_function, "lengths": mask.sum(-1).cpu(),
                   "truncated": ~generation.ended.cpu()}
         return rollout, record, gen_seconds
+
+    def _sync_engine(self) -> None:
+        """An inference engine (a `generate_fn` with `sync`) gets the policy's weights unless it
+        holds this version already: before the first rollout (the parent, or a resumed
+        checkpoint) and after every update."""
+        if hasattr(self.generate_fn, "sync"):
+            with self.unsharded():
+                self.generate_fn.sync(unwrap(self.model), self.policy_version)
 
     def _generate(self, batch: dict, repeats: int, temperature: float, generator: torch.Generator | None):
         """Each prompt `repeats` times in a row, through the injected `generate_fn`."""
@@ -251,6 +311,7 @@ class GRPOTrainer(BaseTrainer):
         so successive evaluations (and early stopping on val_reward, mode "max") compare."""
         if self.val_loader is None:
             return {}
+        self._sync_engine()
         scores = [self._score(batch, self._generate(batch, 1, 0.0, None).texts, 1) for batch in self.val_loader]
         per_function = torch.cat(scores).double()
         rewards = self.rewards.total(per_function)
