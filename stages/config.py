@@ -102,6 +102,8 @@ class SharedConfig(Settings):
         # How its processes are started does not change what a stage computes (nnodes and
         # nproc_per_node, which set the global batch, do).
         dumped[stage]["train"].pop("launcher", None)
+        # Nor where its rollouts' inference server runs (GRPO's rollout.vllm).
+        dumped[stage].get("rollout", {}).pop("vllm", None)
         return {"stage": stage, stage: dumped[stage], **{k: dumped[k] for k in SHARED_KEYS}}
 
     def stage_hash(self, stage: str) -> str:

@@ -1,16 +1,18 @@
-"""GRPO on prompts with verifiable answers: the policy samples through `models.generate_text`,
-and the parent checkpoint, loaded again (or a LoRA policy with its adapter switched off), is the
-frozen KL reference when beta > 0. Completions are scored by the reward functions and by any
+"""GRPO on prompts with verifiable answers: the policy samples through `models.generate_text`
+(or a vLLM server that follows it, `rollout.engine: vllm`: stages/vllm_rollouts.py), and the
+parent checkpoint, loaded again (or a LoRA policy with its adapter switched off), is the frozen
+KL reference when beta > 0. Completions are scored by the reward functions and by any
 reward models (`reward_model`: the run's rm stage; `reward_models`: directories), weighed
 together in one sum."""
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 
 from alignflow.models import generate_text
-from alignflow.trainers.grpo import GRPOArgs, GRPOTrainer
+from alignflow.trainers.grpo import GRPOArgs, GRPOTrainer, RolloutArgs
 from alignflow.trainers.args import Settings
 from alignflow.trainers.placement import place_reference
 from alignflow.trainers.rewards import required_columns
@@ -20,6 +22,8 @@ from ..algorithm import Algorithm, Headline, Panel, algorithms
 from ..formats import PROMPTS
 from ..reward_models import RewardModelScorer
 from ..settings import StageConfig, TrainConfig
+from ..vllm_rollouts import vllm_rollouts
+from ..vllm_server import VLLMConfig
 
 if TYPE_CHECKING:
     from ..run import StageRun
@@ -31,6 +35,12 @@ class RewardModelDir(Settings):
     weight: float = Field(1.0, description="its weight in the reward sum, beside reward_weights")
 
 
+class RolloutConfig(RolloutArgs):
+    """The trainer's rollout settings and the vLLM server's (`engine: vllm`)."""
+    vllm: VLLMConfig = Field(VLLMConfig(), description="the vLLM server (engine: vllm): one already running, or "
+                                                       "the one the stage starts")
+
+
 class GRPOConfig(GRPOArgs, StageConfig):
     """GRPO's settings (`trainers.grpo.GRPOArgs`) beside its data and training loop, and the reward
     models that score completions beside the reward functions."""
@@ -39,6 +49,8 @@ class GRPOConfig(GRPOArgs, StageConfig):
                                                        "(rm: the pipeline trains it first, on grpo's parent)")
     reward_model_weight: float = Field(1.0, description="its weight in the reward sum, beside reward_weights")
     reward_models: list[RewardModelDir] = Field([], description="reward models from directories, each with its weight")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="who samples the rollouts: the policy itself (hf) or "
+                                                                "a vLLM server that follows it (vllm)")
 
     @field_validator("reward_model")
     @classmethod
@@ -52,6 +64,13 @@ class GRPOConfig(GRPOArgs, StageConfig):
     def _something_scores(self) -> "GRPOConfig":
         if not self.reward_funcs and not self.reward_model and not self.reward_models:
             raise ValueError("no reward: give reward_funcs, a reward_model or reward_models")
+        return self
+
+    @model_validator(mode="after")
+    def _an_engine_can_serve_it(self) -> "GRPOConfig":
+        if self.rollout.engine == "vllm" and self.lora is not None and self.lora.quantize != "none":
+            raise ValueError("rollout.engine vllm serves the policy's merged weights, which a 4-bit (QLoRA) base "
+                             "cannot give exactly: use lora.quantize none, or engine hf")
         return self
 
     def input_stages(self) -> tuple[str, ...]:
@@ -104,10 +123,14 @@ def train(stage: StageRun) -> None:
     reference = stage.reference_loader(model)() if s.beta > 0 else None
     scorers, weights = reward_scorers(stage)
     function_weights = s.reward_weights if s.reward_weights is not None else [1.0] * len(s.reward_funcs)
-    trainer = stage.trainer(model, tok, train_raw=prompts, ref_model=reference, grpo=s,
-                            reward_funcs=[*s.reward_funcs, *scorers], reward_weights=[*function_weights, *weights],
-                            generate_fn=generate_text, tokenizer=tok)
-    stage.train(trainer, tok)
+    with contextlib.ExitStack() as stack:
+        generate_fn = generate_text
+        if s.rollout.engine == "vllm":  # before the trainer shards the model: the server starts from whole weights
+            generate_fn = stack.enter_context(vllm_rollouts(s.rollout.vllm, model, stage.device, stage.dist.is_main))
+        trainer = stage.trainer(model, tok, train_raw=prompts, ref_model=reference, grpo=s,
+                                reward_funcs=[*s.reward_funcs, *scorers], reward_weights=[*function_weights, *weights],
+                                generate_fn=generate_fn, tokenizer=tok)
+        stage.train(trainer, tok)
 
 
 ALGORITHM = Algorithm(
