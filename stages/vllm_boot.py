@@ -40,7 +40,10 @@ def watch(pid: int, poll_seconds: float = 0.5, grace_seconds: float = 10.0) -> N
     def run() -> None:
         while alive(pid):
             time.sleep(poll_seconds)
-        print(f"vllm_boot: process {pid}, which started this server, is gone: stopping the server", flush=True)
+        try:  # the stage read our output: the pipe is likely broken now
+            print(f"vllm_boot: process {pid}, which started this server, is gone: stopping the server", flush=True)
+        except OSError:
+            pass
         group = os.getpgrp()
         os.killpg(group, signal.SIGTERM)
         time.sleep(grace_seconds)

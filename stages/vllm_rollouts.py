@@ -69,12 +69,13 @@ class EngineRollouts:
             raise RuntimeError("the vLLM server was asked for rollouts before the policy's weights were synced")
         stops = stop_ids(tokenizer)
         groups = _runs(prompts)
-        seeds = ([int(s) for s in torch.randint(0, 2**31 - 1, (len(groups),), generator=generator)]
-                 if temperature > 0 else [None] * len(groups))
+        greedy = temperature == 0  # vLLM refuses n > 1 there; the completions would be one anyway
+        seeds = ([None] * len(groups) if greedy else
+                 [int(s) for s in torch.randint(0, 2**31 - 1, (len(groups),), generator=generator)])
         answers = self.client.complete_all([
-            dict(prompt=prompts[start], n=n, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                 top_p=top_p, stop_ids=stops, seed=seed) for (start, n), seed in zip(groups, seeds)])
-        completions = [c for answer in answers for c in answer]
+            dict(prompt=prompts[start], n=1 if greedy else n, max_tokens=max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p, stop_ids=stops, seed=seed) for (start, n), seed in zip(groups, seeds)])
+        completions = [c for (_, n), answer in zip(groups, answers) for c in (answer * n if greedy else answer)]
         device = next(model.parameters()).device
         return _generation(prompts, completions, tokenizer, device)
 

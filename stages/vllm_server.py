@@ -10,6 +10,7 @@ engine processes too); a stage killed outright is covered by vllm_boot's own wat
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import os
 import signal
@@ -104,6 +105,7 @@ class VLLMServer:
         self.port = settings.port or free_port()
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.proc: subprocess.Popen | None = None
+        self.stopping = False
 
     def __enter__(self) -> VLLMClient:
         try:
@@ -137,7 +139,10 @@ class VLLMServer:
         except OSError as e:
             raise EngineStartError(f"cannot start the vLLM server with {self.python} (grpo.rollout.vllm.python): {e}",
                                    permanent=True) from e
-        threading.Thread(target=self._pump, daemon=True).start()
+        # The reader logs in this thread's context: Prefect's settings (the API URL of the CLI's
+        # embedded server) and the task run live in context variables, which a new thread does not
+        # inherit; without them Prefect would queue its lines for a server that does not exist.
+        threading.Thread(target=contextvars.copy_context().run, args=(self._pump,), daemon=True).start()
         client = VLLMClient(f"http://127.0.0.1:{self.port}", self.settings.request_timeout_s)
         started, deadline = time.monotonic(), time.monotonic() + self.settings.startup_timeout_s
         while time.monotonic() < deadline:
@@ -162,11 +167,13 @@ class VLLMServer:
         for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1]
             self.tail.append(line)
-            log.info("[vllm] %s", line)
+            if not self.stopping:
+                log.info("[vllm] %s", line)
 
     def stop(self) -> None:
         if self.proc is None:
             return
+        self.stopping = True  # its shutdown chatter (leak reports, the engine's exit) stays out of the log
         stop_process_group(self.proc, grace=10.0)
         try:  # vLLM's engine processes share the group and may outlive its leader
             os.killpg(self.proc.pid, signal.SIGKILL)

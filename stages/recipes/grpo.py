@@ -71,6 +71,10 @@ class GRPOConfig(GRPOArgs, StageConfig):
         if self.rollout.engine == "vllm" and self.lora is not None and self.lora.quantize != "none":
             raise ValueError("rollout.engine vllm serves the policy's merged weights, which a 4-bit (QLoRA) base "
                              "cannot give exactly: use lora.quantize none, or engine hf")
+        if self.rollout.engine == "vllm" and self.train.nnodes > 1 and not self.rollout.vllm.url:
+            raise ValueError(f"rollout.engine vllm on {self.train.nnodes} nodes: the server a stage starts listens on "
+                             "127.0.0.1 beside rank 0, out of the other nodes' reach; start one yourself and set "
+                             "rollout.vllm.url (and a shared rollout.vllm.sync_dir)")
         return self
 
     def input_stages(self) -> tuple[str, ...]:

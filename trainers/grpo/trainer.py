@@ -180,7 +180,8 @@ class GRPOTrainer(BaseTrainer):
         # completions. Ranks add their rank so they do not sample in lockstep.
         generator.manual_seed(int(torch.randint(0, 2**62, ())) + self.dist.rank)
         self._sync_engine()
-        rollouts, records, gen_seconds = [], [], 0.0
+        # Generation time includes an engine's weight sync: the price of generating elsewhere.
+        rollouts, records, gen_seconds = [], [], self._clock() - start
         for batch in micro:
             rollout, record, seconds = self._rollout(batch, generator)
             rollouts.append(rollout)
