@@ -30,7 +30,7 @@ from alignflow.models.generate import Generation
 from alignflow.models.lora import base_of, merged_state
 from alignflow.trainers import distributed as dist_utils
 
-from .vllm_client import VLLMClient
+from .vllm_client import EngineError, VLLMClient
 from .vllm_server import VLLMServer
 
 log = logging.getLogger("alignflow.stage")
@@ -40,10 +40,20 @@ WEIGHTS = "model.safetensors"
 class EngineRollouts:
     """The trainer's `generate_fn` over a vLLM server; `sync(model, version)` before generating."""
 
-    def __init__(self, client: VLLMClient | None, sync_dir: Path, is_main: bool):
-        self.client, self.sync_dir, self.is_main = client, sync_dir, is_main
+    def __init__(self, client: VLLMClient, sync_dir: Path | None, is_main: bool, server: VLLMServer | None = None):
+        self.client, self.sync_dir, self.is_main, self.server = client, sync_dir, is_main, server
         self.version: object = None  # the policy version the server holds (None: not synced yet)
         self.sync_seconds = 0.0
+
+    @contextlib.contextmanager
+    def _requests(self):
+        """A failed request, said as the death of the server the stage started when it died."""
+        try:
+            yield
+        except EngineError as e:
+            if self.server is None:
+                raise
+            raise self.server.explain(e) from e
 
     def sync(self, model: torch.nn.Module, version: object) -> None:
         """Give the server the policy's weights unless it already holds `version`. Every rank
@@ -53,8 +63,9 @@ class EngineRollouts:
         start = time.perf_counter()
         if self.is_main:
             write_weights(model, self.sync_dir)
-            self.client.load_weights(str(self.sync_dir))
-            self.client.reset_cache()
+            with self._requests():
+                self.client.load_weights(str(self.sync_dir))
+                self.client.reset_cache()
         dist_utils.barrier()
         self.version = version
         self.sync_seconds += time.perf_counter() - start
@@ -72,9 +83,10 @@ class EngineRollouts:
         greedy = temperature == 0  # vLLM refuses n > 1 there; the completions would be one anyway
         seeds = ([None] * len(groups) if greedy else
                  [int(s) for s in torch.randint(0, 2**31 - 1, (len(groups),), generator=generator)])
-        answers = self.client.complete_all([
-            dict(prompt=prompts[start], n=1 if greedy else n, max_tokens=max_new_tokens, temperature=temperature,
-                 top_k=top_k, top_p=top_p, stop_ids=stops, seed=seed) for (start, n), seed in zip(groups, seeds)])
+        with self._requests():
+            answers = self.client.complete_all([
+                dict(prompt=prompts[start], n=1 if greedy else n, max_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k, top_p=top_p, stop_ids=stops, seed=seed) for (start, n), seed in zip(groups, seeds)])
         completions = [c for (_, n), answer in zip(groups, answers) for c in (answer * n if greedy else answer)]
         device = next(model.parameters()).device
         return _generation(prompts, completions, tokenizer, device)
@@ -166,7 +178,7 @@ def vllm_rollouts(settings, model: torch.nn.Module, device: torch.device, is_mai
     sync_dir = sync_directory(settings.sync_dir) if is_main else None
     try:
         with contextlib.ExitStack() as stack:
-            client = None
+            client, server = None, None
             if is_main:
                 if settings.url:
                     client = VLLMClient(settings.url, settings.request_timeout_s)
@@ -175,11 +187,12 @@ def vllm_rollouts(settings, model: torch.nn.Module, device: torch.device, is_mai
                 else:  # it starts from the policy as it is now (the first rollout syncs it again)
                     write_config(model, sync_dir)
                     write_weights(model, sync_dir)
-                    client = stack.enter_context(VLLMServer(settings, str(sync_dir), device))
+                    server = VLLMServer(settings, str(sync_dir), device)
+                    client = stack.enter_context(server)
             url = dist_utils.broadcast_object(client.url if client else None)
             if client is None:  # the other ranks: the same server, and a sync directory only rank 0 writes
                 client = VLLMClient(url, settings.request_timeout_s)
-            yield EngineRollouts(client, sync_dir, is_main)
+            yield EngineRollouts(client, sync_dir, is_main, server)
     finally:
         if sync_dir is not None:
             shutil.rmtree(sync_dir, ignore_errors=True)

@@ -34,8 +34,6 @@ NO_VLLM = 3  # vllm_boot's exit code when its interpreter has no vLLM
 # Nothing phones home; weight reloads and cache resets need the dev endpoints.
 SERVER_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "VLLM_SERVER_DEV_MODE": "1",
               "PYTHONUNBUFFERED": "1"}
-
-
 PYTHON_ENV = "ALIGNFLOW_VLLM_PYTHON"  # the default interpreter of vLLM's environment
 
 
@@ -126,6 +124,9 @@ class VLLMServer:
         env = {**os.environ, **SERVER_ENV}
         if self.device.type == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gib))
+            # The model runs inside the engine process, not in a worker process of its own: one
+            # interpreter fewer to start (a start took 11.5 s instead of 16.5 s on 2 cores).
+            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         elif self.device.index is not None:  # colocated: the stage's own GPU
             env["CUDA_VISIBLE_DEVICES"] = _visible_device(self.device.index)
         return env
@@ -157,6 +158,13 @@ class VLLMServer:
             time.sleep(0.5)
         raise EngineStartError(self._failure(f"did not answer /health within {self.settings.startup_timeout_s:g} s "
                                              "(grpo.rollout.vllm.startup_timeout_s)"))
+
+    def explain(self, error: EngineError) -> EngineError:
+        """`error` (a request that failed), said as the server's death when it has exited."""
+        if self.proc is None or self.proc.poll() is None:
+            return error
+        time.sleep(0.2)  # the reader's last lines
+        return EngineError(self._failure(f"exited with code {self.proc.returncode} while the stage ran"))
 
     def _failure(self, what: str) -> str:
         last = " | ".join(line for line in self.tail if line.strip())[-1500:]

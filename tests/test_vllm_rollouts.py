@@ -169,3 +169,23 @@ def one_update(model, tok, prompts, lr: float = 1e-2) -> None:
         model(input_ids=ids, labels=labels).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
+
+
+def test_last_a_server_that_dies_mid_run_fails_the_next_rollout_with_its_last_lines(engine, policy):
+    """The module's last test: it kills the shared server. The next rollout fails with one line
+    saying the server exited, its interpreter and port, and its last lines; not a bare refused
+    connection."""
+    import signal
+
+    from alignflow.stages.vllm_client import EngineError
+
+    model, tok = policy
+    engine.sync(model, "start")
+    os.killpg(engine.server.proc.pid, signal.SIGKILL)
+    engine.server.proc.wait(timeout=30)
+    with pytest.raises(EngineError) as failure:
+        engine(model, tok, chat_prompts(tok), max_new_tokens=4, temperature=0.0)
+    message = str(failure.value)
+    assert message.startswith(f"the vLLM server ({engine.server.python}, grpo.rollout.vllm.python; port "
+                              f"{engine.server.port}) exited with code -9 while the stage ran. Its last lines: ")
+    assert "\n" not in message
