@@ -22,7 +22,8 @@ NO_VLLM = 3
 
 
 def alive(pid: int) -> bool:
-    """Whether `pid` runs; a zombie (dead, not yet reaped) counts as gone."""
+    """Whether `pid` runs; a zombie (dead, not yet reaped) counts as gone. stages.lifeline.alive,
+    copied: this file runs in vLLM's environment, where alignflow cannot be imported."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
