@@ -8,7 +8,10 @@ per update, so a scheduler built for N trainer steps needs `total_steps = N * nu
 
 Generation is injected (`generate_fn`, with `models.generate_text`'s signature: prompt ids in,
 a `Generation` with completion ids, masks and texts out) and so is the tokenizer it decodes
-with: trainers stay model-agnostic. Advantages are computed per prompt batch on each rank (a
+with: trainers stay model-agnostic. A `generate_fn` that has `sync(model, version)` (an inference
+engine, stages/vllm_rollouts.py) is given the policy before every rollout of a new version, and
+the log-probs it sampled with (`Generation.logps`) weigh the loss by truncated importance
+sampling (`rollout.tis_cap`). Advantages are computed per prompt batch on each rank (a
 group never spans ranks), so scale_rewards="batch" uses the std of that prompt batch's B·G
 rewards."""
 from __future__ import annotations
