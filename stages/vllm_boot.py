@@ -1,11 +1,13 @@
 """Started by path with the interpreter of vLLM's own environment (which has no alignflow):
 
-    VLLM_PYTHON stages/vllm_boot.py --watch PID -- <vllm api_server arguments>
+    VLLM_PYTHON stages/vllm_boot.py --watch PID [--remove DIR] -- <vllm api_server arguments>
 
 It runs vLLM's OpenAI-compatible server in this process, the leader of its own process group
 (the stage starts it so), after starting a thread that ends the whole group once process PID
 (the stage that started it) is gone: a stage killed outright (SIGKILL, the OOM killer) cannot
 stop its server, and vLLM's engine processes would otherwise hold the memory and the port.
+It first removes DIR, the stage's weight directory (in /dev/shm: memory the stage can no
+longer free).
 Standard library only: it must import in an environment that has only vLLM.
 
 Exit code 3, with one line, when this interpreter cannot import vLLM."""
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import shutil
 import signal
 import sys
 import threading
@@ -37,10 +40,12 @@ def alive(pid: int) -> bool:
         return True
 
 
-def watch(pid: int, poll_seconds: float = 0.5, grace_seconds: float = 10.0) -> None:
+def watch(pid: int, remove: str | None, poll_seconds: float = 0.5, grace_seconds: float = 10.0) -> None:
     def run() -> None:
         while alive(pid):
             time.sleep(poll_seconds)
+        if remove:
+            shutil.rmtree(remove, ignore_errors=True)
         try:  # the stage read our output: the pipe is likely broken now
             print(f"vllm_boot: process {pid}, which started this server, is gone: stopping the server", flush=True)
         except OSError:
@@ -55,9 +60,10 @@ def watch(pid: int, poll_seconds: float = 0.5, grace_seconds: float = 10.0) -> N
 
 def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[0] != "--watch" or "--" not in argv:
-        sys.exit("usage: vllm_boot.py --watch PID -- <vllm server arguments>")
+        sys.exit("usage: vllm_boot.py --watch PID [--remove DIR] -- <vllm server arguments>")
     split = argv.index("--")
-    watch(int(argv[1]))
+    remove = argv[3] if argv[2:4] and argv[2] == "--remove" and split > 3 else None
+    watch(int(argv[1]), remove)
     try:
         import vllm  # noqa: F401  (only to fail early, with one line)
     except ImportError as e:

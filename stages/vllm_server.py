@@ -117,7 +117,8 @@ class VLLMServer:
         return False
 
     def command(self) -> list[str]:
-        return [self.python, str(BOOT), "--watch", str(os.getpid()), "--",
+        # The model directory is the stage's own sync directory: removed if the stage dies.
+        return [self.python, str(BOOT), "--watch", str(os.getpid()), "--remove", self.model_dir, "--",
                 *server_arguments(self.model_dir, self.port, self.settings, self.device.type)]
 
     def environment(self) -> dict[str, str]:

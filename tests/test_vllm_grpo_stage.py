@@ -77,6 +77,19 @@ def vllm_processes() -> list[int]:
 CLI = "import sys, toy_rewards; from alignflow.flows.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+def sync_dirs() -> list[Path]:
+    """The weight directories of running vLLM servers (vllm_boot's --remove argument)."""
+    found = []
+    for pid in vllm_processes():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--remove" in args:
+            found.append(Path(args[args.index(b"--remove") + 1].decode()))
+    return sorted(set(found))
+
+
 def cli_stage(runs: Path, parent: Path, vllm_python: str, env: dict) -> subprocess.Popen:
     sets = {**SMALL_PIPELINE, **GRPO, "grpo.reward_funcs": '["digit_share"]', "grpo.train.max_steps": 12,
             "grpo.train.lr": 3e-3, "grpo.train.save_interval": 2, "grpo.rollout.vllm.python": vllm_python}
@@ -136,12 +149,15 @@ def test_ctrl_c_and_sigkill_leave_no_server_and_the_resumed_stage_learns(parent,
         wait_for_step(second, stage, 2)
         started = descendants(second.pid)
         assert vllm_processes()
+        weights = sync_dirs()
+        assert len(weights) == 1 and (weights[0] / "model.safetensors").exists()
         os.kill(second.pid, signal.SIGKILL)  # no cleanup possible: the server's own watch must end it
         second.communicate(timeout=60)
     finally:
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGKILL)
     assert wait_gone(started, 30) == [], "the vLLM server (or another process) outlived the killed CLI"
+    assert not weights[0].exists(), "the killed stage's weights stayed in /dev/shm"
 
     third = cli_stage(runs, parent, vllm_python, env)
     _, err = third.communicate(timeout=600)
