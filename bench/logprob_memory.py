@@ -1,5 +1,6 @@
-"""Memory of one DPO step with label log-probs taken chunk by chunk (trainers/logprobs.py) versus
-the full fp32 log-softmax the trainers used before, at vocabularies of 32k and 152k, in one run.
+"""Memory of one DPO step with label log-probs taken as the trainers take them (the head at
+labelled positions only, trainers/scoring.py; the log-softmax chunk by chunk, trainers/logprobs.py)
+versus the full logits' fp32 log-softmax, at vocabularies of 32k and 152k, in one run.
 
     python bench/logprob_memory.py [--device cuda] [--pairs 4] [--seq 512] [--hidden 256]
 
@@ -16,17 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from alignflow.models import LlamaForCausalLM, get_preset  # noqa: E402
-from alignflow.trainers import configure_optimizer, logprobs  # noqa: E402
+from alignflow.trainers import configure_optimizer, logits_of, logprobs, scoring  # noqa: E402
 from alignflow.trainers.dpo import DPOTrainer, collate_pairs  # noqa: E402
 
-CHUNKED = logprobs.token_logps
+CHUNKED = scoring.label_logps
 
 
-def full_token_logps(logits, labels, temperature=1.0):
-    """The previous implementation: cross entropy over an fp32 copy of all the logits."""
+def full_label_logps(model, labels, temperature=1.0, with_entropy=False, **inputs):
+    """The plain way: every position's logits, then cross entropy over an fp32 copy of them all."""
+    logits = logits_of(model(**inputs))
     nll = F.cross_entropy((logits.float() / temperature).flatten(0, 1), labels.flatten(),
                           ignore_index=logprobs.IGNORE_INDEX, reduction="none")
-    return -nll.view(labels.shape)
+    return -nll.view(labels.shape), None
 
 
 def pairs(n: int, seq: int, vocab: int) -> list[dict]:
@@ -44,7 +46,7 @@ def pairs(n: int, seq: int, vocab: int) -> list[dict]:
 
 
 def step_memory(vocab: int, args, method) -> int:
-    logprobs.token_logps = method  # sequence_logps looks it up when called
+    scoring.label_logps = method  # label_sequence_logps looks it up when called
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = LlamaForCausalLM(get_preset("tiny", vocab_size=vocab, hidden_size=args.hidden,
@@ -85,11 +87,11 @@ def main() -> None:
     what = "peak above start (CUDA)" if args.device.startswith("cuda") else "bytes kept for backward (CPU)"
     print(f"DPO step, {args.pairs} pairs x {args.seq} tokens, hidden {args.hidden}, bf16; {what}")
     for vocab in (32000, 151936):
-        full = step_memory(vocab, args, full_token_logps)
+        full = step_memory(vocab, args, full_label_logps)
         chunked = step_memory(vocab, args, CHUNKED)
         print(f"vocab {vocab:>6}: full {full / 2**20:8.1f} MiB, chunked {chunked / 2**20:8.1f} MiB, "
               f"chunked / full {chunked / full:.3f}  (target <= 0.5)")
-    logprobs.token_logps = CHUNKED
+    scoring.label_logps = CHUNKED
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ from torch.utils.data import DataLoader
 
 from alignflow.models import LlamaForCausalLM, generate, generate_text, get_preset
 from alignflow.trainers.grpo import loss as grpo_loss_module
-from alignflow.trainers.grpo import (GRPOTrainer, collate_prompts, completion_logits, completion_targets,
-                                     group_advantages, grpo_loss, kl_k3)
-from alignflow.trainers.logprobs import token_logps
+from alignflow.trainers.grpo import (GRPOTrainer, collate_prompts, completion_logps, group_advantages, grpo_loss,
+                                     kl_k3)
 from alignflow.trainers.rewards import (Rewards, answers_match, contains, exact_match, final_answer, format_reward,
                                         get_reward, register_reward, reward_name)
 
@@ -282,7 +281,7 @@ def test_completion_logps_of_a_padded_batch_equal_each_sequence_alone():
     assert len(set(batch["prompt_attention_mask"].sum(-1).tolist())) > 1 and len(set(lengths)) > 1
     model = trainer.model
     with torch.no_grad():
-        logps = token_logps(completion_logits(model, rollout), completion_targets(rollout), 0.8)
+        logps, _ = completion_logps(model, rollout, 0.8)
         for row, n in enumerate(lengths):
             ids = rollout["input_ids"][row][rollout["attention_mask"][row].bool()][None]  # no padding at all
             alone = torch.log_softmax(model(ids)[0, -n - 1:-1].float() / 0.8, dim=-1)
@@ -437,8 +436,7 @@ class FakeEngine:
         batch = {"input_ids": g.sequences, "attention_mask": torch.cat([g.prompt_mask, g.completion_mask], 1),
                  "completion_mask": g.completion_mask}
         with torch.no_grad():
-            trainer = token_logps(completion_logits(model, batch), completion_targets(batch),
-                                  temperature if temperature > 0 else 1.0)
+            trainer, _ = completion_logps(model, batch, temperature if temperature > 0 else 1.0)
         g.logps = (trainer + self.offset) * g.completion_mask
         return g
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from alignflow.trainers import logprobs
-from alignflow.trainers.logprobs import IGNORE_INDEX, token_entropy, token_logps
+from alignflow.trainers.logprobs import IGNORE_INDEX, token_logps, token_logps_and_entropy
 
 
 def full_logps(logits, labels, temperature=1.0):
@@ -74,10 +74,14 @@ def test_backward_keeps_the_logits_and_two_floats_a_row_not_an_fp32_copy():
     assert full >= logits_bytes * 2  # an fp32 copy's log-softmax: twice the bf16 logits
 
 
-def test_entropy_equals_the_full_formula(small_chunks):
-    logits, _ = case(torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_from_the_same_pass_equals_the_full_formula(small_chunks, dtype):
+    logits, labels = case(dtype)
+    logps, entropy = token_logps_and_entropy(logits, labels, 0.7)
     logp = torch.log_softmax(logits.detach().float() / 0.7, dim=-1)
-    torch.testing.assert_close(token_entropy(logits, 0.7), -(logp.exp() * logp).sum(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=0)
+    assert not entropy.requires_grad
+    torch.testing.assert_close(logps, token_logps(logits, labels, 0.7), atol=0, rtol=0)
 
 
 def test_sft_loss_is_the_cross_entropy_sum():

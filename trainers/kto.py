@@ -25,8 +25,7 @@ from . import distributed as dist_utils
 from .args import Settings
 from .dpo.pairs import collate_pairs
 from .dpo.trainer import ReferenceTrainer
-from .logprobs import sequence_logps
-from .modules import logits_of
+from .scoring import label_sequence_logps
 
 SIDES = ("completion", "kl")
 
@@ -49,8 +48,8 @@ def collate_feedback(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tens
 
 def side_logps(model: nn.Module, batch: dict, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence log-probs, completion lengths) of one side of the batch."""
-    logits = logits_of(model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"]))
-    return sequence_logps(logits, batch[f"{side}_labels"])
+    return label_sequence_logps(model, batch[f"{side}_labels"], input_ids=batch[f"{side}_input_ids"],
+                                attention_mask=batch[f"{side}_attention_mask"])
 
 
 def kl_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:

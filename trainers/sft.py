@@ -7,8 +7,8 @@ import math
 import torch
 
 from .base import BaseTrainer
-from .logprobs import IGNORE_INDEX, shift_labels, token_logps
-from .modules import logits_of
+from .logprobs import IGNORE_INDEX, shift_labels
+from .scoring import label_logps
 
 
 def next_token_labels(batch: dict) -> torch.Tensor:
@@ -23,14 +23,6 @@ def next_token_labels(batch: dict) -> torch.Tensor:
         if mask is not None:
             labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
     return shift_labels(labels)
-
-
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ −log p(label) over the label tokens (labels shifted to the logits' positions, −100: none):
-    the cross entropy's sum, which the loop divides by the step's label tokens. fp32 chunk by
-    chunk (bf16 logits lose too much precision in log-sum-exp), never a full fp32 copy of the
-    logits."""
-    return -token_logps(logits, labels).sum()
 
 
 def collate_causal_lm(items: list[dict], pad_id: int) -> dict:
@@ -68,10 +60,13 @@ class SFTTrainer(BaseTrainer):
 
     def compute_loss(self, model, batch):
         if "position_ids" in batch:
-            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
         else:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        return lm_loss_sum(logits_of(out), next_token_labels(batch)), {}
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        # Σ −log p(label): the cross entropy's sum, which the loop divides by the step's label
+        # tokens; fp32, and the head runs only at labelled positions (scoring.py).
+        logps, _ = label_logps(model, next_token_labels(batch), **inputs)
+        return -logps.sum(), {}
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss plus perplexity, which only means something for a token-level loss."""

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..logprobs import IGNORE_INDEX, sequence_logps
-from ..modules import logits_of
+from ..logprobs import IGNORE_INDEX
+from ..scoring import label_sequence_logps
 
 SIDES = ("chosen", "rejected")
 
@@ -74,8 +74,8 @@ def concatenated_inputs(batch: dict, sides: tuple[str, str] = SIDES) -> dict[str
 def concatenated_logps(model: nn.Module, batch: dict, sides: tuple[str, str] = SIDES) -> tuple[torch.Tensor, ...]:
     """(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths) from one forward pass."""
     inputs = concatenated_inputs(batch, sides)
-    logits = logits_of(model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
-    logps, lengths = sequence_logps(logits, inputs["labels"])
+    logps, lengths = label_sequence_logps(model, inputs["labels"], input_ids=inputs["input_ids"],
+                                          attention_mask=inputs["attention_mask"])
     n = batch[f"{sides[0]}_input_ids"].shape[0]
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
 

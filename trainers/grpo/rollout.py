@@ -1,5 +1,5 @@
 """GRPO's batches: prompt batches (left-padded, with the columns reward functions read), and on
-rollout batches the logits and targets of the completion tokens.
+rollout batches the log-probs and targets of the completion tokens.
 
 Rollout batches, one per prompt batch, hold B·G rows of prompt + completion:
     input_ids [N, P+T], attention_mask [N, P+T], completion_mask [N, T] (1 up to and including
@@ -7,23 +7,30 @@ Rollout batches, one per prompt batch, hold B·G rows of prompt + completion:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..logprobs import IGNORE_INDEX
-from ..modules import logits_of
+from ..scoring import label_logps
 
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask", "prompt")
 
 
-def completion_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Logits [N, T, V] at the positions that predict the T completion tokens."""
+def completion_logps(model: nn.Module, batch: dict, temperature: float,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token) [N, T] of the completion tokens (0 after a completion's end) under logits / T,
+    and with `with_entropy` each of those positions' entropy [N, T] (no gradient). The head
+    runs only at the positions that predict a completion token (trainers/scoring.py)."""
     T = batch["completion_mask"].shape[1]
     mask = batch["attention_mask"]
     # Prompts are left-padded: positions count real tokens only, as in generation (a transformers
     # model would otherwise number them from the padding on).
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions))
-    return logits[:, -T - 1:-1]  # position t predicts token t+1
+    targets = F.pad(completion_targets(batch), (batch["input_ids"].shape[1] - T - 1, 1), value=IGNORE_INDEX)
+    logps, entropy = label_logps(model, targets, temperature, with_entropy, input_ids=batch["input_ids"],
+                                 attention_mask=mask, position_ids=positions)
+    # position t predicts token t+1
+    return logps[:, -T - 1:-1], entropy[:, -T - 1:-1] if with_entropy else None
 
 
 def completion_targets(batch: dict) -> torch.Tensor:

@@ -27,13 +27,12 @@ from torch import nn
 from .. import distributed as dist_utils
 from ..args import Settings
 from ..base import BaseTrainer
-from ..logprobs import token_entropy, token_logps
 from ..modules import unwrap
 from ..placement import place_reference
 from ..rewards import DEFAULT_REWARDS, Rewards, resolve_reward_weights
 from .loss import (Advantage, GRPOLossType, ImportanceSamplingLevel, ScaleRewards, group_advantages, grpo_loss,
                    loss_items, truncated_is_weights)
-from .rollout import PROMPT_KEYS, completion_logits, completion_targets, repeat_each
+from .rollout import PROMPT_KEYS, completion_logps, repeat_each
 
 
 DEFAULT_TIS_CAP = 3.0  # TRL's vllm_importance_sampling_cap
@@ -146,8 +145,7 @@ class GRPOTrainer(BaseTrainer):
 
     def compute_loss(self, model, batch):
         g = self.grpo
-        logits = completion_logits(model, batch)
-        logps = token_logps(logits, completion_targets(batch), g.temperature)
+        logps, entropy = completion_logps(model, batch, g.temperature, with_entropy=True)
         # With a single update the rollouts were sampled by these very weights: ρ is exactly 1.
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         mask = batch["completion_mask"].to(logps.dtype)
@@ -166,8 +164,7 @@ class GRPOTrainer(BaseTrainer):
                                 importance_sampling_level=g.importance_sampling_level, tis_weights=tis)
         # Per-token means whatever the loss's unit: (sum, tokens) pairs, reduced over the step.
         metrics = {k: (v * tokens, tokens) for k, v in stats.items()} | engine_metrics
-        with torch.no_grad():
-            metrics["entropy"] = ((token_entropy(logits, g.temperature) * mask).sum(), tokens)
+        metrics["entropy"] = ((entropy * mask).sum(), tokens)
         return loss, metrics
 
     # ---- one step: generate, score, optimise ----
@@ -220,11 +217,9 @@ class GRPOTrainer(BaseTrainer):
         policy = unwrap(self.model)
         with torch.no_grad(), self.autocast():
             if g.num_iterations > 1:  # later updates need the sampling policy's log-probs
-                rollout["old_logps"] = token_logps(completion_logits(policy, rollout),
-                                                   completion_targets(rollout), g.temperature)
+                rollout["old_logps"] = completion_logps(policy, rollout, g.temperature)[0]
             if self.ref_model is not None:
-                rollout["ref_logps"] = token_logps(completion_logits(self.ref_model, rollout),
-                                                   completion_targets(rollout), g.temperature)
+                rollout["ref_logps"] = completion_logps(self.ref_model, rollout, g.temperature)[0]
         record = {"rewards": rewards, "per_function": per_function, "lengths": mask.sum(-1).cpu(),
                   "truncated": ~generation.ended.cpu()}
         return rollout, record, gen_seconds
