@@ -209,12 +209,16 @@ class LlamaForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits [B, L, V] in the compute dtype.
 
         attention_mask: [B, past + L], 1 = real token, 0 = padding.
         position_ids without attention_mask: packed rows, one sequence wherever they restart.
         kv_cache: filled in place; later calls pass only the new tokens.
+        logits_to_keep: n > 0 gives only the last n positions' logits [B, n, V], as transformers'
+        argument of that name: a prompt's prefill needs the last one only, and the head is the
+        largest matmul of a small model.
         """
         B, L = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -243,6 +247,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(x)
         if kv_cache is not None:
             kv_cache.length += L
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
 
         if self.config.tie_word_embeddings:
             return F.linear(x, self.model.embed_tokens.weight)

@@ -53,6 +53,30 @@ def test_cached_equals_uncached_greedy():
     assert torch.equal(cached, uncached)
 
 
+def test_the_head_runs_at_the_last_position_only_and_the_tokens_equal_full_forwards():
+    """Prefill and decode ask for the last position's logits only (logits_to_keep=1): the head
+    sees one row per prompt a call, and greedy tokens equal those of full forwards over the
+    whole sequence each step."""
+    config = make_model().config.model_copy(update={"tie_word_embeddings": False})
+    torch.manual_seed(0)
+    untied = LlamaForCausalLM(config)
+    ids, mask = left_padded_prompts([5, 9, 2, 7])
+    rows = []
+    handle = untied.lm_head.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[:2]))
+    try:
+        out = generate(untied, ids, mask, max_new_tokens=6, temperature=0)
+    finally:
+        handle.remove()
+    assert rows == [(4, 1)] * 6
+
+    tokens, full_mask = ids, mask
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = untied(tokens, attention_mask=full_mask)[:, -1].argmax(-1, keepdim=True)
+            tokens, full_mask = torch.cat([tokens, nxt], 1), torch.cat([full_mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, tokens)
+
+
 def expected_with_eos(free_new: torch.Tensor, eos: int, fill: int) -> list[list[int]]:
     """Greedy rows are independent, so each row is its free run up to EOS, then fill."""
     rows = []
