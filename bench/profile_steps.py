@@ -28,33 +28,35 @@ Measured (2-core CPU, nothing else running, torch 2.13 CPU, transformers 5.24):
     alignflow step time by region, model 'small', threads 2, mean of 2 steps after 1 warm-up (share of the step)
       region                      sft-padded            sft-packed       dpo-precomputed                  grpo
       data/collate            0.000 s (  0%)        0.001 s (  0%)        0.000 s (  0%)        0.000 s (  0%)
-      generation              0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        1.856 s ( 37%)
+      generation              0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.768 s ( 37%)
       reward                  0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)
-      reference fwd           0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.444 s (  9%)
-      policy fwd              0.161 s ( 24%)        0.431 s ( 25%)        0.428 s ( 22%)        0.449 s (  9%)
-      log-prob + loss         0.077 s ( 12%)        0.217 s ( 13%)        0.234 s ( 12%)        0.966 s ( 19%)
-      backward                0.357 s ( 54%)        1.022 s ( 59%)        1.189 s ( 63%)        1.078 s ( 21%)
-      optimizer               0.056 s (  8%)        0.045 s (  3%)        0.044 s (  2%)        0.037 s (  1%)
-      other                   0.010 s (  1%)        0.010 s (  1%)        0.007 s (  0%)        0.226 s (  4%)
-      step                    0.660 s               1.725 s               1.902 s               5.055 s
+      reference fwd           0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.252 s ( 12%)
+      policy fwd              0.082 s ( 29%)        0.266 s ( 29%)        0.228 s ( 31%)        0.270 s ( 13%)
+      log-prob + loss         0.008 s (  3%)        0.026 s (  3%)        0.015 s (  2%)        0.051 s (  2%)
+      backward                0.161 s ( 57%)        0.589 s ( 64%)        0.465 s ( 63%)        0.653 s ( 32%)
+      optimizer               0.016 s (  6%)        0.015 s (  2%)        0.015 s (  2%)        0.014 s (  1%)
+      other                   0.014 s (  5%)        0.017 s (  2%)        0.015 s (  2%)        0.062 s (  3%)
+      step                    0.280 s               0.914 s               0.739 s               2.071 s
       (sft: SFT packed 2 rows x 1024 / padded 4 examples; dpo: 2 pairs, lengths 16..1024; grpo: beta 0.04,
        4 prompts x 8 x 64 new tokens)
 
-Backward is the biggest cost of SFT (padded 54%, packed 59%) and DPO (63%); the forward is about a
-quarter and the log-prob + loss (full logits' chunked label log-probs) 12-13%; data/collate and the
-optimizer are small (AdamW foreach: 2-8%). torch.profiler (one more step, self CPU): aten::mm is
-51% (SFT packed) and 64% (DPO precomputed) of operator time, sdpa's flash-attention CPU kernels
-forward+backward 15% and 9%. GRPO (beta 0.04): generation is the biggest region (37%), then
-backward (21%) and log-prob + loss (19%: the temperature-scaled log-probs over 32 x 64 positions
-and the entropy metric over the full vocabulary); the reference forward is 9%. Its operator table:
-aten::mm 48%, aten::exponential_ 21% (942 ms over 64 calls: `torch.multinomial` in
-models/generate.py's sampler draws exponentials over 32 rows x the 32k vocabulary, one call per
-generated token, 15 ms each: about half of generation).
-
-Since then the sampler draws one uniform per row and searches the row's cumulative sums
-(`inverse_cdf_sample`). The same GRPO step, this script run twice each way, torch.multinomial
-put back by hand for "before": generation 1.84 / 1.87 s -> 0.81 / 1.01 s, the step 4.65 / 4.67 s
--> 3.57 / 3.89 s (about 20% less; small model, 2 threads, mean of 3 steps after 1 warm-up).
+The same command before this round of changes (same machine, the same day, run back to back):
+step 0.780 / 1.757 / 2.465 / 4.408 s, of which log-prob + loss 0.140 / 0.396 / 0.754 / 1.486 s and the
+optimizer 0.071 / 0.062 / 0.057 / 0.073 s. What changed, each kept because this table moved:
+- the LM head runs only at labelled positions (trainers/scoring.py): prompts, padding and each
+  row's last position get no logits. At a 32k vocabulary the head is 40-60% of these models'
+  matmul work, so the forward and backward shrank with it (DPO, whose pairs are mostly padding
+  and prompt, the most: 2.47 -> 0.74 s);
+- the selective log-softmax works in 1 MiB chunks (was 64 MiB) and GRPO's entropy metric comes
+  from the same pass instead of a second log-softmax over every logit ("log-prob + loss" and
+  GRPO's "other", which held the old-policy and reference log-probs: 0.49 -> 0.06 s);
+- fused AdamW on the CPU (optimizer 0.06-0.07 -> 0.015 s);
+- generation asks for the last position's logits only (logits_to_keep=1; the prefill ran the
+  head at every prompt position).
+Backward is now most of every SFT and DPO step (57-64%), aten::mm half of the operator time
+(49-60%), and attention (sdpa's CPU flash kernels, forward and backward) 8-18%: on packed rows
+it attends over the whole 1,024-token row under a block-diagonal mask. Generation is the
+largest GRPO region (37%).
 """
 from __future__ import annotations
 
