@@ -203,6 +203,11 @@ class LlamaForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def final_norm(self) -> nn.Module:
+        """The module whose output the head reads. A tied head is a matmul, not a module, so this
+        is where trainers/scoring.py cuts the positions down to the labelled ones."""
+        return self.model.norm
+
     def forward(
         self,
         input_ids: torch.Tensor,
