@@ -28,35 +28,36 @@ Measured (2-core CPU, nothing else running, torch 2.13 CPU, transformers 5.24):
     alignflow step time by region, model 'small', threads 2, mean of 2 steps after 1 warm-up (share of the step)
       region                      sft-padded            sft-packed       dpo-precomputed                  grpo
       data/collate            0.000 s (  0%)        0.001 s (  0%)        0.000 s (  0%)        0.000 s (  0%)
-      generation              0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.768 s ( 37%)
+      generation              0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.894 s ( 38%)
       reward                  0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)
-      reference fwd           0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.252 s ( 12%)
-      policy fwd              0.082 s ( 29%)        0.266 s ( 29%)        0.228 s ( 31%)        0.270 s ( 13%)
-      log-prob + loss         0.008 s (  3%)        0.026 s (  3%)        0.015 s (  2%)        0.051 s (  2%)
-      backward                0.161 s ( 57%)        0.589 s ( 64%)        0.465 s ( 63%)        0.653 s ( 32%)
-      optimizer               0.016 s (  6%)        0.015 s (  2%)        0.015 s (  2%)        0.014 s (  1%)
-      other                   0.014 s (  5%)        0.017 s (  2%)        0.015 s (  2%)        0.062 s (  3%)
-      step                    0.280 s               0.914 s               0.739 s               2.071 s
+      reference fwd           0.000 s (  0%)        0.000 s (  0%)        0.000 s (  0%)        0.276 s ( 12%)
+      policy fwd              0.086 s ( 24%)        0.284 s ( 27%)        0.238 s ( 29%)        0.288 s ( 12%)
+      log-prob + loss         0.007 s (  2%)        0.026 s (  3%)        0.014 s (  2%)        0.051 s (  2%)
+      backward                0.175 s ( 48%)        0.652 s ( 62%)        0.478 s ( 59%)        0.688 s ( 29%)
+      optimizer               0.079 s ( 22%)        0.075 s (  7%)        0.064 s (  8%)        0.071 s (  3%)
+      other                   0.018 s (  5%)        0.014 s (  1%)        0.017 s (  2%)        0.064 s (  3%)
+      step                    0.364 s               1.052 s               0.812 s               2.334 s
       (sft: SFT packed 2 rows x 1024 / padded 4 examples; dpo: 2 pairs, lengths 16..1024; grpo: beta 0.04,
        4 prompts x 8 x 64 new tokens)
 
 The same command before this round of changes (same machine, the same day, run back to back):
-step 0.780 / 1.757 / 2.465 / 4.408 s, of which log-prob + loss 0.140 / 0.396 / 0.754 / 1.486 s and the
-optimizer 0.071 / 0.062 / 0.057 / 0.073 s. What changed, each kept because this table moved:
+step 0.780 / 1.757 / 2.465 / 4.408 s, of which log-prob + loss 0.140 / 0.396 / 0.754 / 1.486 s.
+What changed, each kept because this table moved:
 - the LM head runs only at labelled positions (trainers/scoring.py): prompts, padding and each
   row's last position get no logits. At a 32k vocabulary the head is 40-60% of these models'
   matmul work, so the forward and backward shrank with it (DPO, whose pairs are mostly padding
-  and prompt, the most: 2.47 -> 0.74 s);
+  and prompt, the most);
 - the selective log-softmax works in 1 MiB chunks (was 64 MiB) and GRPO's entropy metric comes
   from the same pass instead of a second log-softmax over every logit ("log-prob + loss" and
   GRPO's "other", which held the old-policy and reference log-probs: 0.49 -> 0.06 s);
-- fused AdamW on the CPU (optimizer 0.06-0.07 -> 0.015 s);
 - generation asks for the last position's logits only (logits_to_keep=1; the prefill ran the
   head at every prompt position).
-Backward is now most of every SFT and DPO step (57-64%), aten::mm half of the operator time
-(49-60%), and attention (sdpa's CPU flash kernels, forward and backward) 8-18%: on packed rows
-it attends over the whole 1,024-token row under a block-diagonal mask. Generation is the
-largest GRPO region (37%).
+(DPO 2.47 -> 0.74 s is the head's saving; the 0.81 s in the table above is this run's.)
+Backward is now most of every SFT and DPO step (48-62%), then the forward; the optimizer (AdamW
+foreach) is 22% of a padded SFT step. With --ops (a run with the same code): aten::mm is half of
+the operator time (49-60%), attention (sdpa's CPU flash kernels, forward and backward) 8-18%: on
+packed rows it attends over the whole 1,024-token row under a block-diagonal mask. Generation
+is the largest GRPO region (38%).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ them the untied 32k-vocabulary embeddings; `large`: ~58M), loaded the same way (
 fp32, `attn_implementation="sdpa"`, `config.use_cache=False`), with the same word-level tokenizer,
 data, batch size, max length, learning rate (constant), AdamW betas (0.9, 0.95), weight decay 0.01,
 clipping at 1.0, seed and number of optimizer steps, fp32 throughout. Each keeps its own AdamW
-(alignflow's `configure_optimizer`: fused on the CPU too; TRL: transformers' default
+(alignflow's `configure_optimizer`: foreach on the CPU; TRL: transformers' default
 `adamw_torch_fused`), printed. The comparisons (`--only`, comma-separated; default all):
 
   sft-packed       chat-like data: prompt+completion lengths log-uniform in 16..max_length (seeded), the

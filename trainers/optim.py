@@ -43,17 +43,11 @@ def get_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _fused_on(cls: type, device: torch.device) -> bool:
-    """torch has fused kernels for every optimizer here on CUDA, and for Adam/AdamW on the CPU
-    (its fused SGD has no rule for FSDP2's sharded tensors there)."""
-    return device.type == "cuda" or (device.type == "cpu" and issubclass(cls, torch.optim.Adam | torch.optim.AdamW))
-
-
 def _fast_path_kwargs(cls: type, params: list[torch.Tensor]) -> dict:
-    """fused kernels when every parameter is on a device that has them, else foreach. On a
-    2-core CPU fused AdamW steps a 58M-parameter model in 0.035 s against foreach's 0.165 s."""
+    """fused kernels when every parameter is on a device that has them, else foreach."""
     accepted = inspect.signature(cls).parameters
-    if params and "fused" in accepted and all(_fused_on(cls, p.device) for p in params):
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    if on_cuda and "fused" in accepted:
         return {"fused": True}
     if "foreach" in accepted:
         return {"foreach": True}
@@ -73,7 +67,7 @@ def configure_optimizer(
 ) -> torch.optim.Optimizer:
     """Build AdamW/Adam/SGD over the decay and no-decay groups of `model`.
 
-    `fast_path` picks fused (CUDA, CPU) or foreach kernels; turn it off to get the plain
+    `fast_path` picks fused (CUDA) or foreach kernels; turn it off to get the plain
     per-parameter loop when comparing against a reference implementation."""
     groups = get_parameter_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
