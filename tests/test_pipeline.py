@@ -116,12 +116,15 @@ def test_each_stage_improves_its_own_target(runs):
 
 def test_grpo_raises_heldout_reward_over_sft(runs):
     """The held-out reward is sampled (8 per prompt, GRPO's temperature): what GRPO maximises.
-    SFT's greedy answers are already mostly right, its samples much less so (1.47 vs 1.89)."""
+    SFT's greedy answers are already mostly right, its samples much less so."""
     config, dpo, grpo = runs
     assert metrics(grpo, "grpo")["step"] == config.grpo.train.max_steps  # max_steps outlasts the epoch
     sft, g = demo_eval(dpo, "sft")["sampled_reward"], demo_eval(grpo, "grpo")["sampled_reward"]
-    # 368 samples give a standard error of about 0.026; runs over seeds gained 0.05 to 0.11.
-    assert g > sft + 0.03, (sft, g)
+    # 368 samples give a standard error of about 0.026. bench/demo_seeds.py --seeds 0 1 2 3 --align
+    # grpo gained +0.030 +0.019 +0.073 +0.043, and +0.084 -0.003 +0.073 +0.049 with the LM head run
+    # over every position (the same maths, other float rounding, another trajectory): a margin of
+    # 0.03 failed 3 of those 8 runs on rounding alone, so the test asks for a gain at all.
+    assert g > sft, (sft, g)
 
 
 def test_rerun_skips_completed_stages_and_force_reruns_only_dpo(runs):

@@ -77,11 +77,14 @@ def test_sigkilled_stage_resumes_to_the_same_weights(where, tmp_path, parent, lo
     # Not bitwise, unlike the trainer's own SIGKILL test (test_resume.py): here the straight run is
     # this process and the killed one `python -m stages`, and in some full-suite runs the fresh
     # subprocess's loss differed from this process's by one float32 ulp at step 2 or 3, before
-    # any checkpoint existed (seen twice with the logged losses of both; cause not found). A
-    # resume that went wrong (another data position, a fresh optimizer) moves weights by ~1e-3.
+    # any checkpoint existed (seen twice with the logged losses of both; cause not found). Adam
+    # turns such an ulp in a near-zero gradient into a step-sized move of that one weight: with the
+    # LM head run at labelled positions only, two full-suite runs missed 1e-5 by one element of
+    # a tensor (up to 4e-5), while this test alone stayed bitwise. A resume that went wrong
+    # (another data position, a fresh optimizer) moves weights by ~1e-3.
     straight, resumed = weights(tmp_path / "straight"), weights(storage.localize(out))
     for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-4, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("parent, strategy, lora", [("builtin", "ddp", None), ("hf", "ddp", None),
