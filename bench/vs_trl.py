@@ -74,43 +74,41 @@ logits, then chunked label log-probs. So CPU ratios say nothing about GPU ones.
 
 Measured (2-core CPU, nothing else running, torch 2.13 CPU, transformers 5.25, TRL 1.16, accelerate
 1.16; each side a fresh process, interleaved; 1 warm-up + 4 timed steps; both sides' step-1 and
-step-2 losses agree to 4 decimals in every row, and every GRPO completion was 64 tokens on both):
+step-2 losses agree to 4 decimals in every row, and every GRPO completion was 64 tokens on both),
+at commit c3c0735 (alignflow's LM head at labelled positions only, trainers/scoring.py, and the
+1 MiB log-softmax chunks; the later last-position prefill in generation was not in these runs):
 
     PYTHONPATH=.:bench /tmp/trl-bench/bin/python bench/vs_trl.py --rounds 3 --model-size small \
-        --steps 4 --warmup 1 --threads 2      # 13.5 minutes
+        --steps 4 --warmup 1 --threads 2      # 11.6 minutes
     PYTHONPATH=.:bench /tmp/trl-bench/bin/python bench/vs_trl.py --rounds 3 --model-size large \
-        --steps 4 --warmup 1 --threads 2      # 24 minutes
+        --steps 4 --warmup 1 --threads 2      # 19.5 minutes
 
     alignflow / TRL's best setting, median of 3 paired rounds (each side a fresh process, interleaved; threads 2):
       size   comparison       unit        alignflow   TRL best best TRL setting ratios                   median
-      small  sft-packed       tok/s           1,225        794          trl-acc 1.405 1.828 1.551         1.551
-      small  sft-padded       tok/s             586        392              trl 1.520 1.507 1.461         1.507
-      small  dpo-precomputed  tok/s             610        283              trl 2.204 2.156 2.213         2.204
-      small  dpo-live         tok/s             477        232              trl 2.067 2.111 1.982         2.067
-      small  grpo-b0          steps/s         0.255      0.186              trl 1.371 1.382 1.362         1.371
-      small  grpo-b0.04       steps/s         0.222      0.161              trl 1.306 1.320 1.391         1.320
-      large  sft-packed       tok/s             542        404          trl-acc 1.211 1.377 1.254         1.254
-      large  sft-padded       tok/s             267        220              trl 1.209 1.210 1.214         1.210
-      large  dpo-precomputed  tok/s             237        150              trl 1.594 1.580 1.535         1.580
-      large  dpo-live         tok/s             187        118              trl 1.677 1.634 1.508         1.634
-      large  grpo-b0          steps/s         0.137      0.103              trl 1.295 1.285 1.346         1.295
-      large  grpo-b0.04       steps/s         0.115      0.090              trl 1.312 1.258 1.275         1.275
+      small  sft-packed       tok/s           1,977        786          trl-acc 1.946 2.590 2.187         2.187
+      small  sft-padded       tok/s           1,141        444              trl 2.681 2.434 2.576         2.576
+      small  dpo-precomputed  tok/s           1,285        334              trl 3.845 4.015 3.981         3.981
+      small  dpo-live         tok/s             985        269              trl 3.766 3.590 4.036         3.766
+      small  grpo-b0          steps/s         0.519      0.167              trl 3.267 3.119 3.059         3.119
+      small  grpo-b0.04       steps/s         0.438      0.155              trl 2.827 2.824 2.781         2.824
+      large  sft-packed       tok/s             762        446          trl-acc 1.364 1.969 1.576         1.576
+      large  sft-padded       tok/s             429        243              trl 1.619 1.735 1.819         1.735
+      large  dpo-precomputed  tok/s             431        172              trl 2.396 2.441 2.897         2.441
+      large  dpo-live         tok/s             335        130              trl 2.715 2.577 2.329         2.577
+      large  grpo-b0          steps/s         0.212      0.100              trl 2.099 2.117 2.010         2.099
+      large  grpo-b0.04       steps/s         0.202      0.102              trl 2.002 1.944 1.988         1.988
       (the large rows: the second command's summary table)
 
-Against the 1.5x target: met on the small model everywhere but GRPO (1.37x at beta 0, 1.32x at
-0.04); on the large model met by DPO (1.58x, 1.63x), not by SFT packed (1.25x), SFT padded
-(1.21x) or GRPO (1.30x, 1.28x). SFT packed: TRL's one-row-per-forward + accumulation (trl-acc)
-beat its flattened packing=True in every round on both sizes (small 670-817 vs 519-553 tok/s;
-large 381-432 vs 265-295), so it is the reference there. GRPO generation share of the step:
-alignflow 45% / 39% (small, beta 0 / 0.04) and 41% / 36% (large), TRL 34% / 30% and 32% / 27%:
-both spend about the same seconds generating (beta 0: small 1.76 s vs 1.83 s, large 3.0 s vs
-3.1 s a step); the gap is in scoring and optimisation (small 2.2 s vs 3.6 s, large 4.3 s vs 6.6 s). Small SFT
-padded is at the line (1.51; one round 1.46). These ratios are larger than the issue's earlier
-figures (1.01-1.26x, also medians of 3 paired fresh-process rounds), whose exact commands, step
-counts and code are not recorded here; these runs time 4 steps after 1 warm-up, but the step
-count does not explain it: the script's defaults (one process, 2 warm-up + 8 timed steps,
-`--only dpo-precomputed --model-size small --threads 2`) gave 577 vs 287 tok/s, 2.01x. The
-difference is not explained yet. bench/profile_steps.py says where alignflow's steps go.
+Against the 1.5x target: met by every median on both sizes. The closest is large SFT packed
+(1.58x), whose first round was 1.36x: alignflow's rate varied 609-806 tok/s between rounds there,
+TRL's best 409-484. Before the labelled-positions head (the same commands, earlier): small 1.55,
+1.51, 2.20, 2.07, 1.37, 1.32; large 1.25, 1.21, 1.58, 1.63, 1.30, 1.28 (in the order above; GRPO
+then also before the inverse-CDF sampler). SFT packed: TRL's one-row-per-forward + accumulation
+(trl-acc) beat its flattened packing=True in every round on both sizes, so it is the reference
+there. GRPO generation share of the step: alignflow 42-45% (beta 0) and 36-38% (0.04), TRL 35-37%
+and 32-34%; alignflow now also generates faster (small, beta 0: about 0.8 s a step against TRL's
+2.1 s), from the sampler's one uniform draw per row instead of torch.multinomial's exponentials.
+bench/profile_steps.py says where alignflow's steps go.
 
 Environment (TRL lives only here, never in the project's .venv or pyproject.toml):
 
