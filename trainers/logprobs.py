@@ -8,8 +8,9 @@ of a DPO step's memory.
 
 The chunks are small (1 MiB of fp32, 8 rows at a 32k vocabulary) because the work is memory
 traffic, not arithmetic: each row is read a few times (max, exp-sum, entropy) and those reads
-hit the cache only while a chunk fits in it. At 2,048 x 32k on a 2-core CPU that made the
-forward (with the entropy) 10x and the backward 2.5x faster than 64 MiB chunks."""
+hit the cache only while a chunk fits in it. At 2,048 x 32k on a 2-core CPU, these chunks with
+GRPO's entropy taken in the same pass made the forward 10x (462 -> 44 ms) and the backward 2.5x
+(190 -> 75 ms) faster than 64 MiB chunks with a separate entropy pass."""
 from __future__ import annotations
 
 import torch
