@@ -49,17 +49,16 @@ def head_rows(model: nn.Module, index: torch.Tensor) -> Iterator[list[bool]]:
 
     owner = _user_model(model)
     head = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
+    handle = None
     if isinstance(head, nn.Module):  # Hugging Face models (a peft wrapper is a module too)
         handle = head.register_forward_pre_hook(lambda _m, args: (select(args[0]), *args[1:]))
     elif hasattr(owner, "final_norm"):  # alignflow's own model: its tied head is a matmul, not a module
         handle = owner.final_norm().register_forward_hook(lambda _m, _args, out: select(out))
-    else:
-        yield fired
-        return
     try:
         yield fired
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def label_logps(model: nn.Module, labels: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
